@@ -1,0 +1,216 @@
+"""SessaLM / SessaLayer: causality, decode parity, backend parity, configuration errors."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from sessa_train import ModelConfig, SessaLM
+from sessa_train.models import SessaLayer, SessaMixer
+from sessa_train.models.reference_compat import convert_reference_layer_state_dict
+
+VARIANTS = {
+    "reference_like": {"n_heads": 1},
+    "mha": {"n_heads": 4},
+    "gqa_fb2_mlp_untied": {
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "feedback_heads": 2,
+        "ffn_hidden_size": 48,
+        "tie_embeddings": False,
+    },
+    "no_rope": {"n_heads": 2, "rope": False},
+}
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "feedback_chunk_size": 8}
+    return ModelConfig(**{**base, **overrides})
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> SessaLM:
+    torch.manual_seed(seed)
+    model = SessaLM(cfg).double()
+    with torch.no_grad():  # move gamma away from its init so the feedback path matters
+        for layer in model.layers:
+            layer.mixer.gamma_bias.uniform_(0.5, 3.0)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_causality(variant, backend):
+    model = make_model(tiny(feedback_backend=backend, **VARIANTS[variant]))
+    ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
+    base = model(ids)
+    for t in (0, 9, 17, 29):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 1) % 61
+        out = model(changed)
+        if t > 0:
+            assert (out[:, :t] - base[:, :t]).abs().max().item() <= 1e-12
+        assert (out[:, t:] - base[:, t:]).abs().max().item() > 1e-6  # the change is seen from t on
+
+
+@pytest.mark.parametrize("prefill", [1, 6, 13])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_prefill_then_decode_equals_parallel_forward(variant, prefill):
+    model = make_model(tiny(**VARIANTS[variant]))
+    ids = torch.randint(0, 61, (3, 21), generator=torch.Generator().manual_seed(2))
+    full = model(ids)
+    cache = model.init_cache(batch_size=3, max_len=21)
+    steps = [model(ids[:, :prefill], cache)]
+    steps += [model(ids[:, t : t + 1], cache) for t in range(prefill, 21)]
+    err = (torch.cat(steps, dim=1) - full).abs().max().item()
+    assert err < 1e-9, f"decode differs from the parallel forward by {err:.3e}"
+    assert all(c.length == 21 for c in cache)
+
+
+def test_cache_misuse_raises():
+    model = make_model(tiny())
+    ids = torch.randint(0, 61, (1, 8))
+    cache = model.init_cache(1, max_len=8)
+    model(ids[:, :4], cache)
+    with pytest.raises(ValueError, match="one token at a time"):
+        model(ids[:, 4:6], cache)
+    model(ids[:, 4:8][:, :1], cache)
+    cache = model.init_cache(1, max_len=4)
+    with pytest.raises(ValueError, match="max_len=4"):
+        model(ids, cache)
+    with pytest.raises(ValueError, match="cache has 1 layers"):
+        model(ids, cache[:1])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_backends_agree_on_logits_and_every_gradient(variant):
+    cfg = tiny(**VARIANTS[variant])
+    chunked = make_model(dataclasses.replace(cfg, feedback_backend="chunked", feedback_chunk_size=5))
+    reference = copy.deepcopy(chunked)
+    for layer in reference.layers:
+        layer.mixer.cfg = dataclasses.replace(cfg, feedback_backend="reference")
+    ids = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (chunked, reference):
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        results.append((logits, dict(model.named_parameters())))
+    (lc, pc), (lr, pr) = results
+    assert (lc - lr).abs().max() < 1e-9
+    assert pc.keys() == pr.keys()
+    for name in pc:
+        err = (pc[name].grad - pr[name].grad).abs().max().item()
+        assert err < 1e-9, f"grad of {name} differs by {err:.3e}"
+
+
+def test_layer_input_gradient_matches_between_backends():
+    cfg = tiny(n_heads=4)
+    torch.manual_seed(0)
+    layer = SessaLayer(cfg).double()
+    x = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for backend in ("chunked", "reference"):
+        layer.mixer.cfg = dataclasses.replace(cfg, feedback_backend=backend)
+        (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
+        grads.append(gx)
+    assert (grads[0] - grads[1]).abs().max() < 1e-9
+
+
+def expected_parameter_count(cfg: ModelConfig) -> int:
+    """Parameter count written out from SESSA.md's layer equations."""
+    D, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    per_layer = (
+        2 * D  # LayerNorm
+        + 2 * D * D
+        + 2 * D  # W_in
+        + D * D
+        + D
+        + 2 * (D * kv + kv)  # Wq, Wk, Wv with bias
+        + (D * D if cfg.n_heads > 1 else 0)  # Wo, no bias
+        + 2 * D * D
+        + 2 * D  # W_fb
+        + D * cfg.feedback_heads
+        + cfg.feedback_heads  # gamma: w and b
+        + D * D
+        + D  # W_out
+    )
+    if cfg.ffn_hidden_size:
+        per_layer += 2 * D + 2 * D * cfg.ffn_hidden_size + cfg.ffn_hidden_size + D
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * D
+    return cfg.vocab_size * D + cfg.n_layers * per_layer + 2 * D + head
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parameter_count_and_tying(variant):
+    cfg = tiny(**VARIANTS[variant])
+    model = SessaLM(cfg)
+    assert model.num_parameters() == expected_parameter_count(cfg)
+    assert (model.lm_head.weight is model.embed.weight) == cfg.tie_embeddings
+
+
+@pytest.mark.parametrize("n_heads", [1, 4])
+def test_reference_state_dict_rename(n_heads):
+    cfg = tiny(n_heads=n_heads)
+    D = cfg.d_model
+    # Keys and shapes of the public reference SessaLayer (LibratioAI/sessa, sessa/layer.py).
+    reference_shapes = {
+        "ln.weight": (D,), "ln.bias": (D,),
+        "W_in.weight": (2 * D, D), "W_in.bias": (2 * D,),
+        "mixer.gamma_bias": (),
+        "mixer.q_proj.weight": (D, D), "mixer.q_proj.bias": (D,),
+        "mixer.k_proj.weight": (D, D), "mixer.k_proj.bias": (D,),
+        "mixer.v_proj.weight": (D, D), "mixer.v_proj.bias": (D,),
+        "mixer.proj_fb.weight": (2 * D, D), "mixer.proj_fb.bias": (2 * D,),
+        "mixer.gamma_ctx.weight": (1, D),
+        "mixer.rope_inv_freq": (D // n_heads // 2,),
+        "W_out.weight": (D, D), "W_out.bias": (D,),
+    }  # fmt: skip
+    if n_heads > 1:
+        reference_shapes["mixer.out_proj.weight"] = (D, D)
+    g = torch.Generator().manual_seed(0)
+    reference = {k: torch.randn(shape, generator=g) for k, shape in reference_shapes.items()}
+    layer = SessaLayer(cfg)
+    layer.load_state_dict(convert_reference_layer_state_dict(reference), strict=True)
+    assert torch.equal(layer.mixer.fb_proj.weight, reference["mixer.proj_fb.weight"])
+    assert torch.equal(layer.in_proj.bias, reference["W_in.bias"])
+    assert layer.mixer.gamma_bias.item() == reference["mixer.gamma_bias"].item()
+    with pytest.raises(ValueError, match=re.escape("'mixer.unknown'")):
+        convert_reference_layer_state_dict({**reference, "mixer.unknown": torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d_model": 30, "n_heads": 4}, "d_model=30 must be divisible by model.n_heads=4"),
+        ({"d_model": 12, "n_heads": 4}, "RoPE needs an even head dim, got d_model/n_heads = 12/4 = 3"),
+        ({"gamma_max": 1.0}, "gamma_max must be in (0, 1), got 1.0"),
+        ({"gamma_max": 0.0}, "gamma_max must be in (0, 1), got 0.0"),
+        ({"gamma_max": -0.5}, "gamma_max must be in (0, 1), got -0.5"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 must be divisible by model.n_kv_heads=3"),
+        ({"feedback_heads": 3}, "d_model=32 must be divisible by model.feedback_heads=3"),
+        ({"n_layers": 0}, "n_layers must be a positive integer, got 0"),
+        ({"feedback_backend": "fast"}, "feedback_backend='fast'"),
+        ({"ffn_hidden_size": -1}, "ffn_hidden_size must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_the_value(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny(**overrides)
+
+
+def test_odd_head_dim_is_fine_without_rope():
+    assert tiny(d_model=12, n_heads=4, rope=False).head_dim == 3
+
+
+def test_wrong_input_rank_raises_value_error():
+    model = SessaLM(tiny())
+    with pytest.raises(ValueError, match=re.escape("shape (batch, seq), got torch.int64 (2, 3, 4)")):
+        model(torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=re.escape("got torch.float32")):
+        model(torch.zeros(2, 3))
+    mixer = SessaMixer(tiny())
+    with pytest.raises(ValueError, match=re.escape("(batch, seq, 32), got (5, 32)")):
+        mixer(torch.zeros(5, 32))
