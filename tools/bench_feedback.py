@@ -1,0 +1,160 @@
+"""Time and peak memory of forward+backward: reference vs chunked feedback solve.
+
+--scope layer (default): one SessaLayer (projections, SDPA forward branch and the solve);
+--scope solve: the feedback solve alone, one head over the full width (the reference's).
+
+Each (backend, T) point runs in a fresh subprocess. Peak memory is the growth of the
+process's resident-set high-water mark (VmHWM) over its resident set just before the
+first forward, so it counts every activation, autograd buffer and workspace of one
+forward+backward. Time is the median of --repeats further runs. The reference is
+skipped where its measured quadratic growth predicts more than --max-gib.
+
+    python tools/bench_feedback.py                       # D=256, B=1, T=1k..16k
+    python tools/bench_feedback.py --T 1024 2048 --json runs/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sessa_train.config import ModelConfig
+    from sessa_train.models import SessaLayer
+    from sessa_train.ops import feedback_solve
+
+    torch.manual_seed(0)
+    T, D, backend = args.T[0], args.d_model, args.worker
+    if args.scope == "layer":
+        cfg = ModelConfig(vocab_size=8, d_model=D, n_layers=1, n_heads=args.n_heads, feedback_backend=backend,
+                          feedback_chunk_size=args.chunk_size)  # fmt: skip
+        layer = SessaLayer(cfg)
+        inputs = [torch.randn(args.batch, T, D, requires_grad=True)]
+        forward = layer
+    else:
+        shapes = [(args.batch, 1, T, D)] * 3 + [(args.batch, 1, T)]
+        inputs = [torch.randn(shape).requires_grad_() for shape in shapes]
+        with torch.no_grad():
+            inputs[3].uniform_(0.0, 0.999)
+
+        def forward(q, k, f, gamma):
+            return feedback_solve(q, k, f, gamma, backend=backend, chunk_size=args.chunk_size)
+
+    def step() -> float:
+        start = time.perf_counter()
+        forward(*inputs).square().mean().backward()
+        elapsed = time.perf_counter() - start
+        for x in inputs:
+            x.grad = None
+        return elapsed
+
+    before = _rss_kib("VmRSS")
+    first = step()
+    peak = _rss_kib("VmHWM") - before
+    times = [step() for _ in range(args.repeats)] or [first]
+    return {"peak_mib": peak / 1024, "time_s": statistics.median(times), "first_s": first}
+
+
+def run_point(args: argparse.Namespace, backend: str, T: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, "--T", str(T), "--d-model", str(args.d_model)]
+    cmd += ["--n-heads", str(args.n_heads), "--batch", str(args.batch), "--chunk-size", str(args.chunk_size)]
+    cmd += ["--repeats", str(args.repeats), "--scope", args.scope]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 8.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scope", choices=["layer", "solve"], default="layer")
+    p.add_argument("--T", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-gib", type=float, default=None, help="skip the reference beyond this (default: 60%% of free)")
+    p.add_argument("--json", type=Path, default=Path("runs/bench_feedback.json"))
+    p.add_argument("--worker", choices=["reference", "chunked"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    for name in ("d_model", "n_heads", "batch", "chunk_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.repeats < 0 or any(t < 1 for t in args.T):
+        p.error(f"--T values must be >= 1 and --repeats >= 0, got T={args.T} repeats={args.repeats}")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    import torch
+
+    limit_gib = args.max_gib if args.max_gib is not None else 0.6 * available_gib()
+    what = "one SessaLayer" if args.scope == "layer" else "feedback solve (1 head)"
+    meta = {
+        "scope": args.scope,
+        "d_model": args.d_model,
+        "n_heads": args.n_heads,
+        "batch": args.batch,
+        "chunk_size": args.chunk_size,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    print(f"# {what} fwd+bwd, fp32, " + ", ".join(f"{k}={v}" for k, v in meta.items() if k != "scope"))
+    columns = ["T", "reference time (s)", "reference peak (MiB)", "chunked time (s)", "chunked peak (MiB)"]
+    columns += ["speed-up", "memory ratio"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    rows, last_ref = [], None
+    for T in sorted(args.T):
+        predicted = None if last_ref is None else last_ref[1] * (T / last_ref[0]) ** 2 / 1024
+        if predicted is not None and predicted > limit_gib:
+            ref = {"skipped": f"skipped: predicted {predicted:.1f} GiB > {limit_gib:.1f} GiB"}
+        else:
+            ref = run_point(args, "reference", T)
+            if "peak_mib" in ref:
+                last_ref = (T, ref["peak_mib"])
+        ch = run_point(args, "chunked", T)
+        rows.append({"T": T, "reference": ref, "chunked": ch})
+        both = "time_s" in ref and "time_s" in ch
+        speed = f"{ref['time_s'] / ch['time_s']:.2f}x" if both else "-"
+        mem = f"{ref['peak_mib'] / ch['peak_mib']:.1f}x" if both else "-"
+        cells = [_cell(ref, "time_s", ".3f"), _cell(ref, "peak_mib", ".0f")]
+        cells += [_cell(ch, "time_s", ".3f"), _cell(ch, "peak_mib", ".0f"), speed, mem]
+        print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.json}")
+
+
+def _cell(point: dict, key: str, fmt: str) -> str:
+    return format(point[key], fmt) if key in point else point.get("skipped") or point.get("error", "?")
+
+
+if __name__ == "__main__":
+    main()
