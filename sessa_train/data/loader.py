@@ -87,26 +87,29 @@ class _SlotStream(IterableDataset):
     def _batches(self, logical: int) -> Iterator[dict]:
         ld = self.loader
         slot = logical * ld.world_size + ld.rank
-        rows, ids, updates = [], [], {}
+        rows, ids, updates, skipped = [], [], {}, []
         for epoch, shard, consumed, tokens, sample_id in self._samples(slot):
             updates[(epoch, shard)] = consumed
             if tokens is None:
+                skipped.append(ld.shards[shard]["name"])
                 continue
             rows.append(tokens)
             ids.append(sample_id)
             if len(rows) == ld.micro_batch_size:
-                yield self._batch(rows, ids, updates, logical)
-                rows, ids, updates = [], [], {}
+                yield self._batch(rows, ids, updates, skipped, logical)
+                rows, ids, updates, skipped = [], [], {}, []
         if rows or updates:  # finite (max_epochs) mode: the last, possibly short, batch
-            yield self._batch(rows, ids, updates, logical)
+            yield self._batch(rows, ids, updates, skipped, logical)
 
     @staticmethod
-    def _batch(rows: list, ids: list, updates: dict, logical: int) -> dict:
+    def _batch(rows: list, ids: list, updates: dict, skipped: list[str], logical: int) -> dict:
+        """A micro-batch plus what the main process records when it is consumed."""
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, 0, dtype=torch.int64)
         return {
             "tokens": tokens,
             "sample_ids": torch.tensor(ids, dtype=torch.int64),
             "_progress": [(e, s, c) for (e, s), c in updates.items()],
+            "_skipped": skipped,
             "_worker": logical,
         }
 
@@ -164,6 +167,7 @@ class PackedTokenLoader:
         return sum(s["samples"] for s in self.shards)
 
     def read(self, shard: int) -> list[np.ndarray] | None:
+        """The samples of one shard in file order; None for a corrupt shard when skip_corrupt."""
         entry = self.shards[shard]
         path = self.data_dir / entry["name"]
         try:
@@ -172,7 +176,6 @@ class PackedTokenLoader:
             if not self.skip_corrupt:
                 raise
             log.warning("skipping corrupt shard (skip_corrupt=True): %s", e)
-            self.skipped_shards.append(entry["name"])
             return None
 
     def __iter__(self) -> Iterator[dict]:
@@ -187,6 +190,7 @@ class PackedTokenLoader:
         for batch in batches:
             for epoch, shard, consumed in batch.pop("_progress"):
                 self._progress.setdefault(epoch, {})[shard] = consumed
+            self.skipped_shards += batch.pop("_skipped")
             self._next_worker = (batch.pop("_worker") + 1) % self.workers
             self._prune()
             if len(batch["tokens"]):
