@@ -1,12 +1,15 @@
-"""Typed model configuration, validated on construction.
+"""Typed configuration: one dataclass per section, validated on construction.
 
-Every bad value raises ``ValueError`` naming the field, the value and what is valid.
-Defaults follow the public reference layer (see docs/reference_compat.md).
+``load_config(files, overrides)`` composes YAML files (later ones win) and ``key=value``
+overrides onto ``TrainConfig`` with omegaconf; an unknown key, a value of the wrong type or
+an invalid value raises ``ConfigError`` with one line naming the key. Model defaults follow
+the public reference layer (see docs/reference_compat.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from sessa_train.ops.feedback import BACKENDS
 
@@ -72,3 +75,162 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _choice(section: str, name: str, value: str, valid: tuple[str, ...]) -> None:
+    _check(value in valid, f"{section}.{name}={value!r}; valid: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/default/shards"  # directory with index.json (tools/write_shards.py)
+    tokenizer: str | None = None  # checked against the index's checksum when given
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    num_workers: int = 0
+    seed: int = 1234
+    skip_corrupt: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1  # not applied to norms, biases, gamma and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"optimizer.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"optimizer.{name} must be in [0, 1), got {value}")
+        _check(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
+        _check(self.grad_clip >= 0, f"optimizer.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    train_steps: int = 1000  # optimizer steps
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+
+    def __post_init__(self) -> None:
+        _check(self.train_steps >= 1, f"schedule.train_steps must be >= 1, got {self.train_steps}")
+        bound = f"[0, train_steps={self.train_steps}]"
+        _check(
+            0 <= self.warmup_steps <= self.train_steps,
+            f"schedule.warmup_steps must be in {bound}, got {self.warmup_steps}",
+        )
+        _choice("schedule", "decay", self.decay, DECAYS)
+        _check(self.global_batch_size >= 1, f"schedule.global_batch_size must be >= 1, got {self.global_batch_size}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1  # sequence/context parallel size (feedback solve split over ranks)
+    zero_stage: int = 0
+    precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "context"):
+            value = getattr(self, name)
+            _check(value >= 1, f"parallel.{name} must be >= 1, got {value}")
+        _check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _choice("parallel", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    every_steps: int = 200  # 0: only at the end and on SIGTERM/SIGINT
+    keep_last: int = 3
+    resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint path
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    dir: str = "runs/default/tensorboard"
+    every_steps: int = 10
+    eval_every_steps: int = 100  # 0 disables validation
+    eval_batches: int = 20
+    max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run aborts
+
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "eval_batches", "max_bad_steps"):
+            value = getattr(self, name)
+            _check(value >= 1, f"logging.{name} must be >= 1, got {value}")
+        _check(self.eval_every_steps >= 0, f"logging.eval_every_steps must be >= 0, got {self.eval_every_steps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line naming the key."""
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
+    """Compose YAML ``files`` (in order) and ``key=value`` ``overrides`` onto the defaults."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(TrainConfig)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. schedule.train_steps=500)")
+    source = "defaults"
+    try:
+        for path in map(Path, files):
+            source = str(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        source = "command-line overrides"
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        source = "the composed config"
+        return OmegaConf.to_object(merged)  # builds the dataclasses: their checks run here
+    except OmegaConfBaseException as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config key {getattr(e, 'full_key', None) or '?'} ({source}): {reason}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
