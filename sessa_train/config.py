@@ -130,9 +130,12 @@ class ScheduleConfig:
     warmup_steps: int = 100
     decay: str = "cosine"
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    stop_after_steps: int = 0  # end this job after that many steps, with a checkpoint (0: off);
+    # the LR schedule still spans train_steps, so a later --resume auto continues it exactly
 
     def __post_init__(self) -> None:
         _check(self.train_steps >= 1, f"schedule.train_steps must be >= 1, got {self.train_steps}")
+        _check(self.stop_after_steps >= 0, f"schedule.stop_after_steps must be >= 0, got {self.stop_after_steps}")
         bound = f"[0, train_steps={self.train_steps}]"
         _check(
             0 <= self.warmup_steps <= self.train_steps,
@@ -180,6 +183,7 @@ class LoggingConfig:
     eval_every_steps: int = 100  # 0 disables validation
     eval_batches: int = 20
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run aborts
+    peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0: MFU not logged
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "eval_batches", "max_bad_steps"):

@@ -86,8 +86,16 @@ def test_shards_and_tokenizer_load_with_the_plain_libraries(corpus):
 
 
 def test_parallel_writing_gives_identical_shards(corpus, tmp_path):
-    index = write_shards(corpus["docs"], corpus["model"], tmp_path, seq_len=SEQ_LEN, samples_per_shard=40,
-                         val_fraction=0.1, num_workers=1, docs_per_task=3)  # fmt: skip
+    index = write_shards(
+        corpus["docs"],
+        corpus["model"],
+        tmp_path,
+        seq_len=SEQ_LEN,
+        samples_per_shard=40,
+        val_fraction=0.1,
+        num_workers=1,
+        docs_per_task=3,
+    )
     assert index == corpus["index"]
     for shard in index["splits"]["train"]["shards"]:
         assert (tmp_path / shard["name"]).read_bytes() == (corpus["dir"] / shard["name"]).read_bytes()
@@ -219,8 +227,21 @@ def test_cli_tokenizer_and_shards_round_trip(corpus, tmp_path, capsys):
     jsonl = corpus["root"] / "docs.jsonl"
     model = str(tmp_path / "t.model")
     assert train_tokenizer_main(["--input", str(jsonl), "--model", model, "--vocab-size", "400"]) == 0
-    argv = ["--input", str(jsonl), "--tokenizer", model, "--out", str(tmp_path / "s"), "--seq-len", str(SEQ_LEN),
-            "--samples-per-shard", "40", "--val-fraction", "0.1", "--no-progress"]  # fmt: skip
+    argv = [
+        "--input",
+        str(jsonl),
+        "--tokenizer",
+        model,
+        "--out",
+        str(tmp_path / "s"),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--samples-per-shard",
+        "40",
+        "--val-fraction",
+        "0.1",
+        "--no-progress",
+    ]
     assert write_shards_main(argv) == 0
     assert json.loads((tmp_path / "s" / "index.json").read_text())["splits"] == corpus["index"]["splits"]
     assert list(iter_documents([jsonl])) == corpus["docs"]
@@ -236,8 +257,11 @@ def test_cli_tokenizer_and_shards_round_trip(corpus, tmp_path, capsys):
     ],
 )
 def test_cli_bad_input_is_one_line_error(corpus, tmp_path, capsys, argv, message):
-    base = {"--input": str(corpus["root"] / "docs.jsonl"), "--tokenizer": str(corpus["model"]),
-            "--out": str(tmp_path / "out")}  # fmt: skip
+    base = {
+        "--input": str(corpus["root"] / "docs.jsonl"),
+        "--tokenizer": str(corpus["model"]),
+        "--out": str(tmp_path / "out"),
+    }
     base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
     with pytest.raises(SystemExit) as exit_info:
         write_shards_main([*itertools.chain.from_iterable(base.items()), "--no-progress"])

@@ -157,17 +157,24 @@ def test_reference_state_dict_rename(n_heads):
     D = cfg.d_model
     # Keys and shapes of the public reference SessaLayer (LibratioAI/sessa, sessa/layer.py).
     reference_shapes = {
-        "ln.weight": (D,), "ln.bias": (D,),
-        "W_in.weight": (2 * D, D), "W_in.bias": (2 * D,),
+        "ln.weight": (D,),
+        "ln.bias": (D,),
+        "W_in.weight": (2 * D, D),
+        "W_in.bias": (2 * D,),
         "mixer.gamma_bias": (),
-        "mixer.q_proj.weight": (D, D), "mixer.q_proj.bias": (D,),
-        "mixer.k_proj.weight": (D, D), "mixer.k_proj.bias": (D,),
-        "mixer.v_proj.weight": (D, D), "mixer.v_proj.bias": (D,),
-        "mixer.proj_fb.weight": (2 * D, D), "mixer.proj_fb.bias": (2 * D,),
+        "mixer.q_proj.weight": (D, D),
+        "mixer.q_proj.bias": (D,),
+        "mixer.k_proj.weight": (D, D),
+        "mixer.k_proj.bias": (D,),
+        "mixer.v_proj.weight": (D, D),
+        "mixer.v_proj.bias": (D,),
+        "mixer.proj_fb.weight": (2 * D, D),
+        "mixer.proj_fb.bias": (2 * D,),
         "mixer.gamma_ctx.weight": (1, D),
         "mixer.rope_inv_freq": (D // n_heads // 2,),
-        "W_out.weight": (D, D), "W_out.bias": (D,),
-    }  # fmt: skip
+        "W_out.weight": (D, D),
+        "W_out.bias": (D,),
+    }
     if n_heads > 1:
         reference_shapes["mixer.out_proj.weight"] = (D, D)
     g = torch.Generator().manual_seed(0)

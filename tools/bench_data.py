@@ -60,8 +60,11 @@ def bench_train_step(vocab_size: int, seq_len: int, micro_batch: int, steps: int
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    return {"tokens": steps * micro_batch * seq_len, "seconds": seconds,
-            "tokens_per_s": steps * micro_batch * seq_len / seconds}  # fmt: skip
+    return {
+        "tokens": steps * micro_batch * seq_len,
+        "seconds": seconds,
+        "tokens_per_s": steps * micro_batch * seq_len / seconds,
+    }
 
 
 def main() -> None:
@@ -92,8 +95,10 @@ def main() -> None:
     print(f"# data pipeline, {os.cpu_count()} cores, torch {torch.__version__}, seq_len {seq_len}")
     print("| what | tokens | seconds | tokens/s | x training consumption |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / consume:.1f}x |")  # fmt: skip
+        print(
+            f"| {name} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / consume:.1f}x |"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
     print(f"wrote {args.json}")

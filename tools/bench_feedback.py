@@ -43,8 +43,14 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     T, D, backend = args.T[0], args.d_model, args.worker
     if args.scope == "layer":
-        cfg = ModelConfig(vocab_size=8, d_model=D, n_layers=1, n_heads=args.n_heads, feedback_backend=backend,
-                          feedback_chunk_size=args.chunk_size)  # fmt: skip
+        cfg = ModelConfig(
+            vocab_size=8,
+            d_model=D,
+            n_layers=1,
+            n_heads=args.n_heads,
+            feedback_backend=backend,
+            feedback_chunk_size=args.chunk_size,
+        )
         layer = SessaLayer(cfg)
         inputs = [torch.randn(args.batch, T, D, requires_grad=True)]
         forward = layer

@@ -47,9 +47,14 @@ def train_tokenizer_main(argv: list[str] | None = None) -> int:
 
     def work(a: argparse.Namespace) -> None:
         start = time.perf_counter()
-        path = train_tokenizer(iter_documents(a.input, a.text_key), a.model, vocab_size=a.vocab_size,
-                               model_type=a.model_type, byte_fallback=not a.no_byte_fallback,
-                               max_sentences=a.max_sentences)  # fmt: skip
+        path = train_tokenizer(
+            iter_documents(a.input, a.text_key),
+            a.model,
+            vocab_size=a.vocab_size,
+            model_type=a.model_type,
+            byte_fallback=not a.no_byte_fallback,
+            max_sentences=a.max_sentences,
+        )
         print(f"wrote {path} ({a.model_type}, vocab {a.vocab_size}) in {time.perf_counter() - start:.1f}s")
 
     return _run(p, work, argv)
@@ -70,10 +75,17 @@ def write_shards_main(argv: list[str] | None = None) -> int:
     def work(a: argparse.Namespace) -> None:
         start = time.perf_counter()
         per_shard = a.samples_per_shard if a.shard_bytes is None and a.samples_per_shard else None
-        index = write_shards(iter_documents(a.input, a.text_key), a.tokenizer, a.out, seq_len=a.seq_len,
-                             samples_per_shard=per_shard or (None if a.shard_bytes else 1024),
-                             shard_bytes=a.shard_bytes, val_fraction=a.val_fraction, num_workers=a.workers,
-                             progress=not a.no_progress)  # fmt: skip
+        index = write_shards(
+            iter_documents(a.input, a.text_key),
+            a.tokenizer,
+            a.out,
+            seq_len=a.seq_len,
+            samples_per_shard=per_shard or (None if a.shard_bytes else 1024),
+            shard_bytes=a.shard_bytes,
+            val_fraction=a.val_fraction,
+            num_workers=a.workers,
+            progress=not a.no_progress,
+        )
         _summary(index, a.out, time.perf_counter() - start)
 
     return _run(p, work, argv)
@@ -81,8 +93,10 @@ def write_shards_main(argv: list[str] | None = None) -> int:
 
 def _summary(index: dict, out: Path, seconds: float) -> None:
     for split, info in index["splits"].items():
-        print(f"{split}: {info['documents']} documents -> {info['samples']} samples of {index['sample_tokens']} "
-              f"tokens in {len(info['shards'])} shards ({info['dropped_tokens']} tail tokens dropped)")  # fmt: skip
+        print(
+            f"{split}: {info['documents']} documents -> {info['samples']} samples of {index['sample_tokens']} "
+            f"tokens in {len(info['shards'])} shards ({info['dropped_tokens']} tail tokens dropped)"
+        )
     total = sum(info["tokens"] for info in index["splits"].values())
     print(f"wrote {out / INDEX_NAME}: {total} tokens in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} tokens/s)")
 
@@ -109,8 +123,14 @@ def prepare_default_data_main(argv: list[str] | None = None) -> int:
             print(f"wrote {model} (bpe, vocab {a.vocab_size})")
         if not (shards / INDEX_NAME).exists():
             start = time.perf_counter()
-            index = write_shards(iter_documents([corpus]), model, shards, seq_len=a.seq_len,
-                                 samples_per_shard=a.samples_per_shard, val_fraction=a.val_fraction)  # fmt: skip
+            index = write_shards(
+                iter_documents([corpus]),
+                model,
+                shards,
+                seq_len=a.seq_len,
+                samples_per_shard=a.samples_per_shard,
+                val_fraction=a.val_fraction,
+            )
             _summary(index, shards, time.perf_counter() - start)
         else:
             index = json.loads((shards / INDEX_NAME).read_text())

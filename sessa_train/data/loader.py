@@ -219,8 +219,12 @@ class PackedTokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from ``merge_states`` of every rank's state (or one rank's, with one rank)."""
-        for key, mine in (("version", STATE_VERSION), ("split", self.split), ("seed", self.seed),
-                          ("shuffle", self.shuffle)):  # fmt: skip
+        for key, mine in (
+            ("version", STATE_VERSION),
+            ("split", self.split),
+            ("seed", self.seed),
+            ("shuffle", self.shuffle),
+        ):
             if state.get(key) != mine:
                 raise ValueError(f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine!r}")
         if state["shards"] != [s["name"] for s in self.shards]:
@@ -235,8 +239,12 @@ class PackedTokenLoader:
         same_layout = state["layout"] == {"world_size": self.world_size, "workers": self.workers}
         self._next_worker = int(state["next_worker"][str(self.rank)]) if same_layout else 0
         if not same_layout:
-            log.info("loader resharded from %s to world_size=%d, workers=%d: every sample once per epoch, "
-                     "new order", state["layout"], self.world_size, self.workers)  # fmt: skip
+            log.info(
+                "loader resharded from %s to world_size=%d, workers=%d: every sample once per epoch, new order",
+                state["layout"],
+                self.world_size,
+                self.workers,
+            )
         self._prune()
 
 

@@ -1,0 +1,315 @@
+"""The pretraining entry point: config -> data loader -> Sessa LM -> DeepSpeed engine -> loop.
+
+    python -m sessa_train.train --config configs/tiny.yaml [key=value ...] [--resume auto]
+    torchrun --nproc-per-node 2 -m sessa_train.train --config configs/tiny.yaml parallel.zero_stage=2
+
+Bad configuration or data ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sessa_train.checkpoint import CheckpointManager
+from sessa_train.config import ConfigError, TrainConfig, load_config
+from sessa_train.data import PackedTokenLoader, merge_states
+from sessa_train.distributed import DistInfo, init_distributed
+from sessa_train.flops import train_flops_per_token
+from sessa_train.models import SessaLM
+
+
+class TrainError(ValueError):
+    """A run that cannot start or go on; one line for the user."""
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of optimizer.lr at optimizer step s: linear warmup, then decay to min_lr."""
+    sch, peak, floor = cfg.schedule, cfg.optimizer.lr, cfg.optimizer.min_lr
+
+    def factor(step: int) -> float:
+        if step < sch.warmup_steps:
+            return (step + 1) / sch.warmup_steps
+        progress = min(1.0, (step - sch.warmup_steps) / max(1, sch.train_steps - sch.warmup_steps))
+        if sch.decay == "cosine":
+            lr = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif sch.decay == "linear":
+            lr = peak - (peak - floor) * progress
+        else:
+            lr = peak
+        return lr / peak
+
+    return factor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, the gamma gate or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.dim() < 2 or "gamma" in name or name.startswith("embed.")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
+    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+    config = {
+        "train_batch_size": cfg.schedule.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+    if cfg.optimizer.grad_clip > 0:
+        config["gradient_clipping"] = cfg.optimizer.grad_clip
+    return config
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo) -> None:
+        import deepspeed
+
+        self.cfg, self.dist = cfg, dist_info
+        world = dist_info.world_size
+        if (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context) != (1, 1, 1):
+            raise TrainError("parallel.tensor/pipeline/context > 1 are not available yet: set them to 1")
+        per_step = cfg.data.micro_batch_size * world
+        if cfg.schedule.global_batch_size % per_step:
+            raise TrainError(
+                f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by "
+                f"data.micro_batch_size={cfg.data.micro_batch_size} x {world} data-parallel ranks"
+            )
+        self.gas = cfg.schedule.global_batch_size // per_step
+        torch.manual_seed(cfg.seed)
+        loader_args = {
+            "micro_batch_size": cfg.data.micro_batch_size,
+            "rank": dist_info.rank,
+            "world_size": world,
+            "seed": cfg.data.seed,
+            "tokenizer_path": cfg.data.tokenizer,
+        }
+        self.train_loader = PackedTokenLoader(
+            cfg.data.path, "train", num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt, **loader_args
+        )
+        index = self.train_loader.index
+        if index["vocab_size"] > cfg.model.vocab_size:
+            raise TrainError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({index['vocab_size']}) of {cfg.data.path}"
+            )
+        self.seq_len = index["seq_len"]
+        self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
+        self.loader_args = loader_args
+        model = SessaLM(cfg.model)
+        opt = cfg.optimizer
+        groups = parameter_groups(model, opt.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.gas, dist_info.device),
+        )
+        self.n_params = model.num_parameters()
+        self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, dist_info.rank)
+        self.step, self.tokens, self.first_step = 0, 0, 0
+        self.stop_signal: int | None = None
+        self.writer = None
+        if dist_info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.logging.dir)
+            self.metrics = open(Path(cfg.logging.dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in fit)
+
+    # -- state -------------------------------------------------------------------------
+    def resume(self) -> None:
+        self.checkpoints.clear_partial()
+        dist.barrier()
+        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            if self.cfg.checkpoint.resume == "auto":
+                self.log(f"no complete checkpoint in {self.cfg.checkpoint.dir}: starting from scratch")
+            return
+        client = self.checkpoints.load(self.engine, path)
+        if client["config"]["model"] != self.cfg.to_dict()["model"]:
+            raise TrainError(f"{path} holds a model with another configuration than model.* of this run")
+        self.step, self.tokens = client["step"], client["tokens"]
+        self.train_loader.load_state_dict(client["loader"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> None:
+        states: list[dict | None] = [None] * self.dist.world_size
+        dist.all_gather_object(states, self.train_loader.state_dict())
+        client = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loader": merge_states(states),  # type: ignore[arg-type]
+            "config": self.cfg.to_dict(),
+        }
+        path = self.checkpoints.save(self.engine, self.step, client)
+        self.log(f"saved {path}")
+
+    # -- loop ----------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def _mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.dist.world_size
+
+    def train_step(self, batches) -> float:
+        losses = []
+        for _ in range(self.gas):
+            tokens = next(batches)["tokens"].to(self.dist.device)
+            logits = self.engine(tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+        return self._mean(sum(losses) / len(losses))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        loader = PackedTokenLoader(self.cfg.data.path, "val", shuffle=False, max_epochs=1, **self.loader_args)
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(loader):
+            if i == self.cfg.logging.eval_batches:
+                break
+            tokens = batch["tokens"].to(self.dist.device)
+            logits = self.engine(tokens[:, :-1]).float()
+            total[0] += F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item()
+            total[1] += tokens[:, 1:].numel()
+        self.engine.train()
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def fit(self) -> list[float]:
+        cfg = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        self.resume()
+        self.log(
+            f"Sessa LM {self.n_params / 1e6:.2f}M parameters, {self.dist.world_size} ranks, "
+            f"{self.gas} accumulation steps, seq_len {self.seq_len}, steps {self.step} -> "
+            f"{cfg.schedule.train_steps}, tensorboard: {cfg.logging.dir}"
+        )
+        batches = iter(self.train_loader)
+        losses, bad, start, last_saved = [], 0, time.perf_counter(), self.step
+        self.first_step = self.step
+        tokens_per_step = cfg.schedule.global_batch_size * self.seq_len
+        stop_at = cfg.schedule.train_steps
+        if cfg.schedule.stop_after_steps:
+            stop_at = min(stop_at, self.step + cfg.schedule.stop_after_steps)
+        while self.step < stop_at and self.stop_signal is None:
+            t0 = time.perf_counter()
+            loss = self.train_step(batches)
+            step_time = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += tokens_per_step
+            losses.append(loss)
+            bad = 0 if math.isfinite(loss) else bad + 1
+            if bad:
+                self.log(f"step {self.step}: non-finite loss {loss} ({bad} in a row)")
+                if bad >= cfg.logging.max_bad_steps:
+                    raise TrainError(
+                        f"{bad} consecutive steps with non-finite loss at step {self.step}: aborting; "
+                        "lower optimizer.lr or resume from an earlier checkpoint"
+                    )
+            self._log_step(loss, step_time, tokens_per_step, start)
+            if self.has_val and self.step % cfg.logging.eval_every_steps == 0:
+                val = self.evaluate()
+                self.log(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
+                if self.writer:
+                    self.writer.add_scalar("val/loss", val, self.step)
+                    self.writer.add_scalar("val/perplexity", math.exp(min(val, 50)), self.step)
+            # never publish weights from a step whose loss was not finite
+            if not bad and cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+                last_saved = self.step
+        if self.stop_signal is not None:
+            self.log(f"received signal {self.stop_signal}: saving and stopping at step {self.step}")
+        if last_saved != self.step and not bad:
+            self.save()
+        if self.writer:
+            self.writer.close()
+            self.metrics.close()
+        return losses
+
+    def _log_step(self, loss: float, step_time: float, tokens_per_step: int, start: float) -> None:
+        cfg = self.cfg
+        lr = self.scheduler.get_last_lr()[0]
+        tok_s = tokens_per_step / step_time
+        if self.writer:
+            tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
+            scalars = {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
+                "perf/tokens_per_s": tok_s,
+                "perf/step_time_s": step_time,
+                "perf/tflops_per_s_per_device": tflops,
+            }
+            if cfg.logging.peak_tflops > 0:
+                scalars["perf/mfu"] = scalars["perf/tflops_per_s_per_device"] / cfg.logging.peak_tflops
+            if self.dist.device.type == "cuda":
+                scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, self.step)
+            self.metrics.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens}) + "\n")
+            self.metrics.flush()
+        if self.step % cfg.logging.every_steps == 0 or self.step == cfg.schedule.train_steps:
+            mean_step = (time.perf_counter() - start) / max(1, self.step - self.first_step)
+            eta = (cfg.schedule.train_steps - self.step) * mean_step
+            self.log(
+                f"step {self.step}/{cfg.schedule.train_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{tok_s:,.0f} tok/s  {step_time:.2f}s/step  eta {eta:.0f}s"
+            )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sessa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        type=Path,
+        help="a YAML file; repeat to merge several, later ones win",
+    )
+    p.add_argument("--resume", help="none | auto | a checkpoint folder (sets checkpoint.resume)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. schedule.train_steps=500")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        trainer = Trainer(cfg, init_distributed())
+        trainer.fit()
+    except (ConfigError, TrainError, ValueError) as e:
+        print(f"sessa-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

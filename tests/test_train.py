@@ -1,0 +1,184 @@
+"""The DeepSpeed trainer: exact resume (1 and 2 processes), crash-safe checkpoints, CLI errors.
+
+Each run is a real subprocess (`python -m sessa_train.train`, or torchrun for 2 ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sessa_train.data import train_tokenizer, write_shards
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("train_data")
+    docs = [topics[name][:1500] for name in sorted(topics)][:40]
+    model = train_tokenizer(docs, root / "tok.model", vocab_size=400)
+    write_shards(docs, model, root / "shards", seq_len=31, samples_per_shard=40, val_fraction=0.1)
+    return root / "shards"
+
+
+def write_config(path: Path, shards: Path, run: Path, **model) -> Path:
+    m = {"vocab_size": 400, "d_model": 32, "n_layers": 2, "n_heads": 2, **model}
+    path.write_text(f"""
+model: {json.dumps(m)}
+data: {{path: "{shards}", micro_batch_size: 4}}
+schedule: {{train_steps: 8, warmup_steps: 2, global_batch_size: 8}}
+optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4}}
+checkpoint: {{dir: "{run}/ckpt", every_steps: 100}}
+logging: {{dir: "{run}/tb", every_steps: 1, eval_every_steps: 4, eval_batches: 2}}
+""")
+    return path
+
+
+def train(config: Path, *overrides: str, nproc: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sessa_train.train"]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "sessa_train.train",
+        ]
+    cmd += ["--config", str(config), *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600, **popen)
+    if check and out.returncode != 0:
+        raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "ckpt" / "latest").read_text().strip()
+    return torch.load(run / "ckpt" / latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.mark.parametrize(("nproc", "zero_stage"), [(1, 0), (2, 2)])
+def test_resumed_run_equals_uninterrupted_run(shards, tmp_path, nproc, zero_stage):
+    zero = f"parallel.zero_stage={zero_stage}"
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(write_config(tmp_path / "full.yaml", shards, full), zero, nproc=nproc)
+    cfg = write_config(tmp_path / "split.yaml", shards, split)
+    first = train(cfg, zero, "schedule.stop_after_steps=4", nproc=nproc)
+    assert "saved" in first.stdout and (split / "ckpt" / "step_00000004").is_dir()
+    second = train(cfg, zero, "--resume", "auto", nproc=nproc)
+    assert "resumed from" in second.stdout and "at step 4" in second.stdout
+    assert [s for s, _ in losses(split)] == list(range(1, 9))
+    assert losses(split) == losses(full)  # bitwise: JSON keeps every digit of a float
+    a, b = final_weights(full), final_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(full)[-1][1] < losses(full)[0][1]
+
+
+def test_sigkill_during_checkpoint_save_resumes_from_previous_complete_one(shards, tmp_path):
+    run = tmp_path / "run"
+    # a model large enough that writing a checkpoint takes a while, saved at every step
+    cfg = write_config(tmp_path / "c.yaml", shards, run, d_model=256, n_layers=4, n_heads=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "sessa_train.train",
+        "--config",
+        str(cfg),
+        "checkpoint.every_steps=1",
+        "schedule.train_steps=1000",
+        "logging.eval_every_steps=0",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    caught = None
+    try:
+        while time.monotonic() < deadline and caught is None:
+            partial = sorted((run / "ckpt").glob("step_*.partial")) if (run / "ckpt").is_dir() else []
+            if partial and len(sorted((run / "ckpt").glob("step_????????"))) >= 2:
+                os.kill(proc.pid, signal.SIGKILL)
+                caught = partial[-1]
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert caught is not None, "never saw a checkpoint being written"
+    killed_step = int(caught.name[5:13])
+    latest = (run / "ckpt" / "latest").read_text().strip()
+    assert int(latest[5:]) < killed_step  # the pointer never names the interrupted save
+    out = train(
+        cfg,
+        "--resume",
+        "auto",
+        "schedule.train_steps=1000",
+        "schedule.stop_after_steps=1",
+        "logging.eval_every_steps=0",
+    )
+    assert f"resumed from {run / 'ckpt' / latest} at step {int(latest[5:])}" in out.stdout
+    assert not list((run / "ckpt").glob("*.partial"))  # leftovers were cleared
+
+
+def test_sigterm_saves_and_stops(shards, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shards, run)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sessa_train.train",
+        "--config",
+        str(cfg),
+        "schedule.train_steps=100000",
+        "logging.eval_every_steps=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics = run / "tb" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-2000:]
+    last_step = losses(run)[-1][0]
+    assert 3 <= last_step < 100000
+    assert (run / "ckpt" / "latest").read_text().strip() == f"step_{last_step:08d}"
+    assert f"received signal {int(signal.SIGTERM)}: saving and stopping at step {last_step}" in stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.d_modle=64"], "config key model.d_modle (command-line overrides): Key 'd_modle' not in 'ModelConfig'"),
+        (["schedule.train_steps=many"], "config key schedule.train_steps (command-line overrides): Value 'many'"),
+        (["schedule.global_batch_size=6"], "schedule.global_batch_size=6 is not divisible by data.micro_batch_size=4"),
+        (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's vocabulary (400)"),
+        (["--resume", "/nonexistent/step_00000001"], "is not a complete checkpoint folder"),
+    ],
+)
+def test_bad_config_exits_with_one_line(shards, tmp_path, overrides, message):
+    out = train(write_config(tmp_path / "c.yaml", shards, tmp_path / "r"), *overrides, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("sessa-train: error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
