@@ -271,7 +271,15 @@ class Trainer:
                 scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, self.step)
-            self.metrics.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens}) + "\n")
+            row = {
+                "step": self.step,
+                "loss": loss,
+                "lr": lr,
+                "tokens": self.tokens,
+                "step_time_s": step_time,
+                "tokens_per_s": tok_s,
+            }
+            self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
         if self.step % cfg.logging.every_steps == 0 or self.step == cfg.schedule.train_steps:
             mean_step = (time.perf_counter() - start) / max(1, self.step - self.first_step)

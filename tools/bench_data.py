@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 
-from sessa_train.config import ModelConfig
+from sessa_train.config import load_config
 from sessa_train.data import PackedTokenLoader
 from sessa_train.data.cli import prepare_default_data_main
 from sessa_train.data.documents import iter_documents
 from sessa_train.data.shards import write_shards
 from sessa_train.models import SessaLM
 
-# The CPU-sized model used for the consumption figure (the trainer's `tiny` preset follows it).
-TINY = {"d_model": 128, "n_layers": 4, "n_heads": 4}
+TINY_PRESET = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 def bench_write(corpus: Path, tokenizer: Path, seq_len: int) -> dict:
@@ -43,9 +42,12 @@ def bench_load(shards: Path, micro_batch: int, workers: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def bench_train_step(vocab_size: int, seq_len: int, micro_batch: int, steps: int) -> dict:
+def bench_train_step(seq_len: int, micro_batch: int, steps: int) -> dict:
+    """Forward + backward + AdamW of the `tiny` preset's model (what the trainer runs on CPU)."""
     torch.manual_seed(0)
-    model = SessaLM(ModelConfig(vocab_size=vocab_size, **TINY))
+    cfg = load_config([TINY_PRESET]).model
+    vocab_size = cfg.vocab_size
+    model = SessaLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, vocab_size, (micro_batch, seq_len + 1))
 
@@ -87,8 +89,8 @@ def main() -> None:
         ),
         "load, 0 workers": bench_load(shards, args.micro_batch, 0),
         "load, 2 workers": bench_load(shards, args.micro_batch, 2),
-        f"train step, tiny model {TINY}, batch {args.micro_batch}x{seq_len}": bench_train_step(
-            index["vocab_size"], seq_len, args.micro_batch, args.train_steps
+        f"train step, tiny preset, batch {args.micro_batch}x{seq_len}": bench_train_step(
+            seq_len, args.micro_batch, args.train_steps
         ),
     }
     consume = rows[next(k for k in rows if k.startswith("train step"))]["tokens_per_s"]
