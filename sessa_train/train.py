@@ -180,8 +180,8 @@ class Trainer:
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
-        return self._mean(sum(losses) / len(losses))
+            losses.append(loss.detach())
+        return self._mean(torch.stack(losses).mean().item())  # one host sync per step
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -234,10 +234,11 @@ class Trainer:
             self._log_step(loss, step_time, tokens_per_step, start)
             if self.has_val and self.step % cfg.logging.eval_every_steps == 0:
                 val = self.evaluate()
-                self.log(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
+                perplexity = math.exp(min(val, 50))
+                self.log(f"step {self.step}: validation loss {val:.4f}, perplexity {perplexity:.2f}")
                 if self.writer:
                     self.writer.add_scalar("val/loss", val, self.step)
-                    self.writer.add_scalar("val/perplexity", math.exp(min(val, 50)), self.step)
+                    self.writer.add_scalar("val/perplexity", perplexity, self.step)
             # never publish weights from a step whose loss was not finite
             if not bad and cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()

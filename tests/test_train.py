@@ -46,24 +46,23 @@ logging: {{dir: "{run}/tb", every_steps: 1, eval_every_steps: 4, eval_batches: 2
     return path
 
 
-def train(config: Path, *overrides: str, nproc: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    """The trainer's command line: plain python for one rank, torchrun for more."""
     if nproc == 1:
-        cmd = [sys.executable, "-m", "sessa_train.train"]
+        launcher = [sys.executable, "-m", "sessa_train.train"]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--master-port",
-            str(29500 + os.getpid() % 1000),
-            "-m",
-            "sessa_train.train",
-        ]
-    cmd += ["--config", str(config), *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600, **popen)
+        port = str(29500 + os.getpid() % 1000)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        launcher += ["--master-port", port, "-m", "sessa_train.train"]
+    return [*launcher, "--config", str(config), *overrides]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(config: Path, *overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = command(config, *overrides, nproc=nproc)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -100,18 +99,8 @@ def test_sigkill_during_checkpoint_save_resumes_from_previous_complete_one(shard
     run = tmp_path / "run"
     # a model large enough that writing a checkpoint takes a while, saved at every step
     cfg = write_config(tmp_path / "c.yaml", shards, run, d_model=256, n_layers=4, n_heads=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "sessa_train.train",
-        "--config",
-        str(cfg),
-        "checkpoint.every_steps=1",
-        "schedule.train_steps=1000",
-        "logging.eval_every_steps=0",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = command(cfg, "checkpoint.every_steps=1", "schedule.train_steps=1000", "logging.eval_every_steps=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     caught = None
     try:
@@ -143,17 +132,8 @@ def test_sigkill_during_checkpoint_save_resumes_from_previous_complete_one(shard
 def test_sigterm_saves_and_stops(shards, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, run)
-    cmd = [
-        sys.executable,
-        "-m",
-        "sessa_train.train",
-        "--config",
-        str(cfg),
-        "schedule.train_steps=100000",
-        "logging.eval_every_steps=0",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = command(cfg, "schedule.train_steps=100000", "logging.eval_every_steps=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     metrics = run / "tb" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
