@@ -107,8 +107,15 @@ def test_sigkill_during_checkpoint_save_resumes_from_previous_complete_one(shard
         while time.monotonic() < deadline and caught is None:
             partial = sorted((run / "ckpt").glob("step_*.partial")) if (run / "ckpt").is_dir() else []
             if partial and len(sorted((run / "ckpt").glob("step_????????"))) >= 2:
-                os.kill(proc.pid, signal.SIGKILL)
-                caught = partial[-1]
+                # freeze the trainer, then kill it only if the save is still unfinished
+                os.kill(proc.pid, signal.SIGSTOP)
+                while Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1][0] != "T":
+                    time.sleep(0.001)
+                if partial[-1].is_dir():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    caught = partial[-1]
+                else:
+                    os.kill(proc.pid, signal.SIGCONT)
             time.sleep(0.001)
     finally:
         proc.kill()
