@@ -31,7 +31,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02  # embedding (and untied LM head) init; linears keep torch's default
     feedback_backend: str = "auto"
-    feedback_chunk_size: int = 128
+    feedback_chunk_size: int = 0  # rows per block of the solve; 0 = the backend's default
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -39,8 +39,10 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
 
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "feedback_heads", "feedback_chunk_size"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "feedback_heads"):
             positive(name)
+        if not isinstance(self.feedback_chunk_size, int) or self.feedback_chunk_size < 0:
+            raise ValueError(f"model.feedback_chunk_size must be an integer >= 0, got {self.feedback_chunk_size!r}")
         if self.n_kv_heads is not None:
             positive("n_kv_heads")
         if self.d_model % self.n_heads:

@@ -26,6 +26,7 @@ from sessa_train.data import PackedTokenLoader, merge_states
 from sessa_train.distributed import DistInfo, init_distributed
 from sessa_train.flops import train_flops_per_token
 from sessa_train.models import SessaLM
+from sessa_train.ops.feedback import resolve_backend
 
 
 class TrainError(ValueError):
@@ -84,6 +85,8 @@ class Trainer:
         world = dist_info.world_size
         if (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context) != (1, 1, 1):
             raise TrainError("parallel.tensor/pipeline/context > 1 are not available yet: set them to 1")
+        # a feedback backend that cannot run on this device fails here, not in the first step
+        resolve_backend(cfg.model.feedback_backend, dist_info.device, cfg.model.feedback_chunk_size or None)
         per_step = cfg.data.micro_batch_size * world
         if cfg.schedule.global_batch_size % per_step:
             raise TrainError(

@@ -24,8 +24,10 @@ def feedback_inputs(B, H, T, Dk, Dv, gamma_regime="mid", dtype=torch.float64, se
 
 
 def random_like_shape(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """A fixed random tensor of x's shape (not its strides: solve outputs may be column-major)."""
-    return torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+    """A fixed random tensor of x's shape (not its strides: solve outputs may be column-major),
+    drawn in float64 so that every dtype and device gets the same values (rounded)."""
+    w = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return w.to(device=x.device, dtype=x.dtype)
 
 
 def output_and_grads(fn, inputs, seed=1):

@@ -57,7 +57,11 @@ def command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
     return [*launcher, "--config", str(config), *overrides]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# the trainer runs as a user's would: without the Triton interpreter tests/conftest.py turns on
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def train(config: Path, *overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
@@ -162,6 +166,8 @@ def test_sigterm_saves_and_stops(shards, tmp_path):
         (["schedule.global_batch_size=6"], "schedule.global_batch_size=6 is not divisible by data.micro_batch_size=4"),
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's vocabulary (400)"),
         (["--resume", "/nonexistent/step_00000001"], "is not a complete checkpoint folder"),
+        (["model.feedback_backend=triton"], "the triton backend needs CUDA tensors (got device cpu)"),
+        (["model.feedback_chunk_size=-1"], "model.feedback_chunk_size must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_config_exits_with_one_line(shards, tmp_path, overrides, message):

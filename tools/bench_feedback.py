@@ -2,6 +2,9 @@
 
 --scope layer (default): one SessaLayer (projections, SDPA forward branch and the solve);
 --scope solve: the feedback solve alone, one head over the full width (the reference's).
+--device cuda: the solve alone on the GPU in bf16 (--dtype), Triton vs chunked vs reference
+vs a causal scaled_dot_product_attention of the same shape (B, 1, T, D): time, tokens/s,
+TFLOP/s and peak memory (torch.cuda.max_memory_allocated), in this process.
 
 Each (backend, T) point runs in a fresh subprocess. Peak memory is the growth of the
 process's resident-set high-water mark (VmHWM) over its resident set just before the
@@ -11,11 +14,13 @@ skipped where its measured quadratic growth predicts more than --max-gib.
 
     python tools/bench_feedback.py                       # D=256, B=1, T=1k..16k
     python tools/bench_feedback.py --T 1024 2048 --json runs/bench.json
+    python tools/bench_feedback.py --device cuda --T 2048 8192 32768 --d-model 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -78,6 +83,91 @@ def worker(args: argparse.Namespace) -> dict:
     return {"peak_mib": peak / 1024, "time_s": statistics.median(times), "first_s": first}
 
 
+def attention_flops(T: int, D: int, batch: int) -> float:
+    """FLOPs of causal attention fwd+bwd over (batch, 1, T, D): 2 GEMMs of T^2/2 x D forward,
+    2.5x that backward. The feedback solve's work has the same form (logits, then A @ s), so
+    the same count is used for every row: TFLOP/s ratios are time ratios."""
+    return 3.5 * 2 * 2 * batch * (T * T / 2) * D
+
+
+def cuda_table(args: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from sessa_train.ops import feedback_solve
+
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name()
+    print(f"# feedback solve fwd+bwd on {name}, {args.dtype}, B={args.batch}, one head of width D={args.d_model}")
+    columns = ["T", "backend", "time (ms)", "tokens/s", "TFLOP/s", "peak (GiB)", "vs SDPA"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    rows = []
+    for T in sorted(args.T):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        shape = (args.batch, 1, T, args.d_model)
+        q, k, f = (torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+        gamma = (0.999 * torch.rand(shape[:3], device="cuda", generator=g)).to(dtype).requires_grad_()
+        runs = {
+            "sdpa (causal)": lambda q, k, f, gamma: F.scaled_dot_product_attention(q, k, f, is_causal=True),
+            "triton": functools.partial(feedback_solve, backend="triton", chunk_size=args.chunk_size),
+            "chunked": functools.partial(feedback_solve, backend="chunked"),
+            "reference": functools.partial(feedback_solve, backend="reference"),
+        }
+        sdpa_ms = None
+        for backend, fn in runs.items():
+            if backend not in args.backends and backend != "sdpa (causal)":
+                continue
+            row = {"T": T, "backend": backend} | _cuda_point(fn, (q, k, f, gamma), args.repeats)
+            if "ms" in row:
+                row["tokens_per_s"] = args.batch * T / (row["ms"] / 1e3)
+                row["tflops"] = attention_flops(T, args.d_model, args.batch) / (row["ms"] / 1e3) / 1e12
+                sdpa_ms = row["ms"] if backend.startswith("sdpa") else sdpa_ms
+                ratio = f"{row['ms'] / sdpa_ms:.2f}x" if sdpa_ms else "-"
+                cells = [f"{row['ms']:.2f}", f"{row['tokens_per_s']:.3g}", f"{row['tflops']:.1f}"]
+                cells += [f"{row['peak_gib']:.2f}", ratio]
+            else:
+                cells = [row["error"], "-", "-", "-", "-"]
+            print(f"| {T} | {backend} | " + " | ".join(cells) + " |", flush=True)
+            rows.append(row)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": name,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "d_model": args.d_model,
+        "torch": torch.__version__,
+    }
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.json}")
+
+
+def _cuda_point(fn, inputs, repeats: int) -> dict:
+    import torch
+
+    def step() -> None:
+        fn(*inputs).float().square().mean().backward()
+        for x in inputs:
+            x.grad = None
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        step()  # compile / autotune / warm-up
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(max(1, repeats)):
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    return {"ms": statistics.median(times), "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
 def run_point(args: argparse.Namespace, backend: str, T: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, "--T", str(T), "--d-model", str(args.d_model)]
     cmd += ["--n-heads", str(args.n_heads), "--batch", str(args.batch), "--chunk-size", str(args.chunk_size)]
@@ -106,6 +196,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-gib", type=float, default=None, help="skip the reference beyond this (default: 60%% of free)")
     p.add_argument("--json", type=Path, default=Path("runs/bench_feedback.json"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="--device cuda only")
+    p.add_argument("--backends", nargs="+", default=["triton", "chunked", "reference"], help="--device cuda only")
     p.add_argument("--worker", choices=["reference", "chunked"], help=argparse.SUPPRESS)
     args = p.parse_args()
     for name in ("d_model", "n_heads", "batch", "chunk_size"):
@@ -115,6 +208,15 @@ def main() -> None:
         p.error(f"--T values must be >= 1 and --repeats >= 0, got T={args.T} repeats={args.repeats}")
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible")
+        if args.chunk_size not in (16, 32, 64):
+            args.chunk_size = 64  # the triton backend's block (the CPU default 128 is the chunked one's)
+        cuda_table(args)
         return
 
     import torch

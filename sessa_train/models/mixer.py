@@ -109,9 +109,8 @@ class SessaMixer(nn.Module):
         f = self._heads(f, cfg.feedback_heads)  # (B, Hfb, T, dfb)
 
         if start == 0:
-            s = feedback_solve(
-                q_b, k_b, f, gamma, scale=scale, backend=cfg.feedback_backend, chunk_size=cfg.feedback_chunk_size
-            )
+            chunk = cfg.feedback_chunk_size or None
+            s = feedback_solve(q_b, k_b, f, gamma, scale=scale, backend=cfg.feedback_backend, chunk_size=chunk)
         else:
             s = feedback_decode_step(
                 q_b[:, :, 0], cache.k_b[:, :, :start], cache.s[:, :, :start], f[:, :, 0], gamma[:, :, 0], scale

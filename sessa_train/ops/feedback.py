@@ -9,13 +9,17 @@ Shapes (head-major, like ``scaled_dot_product_attention``):
     gamma     (B, H, T)       per-token feedback gain
     returns s (B, H, T, Dv)
 
-Backends: ``reference`` (dense T x T solve, the oracle) and ``chunked`` (blocked forward
-substitution, O(T * D) memory). ``auto`` picks ``chunked``.
+Backends: ``reference`` (dense T x T solve, the oracle), ``chunked`` (blocked forward
+substitution in torch, O(T * D) memory) and ``triton`` (the same algorithm as fused Triton
+kernels, CUDA tensors; CPU only under ``TRITON_INTERPRET=1``). ``auto`` picks ``triton`` for
+CUDA tensors and ``chunked`` otherwise. The environment variable ``SESSA_FEEDBACK_BACKEND``
+forces a backend wherever ``auto`` was asked for.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import torch
@@ -23,9 +27,45 @@ import torch
 from sessa_train.ops.feedback_chunked import feedback_solve_chunked
 from sessa_train.ops.feedback_reference import feedback_solve_reference
 
-Backend = Literal["auto", "reference", "chunked"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked")
-DEFAULT_CHUNK_SIZE = 64
+Backend = Literal["auto", "reference", "chunked", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
+DEFAULT_CHUNK_SIZE = {"chunked": 128, "triton": 64}  # chunked: measured on CPU (docs/benchmarks.md)
+BACKEND_ENV = "SESSA_FEEDBACK_BACKEND"
+
+
+TRITON_BLOCK_SIZES = (16, 32, 64)
+
+
+def resolve_backend(backend: str, device: torch.device, chunk_size: int | None = None) -> tuple[str, int | None]:
+    """The concrete backend and chunk size for ``backend`` (possibly ``auto``) on ``device``.
+
+    Raises a one-line ValueError for a request that cannot run: call it at set-up time.
+    """
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={backend!r} is not a feedback backend; valid: {', '.join(BACKENDS)}")
+    elif backend not in BACKENDS:
+        raise ValueError(f"feedback_solve: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "chunked"
+    if backend == "reference":
+        return backend, None
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE[backend]
+    if chunk_size < 1:
+        raise ValueError(f"feedback_solve: chunk_size must be >= 1, got {chunk_size}")
+    if backend == "triton":
+        if chunk_size not in TRITON_BLOCK_SIZES:
+            raise ValueError(
+                f"feedback_solve: the triton backend needs chunk_size in {TRITON_BLOCK_SIZES}, got {chunk_size}"
+            )
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(
+                f"feedback_solve: the triton backend needs CUDA tensors (got device {device}); "
+                "on CPU use backend 'chunked', or set TRITON_INTERPRET=1 before importing triton"
+            )
+    return backend, chunk_size
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor) -> None:
@@ -48,21 +88,23 @@ def feedback_solve(
     *,
     scale: float | None = None,
     backend: Backend = "auto",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Solve the causal feedback system; see the module docstring for shapes.
 
     ``scale`` defaults to Dk**-0.5 (the reference's 1/sqrt(D) for one head over width D).
+    ``chunk_size`` (rows per block; None = the backend's default) does not apply to ``reference``.
     """
     _check_inputs(q, k, f, gamma)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if backend not in BACKENDS:
-        raise ValueError(f"feedback_solve: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if chunk_size < 1:
-        raise ValueError(f"feedback_solve: chunk_size must be >= 1, got {chunk_size}")
+    backend, chunk_size = resolve_backend(backend, q.device, chunk_size)
     if backend == "reference":
         return feedback_solve_reference(q, k, f, gamma, scale)
+    if backend == "triton":
+        from sessa_train.ops.feedback_triton import feedback_solve_triton  # imports triton: only when used
+
+        return feedback_solve_triton(q, k, f, gamma, scale, chunk_size)
     return feedback_solve_chunked(q, k, f, gamma, scale, chunk_size)
 
 

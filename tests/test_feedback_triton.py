@@ -1,0 +1,206 @@
+"""The Triton feedback kernels against the dense reference (the oracle).
+
+Without a GPU they run under TRITON_INTERPRET=1 (tests/conftest.py); a separate subprocess
+compiles every variant for sm_80 and sm_90 without the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sessa_train.ops import feedback_solve
+from sessa_train.ops import feedback_triton as ft
+from sessa_train.ops.feedback import TRITON_BLOCK_SIZES
+from tests.helpers import feedback_inputs, output_and_grads
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["s", "dq_b", "dk_b", "df", "dgamma"]
+
+
+def on_device(inputs):
+    return tuple(x.detach().to(DEVICE).requires_grad_() for x in inputs)
+
+
+def triton_solve(block):
+    def fn(q, k, f, gamma):
+        return feedback_solve(q, k, f, gamma, backend="triton", chunk_size=block)
+
+    return fn
+
+
+def reference_at(inputs):
+    """Reference output and gradients in float64 at exactly the given (rounded) inputs."""
+    exact = tuple(x.detach().cpu().double().requires_grad_() for x in inputs)
+    return output_and_grads(triton_solve_reference, exact)
+
+
+def triton_solve_reference(q, k, f, gamma):
+    return feedback_solve(q, k, f, gamma, backend="reference")
+
+
+def relative_errors(got, ref):
+    return {
+        n: ((a.double().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for n, a, b in zip(NAMES, got, ref, strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    ("T", "Dk", "Dv", "block", "B", "H", "gamma_regime"),
+    [
+        (1, 32, 32, 16, 2, 2, "mid"),
+        (31, 32, 32, 16, 1, 4, "near_max"),
+        (31, 32, 64, 32, 2, 1, "mid"),
+        (64, 64, 64, 32, 2, 2, "near_max"),
+        (64, 32, 32, 16, 1, 2, "near_zero"),
+        (200, 32, 32, 32, 2, 2, "mid"),
+        (200, 64, 64, 16, 1, 1, "near_max"),
+    ],
+)
+def test_triton_equals_reference_float32(T, Dk, Dv, block, B, H, gamma_regime):
+    inputs = on_device(feedback_inputs(B, H, T, Dk, Dv, gamma_regime, dtype=torch.float32, seed=T))
+    got = output_and_grads(triton_solve(block), inputs)
+    errors = relative_errors(got, reference_at(inputs))
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_inputs(dtype):
+    """Half inputs: half GEMM operands (fp16; bf16 is upcast in the interpreter), fp32 accumulation."""
+    inputs = on_device(feedback_inputs(2, 2, 64, 32, 32, "near_max", dtype=torch.float32, seed=3))
+    inputs = tuple(x.detach().to(dtype).requires_grad_() for x in inputs)
+    got = output_and_grads(triton_solve(16), inputs)
+    assert all(g.dtype == dtype for g in got)
+    errors = relative_errors(got, reference_at(inputs))
+    # fp16: inputs of 11 significant bits, bf16: 8; outputs are rounded to the input dtype
+    assert max(errors.values()) < (1e-2 if dtype == torch.float16 else 3e-2), errors
+
+
+def guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
+    """A contiguous copy of x sitting inside a NaN-filled buffer: any out-of-bounds read shows."""
+    buf = torch.full((x.numel() + 2 * pad,), float("nan"), dtype=x.dtype, device=x.device)
+    view = buf[pad : pad + x.numel()].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def test_no_out_of_bounds_or_unwritten_reads(monkeypatch):
+    """Inputs inside NaN guards, and every buffer the kernels allocate filled with NaN first."""
+    T, block = 45, 16  # T not a multiple of the block: partial last block, padded strips
+    q, k, f, gamma = (
+        x.detach().reshape(2, *x.shape[2:]).to(DEVICE)
+        for x in feedback_inputs(1, 2, T, 24, 40, "near_max", dtype=torch.float32, seed=7)
+    )
+    G = torch.randn(2, T, 40, device=DEVICE)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
+    args = [guarded(x) for x in (q, k, f, gamma)]
+    s, c, lse = ft.triton_forward(*args, 24**-0.5, block)
+    grads = ft.triton_backward(
+        guarded(G), args[0], args[1], args[3], guarded(s), guarded(c), guarded(lse), 24**-0.5, block
+    )
+    monkeypatch.undo()
+    for name, x in zip(["s", "c", "lse", "dq", "dk", "df", "dgamma"], [s, c, lse, *grads], strict=True):
+        assert torch.isfinite(x).all(), f"{name} has non-finite entries"
+    exact = tuple(x.detach().double().cpu().requires_grad_() for x in (q, k, f, gamma))
+    ref = feedback_solve(*(x.unsqueeze(0) for x in exact), backend="reference").squeeze(0)
+    ref_grads = torch.autograd.grad(ref, exact, G.double().cpu())
+    for name, a, b in zip(NAMES, [s, *grads], [ref.detach(), *ref_grads], strict=True):
+        assert (a.double().cpu() - b).abs().max() / b.abs().max() < 1e-5, name
+
+
+def test_model_with_triton_backend_equals_chunked():
+    import dataclasses
+
+    from sessa_train.config import ModelConfig
+    from sessa_train.models import SessaLM
+
+    cfg = ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, feedback_heads=2, feedback_chunk_size=16)
+    tokens = torch.randint(0, 53, (2, 40), generator=torch.Generator().manual_seed(0))
+    results = []
+    for backend in ("chunked", "triton"):
+        torch.manual_seed(0)
+        model = SessaLM(dataclasses.replace(cfg, feedback_backend=backend))
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_c, grads_c), (loss_t, grads_t) = results
+    assert abs(loss_c.item() - loss_t.item()) < 1e-5
+    for name, g in grads_c.items():
+        assert (grads_t[name] - g).abs().max() <= 1e-4 * g.abs().max() + 1e-7, name
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "expected"),
+    [
+        (None, "cpu", "chunked"),
+        (None, "cuda", "triton"),
+        ("reference", "cuda", "reference"),
+        ("triton", "cpu", "triton"),
+    ],
+)
+def test_auto_backend_and_environment_switch(monkeypatch, env, device, expected):
+    from sessa_train.ops.feedback import BACKEND_ENV, resolve_backend
+
+    if env is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, env)
+    assert resolve_backend("auto", torch.device(device))[0] == expected
+    assert resolve_backend("chunked", torch.device(device)) == ("chunked", 128)  # an explicit choice stays
+
+
+def test_bad_backend_requests_are_one_line_errors(monkeypatch):
+    from sessa_train.ops.feedback import BACKEND_ENV
+
+    inputs = [x.detach() for x in feedback_inputs(1, 1, 8, 16, 16, dtype=torch.float32)]
+    monkeypatch.setenv(BACKEND_ENV, "cuda-fast")
+    with pytest.raises(ValueError, match="SESSA_FEEDBACK_BACKEND='cuda-fast' is not a feedback backend; valid: auto"):
+        feedback_solve(*inputs)
+    monkeypatch.delenv(BACKEND_ENV)
+    with pytest.raises(ValueError, match=r"chunk_size in \(16, 32, 64\), got 24"):
+        feedback_solve(*inputs, backend="triton", chunk_size=24)
+    with pytest.raises(ValueError, match="one dtype among"):
+        feedback_solve(inputs[0].double(), *inputs[1:], backend="triton", chunk_size=16)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors \\(got device cpu\\); on CPU use backend 'chunked'"):
+            feedback_solve(*inputs, backend="triton", chunk_size=16)
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
+    """triton.compile for GPUTarget("cuda", 80/90, 32) in a subprocess without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, never reuse a cache
+    out = subprocess.run(
+        [sys.executable, "tools/compile_kernels.py", "--json", str(tmp_path / "kernels.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    rows = report["variants"]
+    expected = {
+        (cc, dt, b, name)
+        for cc in (80, 90)
+        for dt in ("float32", "bfloat16", "float16")
+        for b in TRITON_BLOCK_SIZES
+        for name, *_ in ft.kernel_variants(b, getattr(torch, dt))
+    }
+    assert {(r["capability"], r["dtype"], r["block"], r["kernel"]) for r in rows} == expected
+    for r in rows:
+        assert r["ok"] and 0 < r["shared_bytes"] <= report["shared_limit"][str(r["capability"])], r
+        assert r["cubin_bytes"] > 0
