@@ -52,6 +52,19 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step() can be cancelled: the trainer's way to skip a step with a
+    non-finite loss when DeepSpeed calls the optimizer directly (fp32 without ZeRO)."""
+
+    skip_next = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases, the gamma gate or embeddings."""
     decay, no_decay = [], []
@@ -117,8 +130,9 @@ class Trainer:
         model = SessaLM(cfg.model)
         opt = cfg.optimizer
         groups = parameter_groups(model, opt.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+        optimizer = SkippableAdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.optimizer = optimizer
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -175,16 +189,33 @@ class Trainer:
         dist.all_reduce(t)
         return t.item() / self.dist.world_size
 
-    def train_step(self, batches) -> float:
+    def train_step(self, batches) -> tuple[float, bool]:
+        """One optimizer step over ``gas`` micro-batches: (mean loss over ranks, update applied).
+
+        A step whose loss is not finite on any rank changes no weight and no optimizer state:
+        its gradients are dropped before the update (see ``_drop_gradients``).
+        """
         losses = []
-        for _ in range(self.gas):
+        skipped_before = self.engine.skipped_steps
+        for i in range(self.gas):
             tokens = next(batches)["tokens"].to(self.dist.device)
             logits = self.engine(tokens[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             self.engine.backward(loss)
-            self.engine.step()
             losses.append(loss.detach())
-        return self._mean(torch.stack(losses).mean().item())  # one host sync per step
+            if i == self.gas - 1:
+                mean = self._mean(torch.stack(losses).mean().item())  # one host sync per step
+                if not math.isfinite(mean):
+                    self._drop_gradients()
+            self.engine.step()
+        return mean, math.isfinite(mean) and self.engine.skipped_steps == skipped_before
+
+    def _drop_gradients(self) -> None:
+        """Make the coming engine.step() leave weights and optimizer state alone. DeepSpeed's
+        ZeRO 1/2 and bf16 optimizers skip a step whose gradient norm is not finite themselves
+        (tested with and without clipping); otherwise DeepSpeed calls our SkippableAdamW."""
+        if not hasattr(self.engine.optimizer, "overflow"):
+            self.optimizer.skip_next = True
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -221,20 +252,20 @@ class Trainer:
             stop_at = min(stop_at, self.step + cfg.schedule.stop_after_steps)
         while self.step < stop_at and self.stop_signal is None:
             t0 = time.perf_counter()
-            loss = self.train_step(batches)
+            loss, applied = self.train_step(batches)
             step_time = time.perf_counter() - t0
             self.step += 1
             self.tokens += tokens_per_step
             losses.append(loss)
-            bad = 0 if math.isfinite(loss) else bad + 1
+            bad = 0 if applied else bad + 1
             if bad:
-                self.log(f"step {self.step}: non-finite loss {loss} ({bad} in a row)")
+                self.log(f"step {self.step}: loss {loss} or its gradients not finite: update skipped ({bad} in a row)")
                 if bad >= cfg.logging.max_bad_steps:
                     raise TrainError(
-                        f"{bad} consecutive steps with non-finite loss at step {self.step}: aborting; "
+                        f"{bad} consecutive steps with non-finite loss or gradients at step {self.step}: aborting; "
                         "lower optimizer.lr or resume from an earlier checkpoint"
                     )
-            self._log_step(loss, step_time, tokens_per_step, start)
+            self._log_step(loss, step_time, tokens_per_step, start, skipped=bool(bad))
             if self.has_val and self.step % cfg.logging.eval_every_steps == 0:
                 val = self.evaluate()
                 perplexity = math.exp(min(val, 50))
@@ -242,20 +273,20 @@ class Trainer:
                 if self.writer:
                     self.writer.add_scalar("val/loss", val, self.step)
                     self.writer.add_scalar("val/perplexity", perplexity, self.step)
-            # never publish weights from a step whose loss was not finite
-            if not bad and cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            # a skipped step left the weights as they were: its checkpoint is safe to publish
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
                 last_saved = self.step
         if self.stop_signal is not None:
             self.log(f"received signal {self.stop_signal}: saving and stopping at step {self.step}")
-        if last_saved != self.step and not bad:
+        if last_saved != self.step:
             self.save()
         if self.writer:
             self.writer.close()
             self.metrics.close()
         return losses
 
-    def _log_step(self, loss: float, step_time: float, tokens_per_step: int, start: float) -> None:
+    def _log_step(self, loss: float, step_time: float, tokens_per_step: int, start: float, skipped: bool) -> None:
         cfg = self.cfg
         lr = self.scheduler.get_last_lr()[0]
         tok_s = tokens_per_step / step_time
@@ -282,6 +313,7 @@ class Trainer:
                 "tokens": self.tokens,
                 "step_time_s": step_time,
                 "tokens_per_s": tok_s,
+                "skipped": skipped,
             }
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()

@@ -158,6 +158,58 @@ def test_sigterm_saves_and_stops(shards, tmp_path):
     assert f"received signal {int(signal.SIGTERM)}: saving and stopping at step {last_step}" in stdout
 
 
+# The trainer with its loss turned into NaN on the listed steps (all micro-batches of a step):
+# argv = json list of steps, micro-batches per step, then sessa-train's own arguments.
+POISONED_TRAINER = """
+import json, sys
+import sessa_train.train as train
+steps, gas = set(json.loads(sys.argv[1])), int(sys.argv[2])
+real, calls = train.F.cross_entropy, [0]
+def cross_entropy(*args, **kwargs):
+    step = calls[0] // gas + 1
+    calls[0] += 1
+    loss = real(*args, **kwargs)
+    return loss * float("nan") if step in steps else loss
+train.F.cross_entropy = cross_entropy
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
+    path = run / "ckpt" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=False)["module"]
+
+
+@pytest.mark.parametrize(("zero_stage", "grad_clip"), [(0, 1.0), (2, 1.0), (2, 0.0)])
+def test_non_finite_step_is_skipped_and_training_goes_on(shards, tmp_path, zero_stage, grad_clip):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shards, run)
+    args = ["--config", str(cfg), f"parallel.zero_stage={zero_stage}", f"optimizer.grad_clip={grad_clip}"]
+    args += ["checkpoint.every_steps=1"]
+    args += ["checkpoint.keep_last=10", "schedule.train_steps=5", "logging.eval_every_steps=0"]
+    cmd = [sys.executable, "-c", POISONED_TRAINER, "[3]", "2", *args]  # 8 = 2 micro-batches x 4
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "step 3: loss nan or its gradients not finite: update skipped (1 in a row)" in out.stdout
+    rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for i, r in enumerate(rows) if i != 2)
+    before, after, later = weights_at(run, 2), weights_at(run, 3), weights_at(run, 4)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bad step changed nothing
+    assert all(torch.isfinite(v).all() for v in later.values())
+    assert any(not torch.equal(after[k], later[k]) for k in after)  # and training went on
+
+
+def test_too_many_non_finite_steps_abort(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
+    args = ["--config", str(cfg), "logging.max_bad_steps=3", "logging.eval_every_steps=0", "checkpoint.every_steps=1"]
+    cmd = [sys.executable, "-c", POISONED_TRAINER, "[2, 3, 4, 5, 6, 7, 8]", "2", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    assert out.returncode == 2
+    assert "sessa-train: error: 3 consecutive steps with non-finite loss or gradients at step 4" in out.stderr
+    assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == "step_00000003"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
