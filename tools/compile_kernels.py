@@ -20,21 +20,22 @@ from concurrent.futures import ProcessPoolExecutor
 
 # Largest shared memory one block may use (opt-in), bytes: CUDA C Programming Guide, compute capabilities.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-NUM_WARPS = 4
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def variants() -> list[tuple[int, str, int, str]]:
-    """(capability, dtype, block, kernel name) of every variant the host side can launch."""
-    from sessa_train.ops.feedback import TRITON_BLOCK_SIZES
-    from sessa_train.ops.feedback_triton import kernel_variants
+def variants() -> list[tuple[int, str, int, str, int]]:
+    """(capability, dtype, block, kernel name, num_warps): every kernel for every dtype and block
+    with the first autotune config, and every further autotune config at the default block."""
+    from sessa_train.ops.feedback import DEFAULT_CHUNK_SIZE, TRITON_BLOCK_SIZES
+    from sessa_train.ops.feedback_triton import NUM_WARPS, kernel_variants
 
     out = []
     for cc in SHARED_LIMIT:
         for dtype in DTYPES:
             for block in TRITON_BLOCK_SIZES:
+                warps = NUM_WARPS if block == DEFAULT_CHUNK_SIZE["triton"] and dtype != "float16" else NUM_WARPS[:1]
                 for name, *_ in kernel_variants(block, _torch_dtype(dtype)):
-                    out.append((cc, dtype, block, name))
+                    out.extend((cc, dtype, block, name, w) for w in warps)
     return out
 
 
@@ -44,19 +45,21 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def compile_one(job: tuple[int, str, int, str]) -> dict:
+def compile_one(job: tuple[int, str, int, str, int]) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
     from sessa_train.ops.feedback_triton import kernel_variants
 
-    cc, dtype, block, name = job
-    row = {"capability": cc, "dtype": dtype, "block": block, "kernel": name}
+    cc, dtype, block, name, num_warps = job
+    row = {"capability": cc, "dtype": dtype, "block": block, "kernel": name, "num_warps": num_warps}
     (kernel, signature, constexprs) = next(v[1:] for v in kernel_variants(block, _torch_dtype(dtype)) if v[0] == name)
     start = time.perf_counter()
     try:
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options={"num_warps": NUM_WARPS})
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": 2}
+        )
     except Exception as exc:  # reported per variant, the run fails below
         return row | {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     shared = int(compiled.metadata.shared)
@@ -80,15 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     jobs = variants()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_one, jobs))
-    print(f"{'sm':>3} {'dtype':>9} {'block':>5} {'kernel':<20} {'shared (B)':>10} {'limit (B)':>9}  ok")
+    print(f"{'sm':>3} {'dtype':>9} {'block':>5} {'kernel':<20} {'warps':>5} {'shared (B)':>10} {'limit (B)':>9}  ok")
     for r in rows:
         shared = r.get("shared_bytes", "-")
-        line = f"{r['capability']:>3} {r['dtype']:>9} {r['block']:>5} {r['kernel']:<20} {shared:>10}"
+        line = (
+            f"{r['capability']:>3} {r['dtype']:>9} {r['block']:>5} {r['kernel']:<20} {r['num_warps']:>5} {shared:>10}"
+        )
         verdict = "yes" if r["ok"] else "NO " + r.get("error", "over limit")
         print(f"{line} {SHARED_LIMIT[r['capability']]:>9}  {verdict}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"num_warps": NUM_WARPS, "shared_limit": SHARED_LIMIT, "variants": rows}, fh, indent=1)
+            json.dump({"shared_limit": SHARED_LIMIT, "variants": rows}, fh, indent=1)
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)}/{len(rows)} variants compiled within the shared-memory limit")
     return 1 if failed else 0

@@ -46,10 +46,26 @@ import triton
 import triton.language as tl
 
 SOLVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The autotune set on a GPU (keyed on the block and feature widths); the interpreter runs the
+# first. Feature tiles are chosen on the host (``_tile``): the grids depend on them.
+NUM_WARPS = (4, 8)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tuned(key: list[str], restore: tuple[str, ...] = ()):
+    """triton.autotune over NUM_WARPS on a GPU; the kernel as is under the interpreter.
+    ``restore`` names outputs that a kernel updates in place (autotuning reruns it)."""
+
+    def wrap(kernel):
+        if interpreting():
+            return kernel
+        configs = [triton.Config({}, num_warps=w, num_stages=2) for w in NUM_WARPS]
+        return triton.autotune(configs=configs, key=key, restore_value=list(restore))(kernel)
+
+    return wrap
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,6 +105,7 @@ def _neumann_solve(Nm, x, LOG2_BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr, PRE
 # ---------------------------------------------------------------------------------------
 
 
+@_tuned(key=["DK", "BLOCK"])
 @triton.jit
 def _lse_kernel(q, k, lse, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     n = tl.program_id(0)
@@ -109,6 +126,7 @@ def _lse_kernel(q, k, lse, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, 
     tl.store(lse + n * T + rows, out, mask=rows < T)
 
 
+@_tuned(key=["DK", "DV", "BLOCK", "MODE"])
 @triton.jit
 def _strip_kernel(
     q,
@@ -168,6 +186,7 @@ def _strip_kernel(
     tl.store(ptrs, P)
 
 
+@_tuned(key=["DV", "BLOCK"])
 @triton.jit
 def _solve_fwd_kernel(
     W,
@@ -209,6 +228,7 @@ def _solve_fwd_kernel(
     tl.store(c + n * T * DV + rows[:, None] * DV + d[None, :], cx, mask=rmask & dmask)
 
 
+@_tuned(key=["DV", "BLOCK"])
 @triton.jit
 def _solve_bwd_kernel(
     Wc,
@@ -250,6 +270,7 @@ def _solve_bwd_kernel(
     tl.store(ln + rows[:, None] * DV + d[None, :], x, mask=rmask & dmask)
 
 
+@_tuned(key=["DK", "BLOCK"])
 @triton.jit
 def _dq_kernel(
     W, k, dq, T, Tp, DK, chunk, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
@@ -269,6 +290,7 @@ def _dq_kernel(
     tl.store(dq + n * T * DK + rows[:, None] * DK + e[None, :], acc, mask=(rows[:, None] < T) & emask)
 
 
+@_tuned(key=["DK", "BLOCK"], restore=("dk",))
 @triton.jit
 def _dk_kernel(
     W, q, dk, T, Tp, DK, chunk, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
@@ -506,6 +528,11 @@ def kernel_variants(block: int, dtype: torch.dtype, tile: int = 64) -> list[tupl
     def sig(kernel, types: dict) -> dict:
         return {name: types.get(name, ints.get(name, "constexpr")) for name in kernel.arg_names}
 
+    jitted = {
+        k: getattr(k, "fn", k)
+        for k in (_lse_kernel, _strip_kernel, _solve_fwd_kernel, _solve_bwd_kernel, _dq_kernel, _dk_kernel)
+    }
+
     tiles = {"BLOCK": block, "BK": tile, "BD": tile}
     out = [("lse", _lse_kernel, sig(_lse_kernel, {"q": io, "k": io, "lse": f32, "scale": "fp32"}), {})]
     for mode, column in ((0, False), (0, True), (1, False)):
@@ -533,5 +560,5 @@ def kernel_variants(block: int, dtype: torch.dtype, tile: int = 64) -> list[tupl
     result = []
     for name, kernel, signature, extra in out:
         consts = {key: val for key, val in {**tiles, **prec, **extra}.items() if key in kernel.arg_names}
-        result.append((name, kernel, signature, consts))
+        result.append((name, jitted[kernel], signature, consts))
     return result
