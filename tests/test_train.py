@@ -16,70 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sessa_train.data import train_tokenizer, write_shards
+from tests.trainer import ENV, REPO, command, final_weights, losses, train, write_config
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    root = tmp_path_factory.mktemp("train_data")
-    docs = [topics[name][:1500] for name in sorted(topics)][:40]
-    model = train_tokenizer(docs, root / "tok.model", vocab_size=400)
-    write_shards(docs, model, root / "shards", seq_len=31, samples_per_shard=40, val_fraction=0.1)
-    return root / "shards"
-
-
-def write_config(path: Path, shards: Path, run: Path, **model) -> Path:
-    m = {"vocab_size": 400, "d_model": 32, "n_layers": 2, "n_heads": 2, **model}
-    path.write_text(f"""
-model: {json.dumps(m)}
-data: {{path: "{shards}", micro_batch_size: 4}}
-schedule: {{train_steps: 8, warmup_steps: 2, global_batch_size: 8}}
-optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4}}
-checkpoint: {{dir: "{run}/ckpt", every_steps: 100}}
-logging: {{dir: "{run}/tb", every_steps: 1, eval_every_steps: 4, eval_batches: 2}}
-""")
-    return path
-
-
-def command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    """The trainer's command line: plain python for one rank, torchrun for more."""
-    if nproc == 1:
-        launcher = [sys.executable, "-m", "sessa_train.train"]
-    else:
-        port = str(29500 + os.getpid() % 1000)
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-        launcher += ["--master-port", port, "-m", "sessa_train.train"]
-    return [*launcher, "--config", str(config), *overrides]
-
-
-# the trainer runs as a user's would: without the Triton interpreter tests/conftest.py turns on
-ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
-    "OMP_NUM_THREADS": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
-def train(config: Path, *overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = command(config, *overrides, nproc=nproc)
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows]
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    latest = (run / "ckpt" / "latest").read_text().strip()
-    return torch.load(run / "ckpt" / latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
 @pytest.mark.parametrize(("nproc", "zero_stage"), [(1, 0), (2, 2)])

@@ -1,0 +1,128 @@
+"""Export of a real 2-process ZeRO-2 checkpoint, loading it, and generation from it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sessa_train import SessaLM, load_pretrained
+from sessa_train.config import ModelConfig
+from sessa_train.export import ExportError, checkpoint_state, export_checkpoint
+from sessa_train.generate import generate
+from tests.trainer import ENV, REPO, final_weights, train, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(shards, tmp_path_factory) -> Path:
+    """8 steps of the small model in 2 processes with ZeRO-2 (optimizer state sharded)."""
+    root = tmp_path_factory.mktemp("export_run")
+    cfg = write_config(root / "c.yaml", shards, root, n_heads=2, feedback_heads=2)
+    train(cfg, "parallel.zero_stage=2", "logging.eval_every_steps=0", nproc=2)
+    assert len(list((root / "ckpt" / "step_00000008").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(run, shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "sessa-small"
+    export_checkpoint(run / "ckpt", out, tokenizer=shards.parent / "tok.model")
+    return out
+
+
+def trained_model(run: Path) -> SessaLM:
+    _, client = checkpoint_state(run / "ckpt")
+    model = SessaLM(ModelConfig(**client["config"]["model"]))
+    model.load_state_dict(final_weights(run))
+    return model.eval()
+
+
+def test_export_holds_the_trained_weights_and_gives_the_same_logits(run, exported, shards):
+    from safetensors.torch import load_file
+
+    trained = final_weights(run)
+    tensors = load_file(str(exported / "model.safetensors"))  # plain safetensors, no sessa-train code
+    assert set(tensors) == set(trained) - {"lm_head.weight"}  # tied: lm_head.weight is embed.weight
+    assert all(torch.equal(tensors[k], trained[k]) for k in tensors)
+    tokens = torch.randint(0, 400, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(exported)(tokens), trained_model(run)(tokens))
+    assert (exported / "tokenizer.model").read_bytes() == (shards.parent / "tok.model").read_bytes()
+
+
+def test_tensor_names_are_documented(exported):
+    from safetensors.torch import load_file
+
+    doc = (REPO / "docs" / "export.md").read_text()
+    for name, tensor in load_file(str(exported / "model.safetensors")).items():
+        pattern = re.sub(r"layers\.\d+\.", "layers.{i}.", name)
+        assert f"`{pattern}`" in doc, f"{pattern} is not documented in docs/export.md"
+        assert tensor.dtype == torch.float32
+
+
+def test_greedy_generation_equals_argmax_of_the_parallel_forward(exported):
+    model = load_pretrained(exported)
+    seq = torch.randint(0, 400, (2, 7), generator=torch.Generator().manual_seed(1))
+    for ids in generate(model, seq.clone(), 16, temperature=0.0):
+        with torch.no_grad():
+            expected = model(seq)[:, -1].argmax(dim=-1)
+        assert torch.equal(ids, expected)
+        seq = torch.cat([seq, ids.unsqueeze(1)], dim=1)
+    assert seq.shape == (2, 23)
+
+
+def test_sampling_is_seeded_and_filters_reduce_to_greedy(exported):
+    model = load_pretrained(exported)
+    prompt = torch.randint(0, 400, (1, 5), generator=torch.Generator().manual_seed(2))
+
+    def run(**kw):
+        return torch.cat(list(generate(model, prompt, 12, generator=torch.Generator().manual_seed(3), **kw)))
+
+    greedy = run(temperature=0.0)
+    assert torch.equal(run(temperature=1.0, top_k=1), greedy)
+    assert torch.equal(run(temperature=1.0, top_p=1e-6), greedy)
+    assert torch.equal(run(temperature=1.0), run(temperature=1.0))  # same seed, same text
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        run(top_p=0.0)
+
+
+def test_generate_cli_streams_the_greedy_continuation(exported):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(exported / "tokenizer.model"))
+    prompt = "The module"
+    ids = sp.encode(prompt)
+    new = torch.cat(list(generate(load_pretrained(exported), torch.tensor([ids]), 8, eos_id=sp.eos_id())))
+    cmd = [sys.executable, "-m", "sessa_train.generate", str(exported), "--prompt", prompt]
+    out = subprocess.run(
+        [*cmd, "--temperature", "0", "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.rstrip("\n") == sp.decode(ids + new.tolist())
+
+
+def test_export_errors_are_one_line(run, tmp_path, exported):
+    cmd = [sys.executable, "tools/export.py", str(tmp_path), str(tmp_path / "out")]
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip() == f"sessa-export: error: {tmp_path} is not a complete checkpoint "
+        "(no mp_rank_00_model_states.pt); pass a step_N folder"
+    )
+    with pytest.raises(ExportError, match=r"tokenizer /nonexistent\.model not found"):
+        export_checkpoint(run / "ckpt", tmp_path / "e", tokenizer="/nonexistent.model")
+    with pytest.raises(ExportError, match="already holds an export"):
+        export_checkpoint(run / "ckpt", exported, tokenizer=exported / "tokenizer.model")
+    with pytest.raises(ExportError, match="is not a sessa-train export"):
+        load_pretrained(tmp_path)
