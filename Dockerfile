@@ -1,17 +1,30 @@
-# Minimal GPU image: PyPI's torch 2.13.0 wheel for Linux x86_64 bundles its CUDA runtime.
-# deepspeed is built against that torch (no build isolation), as tools/bootstrap.sh does.
-# The cluster image with triton and megatron-core extras comes with the launch issue.
-FROM python:3.11-slim-bookworm
+# GPU image for clusters: CUDA 12.8 devel (nvcc for DeepSpeed's JIT ops), Python 3.10,
+# torch 2.13.0 from PyPI (it bundles its CUDA runtime), deepspeed built against it, then this
+# package with its GPU extras. Build and run: docs/cluster.md.
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
-RUN pip install "torch==2.13.0" setuptools wheel \
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# Ubuntu's security updates replace package versions: pinning them would break rebuilds
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.10 python3.10-venv python3.10-dev git pdsh openssh-client \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.10 -m venv /opt/venv
+
+# the same order as tools/bootstrap.sh: the pinned torch first, deepspeed without build isolation
+RUN pip install "torch==2.13.0" "setuptools>=68" "wheel>=0.40" \
     && pip install --no-build-isolation "deepspeed>=0.17"
 
 RUN useradd --create-home --uid 1000 sessa
 WORKDIR /home/sessa/sessa-train
 COPY --chown=sessa:sessa pyproject.toml README.md ./
 COPY --chown=sessa:sessa sessa_train ./sessa_train
-RUN pip install .
+COPY --chown=sessa:sessa configs ./configs
+COPY --chown=sessa:sessa launch ./launch
+# the local package; its dependencies are ranges that the pinned torch above satisfies
+# hadolint ignore=DL3013
+RUN pip install ".[gpu]"
 
-USER sessa
+USER 1000
 ENTRYPOINT ["python", "-m", "sessa_train.train"]
