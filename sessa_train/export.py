@@ -7,6 +7,9 @@ An export is a folder:
     config.json         {"format": "sessa-export-v1", "model": ModelConfig fields, "dtype",
                         "step", "tokens"}
     tokenizer.model     the sentencepiece model the training data was tokenized with
+    configuration_sessa.py, modeling_sessa.py
+                        so that ``transformers.AutoModelForCausalLM.from_pretrained(path,
+                        trust_remote_code=True)`` loads it (config.json carries the HF keys too)
 
 Weights come from DeepSpeed's checkpoint: with ZeRO optimizer shards present they are the
 fp32 master weights consolidated by ``deepspeed.utils.zero_to_fp32`` (any ZeRO stage and
@@ -85,8 +88,25 @@ def export_checkpoint(
         del tensors["lm_head.weight"]
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": FORMAT})
     shutil.copyfile(tok, out / "tokenizer.model")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "dtype": dtype}
     meta |= {"step": client["step"], "tokens": client["tokens"]}
+    meta |= {  # Hugging Face transformers (remote code shipped in the folder)
+        "model_type": "sessa",
+        "architectures": ["SessaForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_sessa.SessaConfig",
+            "AutoModelForCausalLM": "modeling_sessa.SessaForCausalLM",
+        },
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": sp.bos_id(),
+        "eos_token_id": sp.eos_id(),
+    }
+    for name in ("configuration_sessa.py", "modeling_sessa.py"):
+        shutil.copyfile(Path(__file__).parent / "hf" / name, out / name)
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

@@ -126,3 +126,25 @@ def test_export_errors_are_one_line(run, tmp_path, exported):
         export_checkpoint(run / "ckpt", exported, tokenizer=exported / "tokenizer.model")
     with pytest.raises(ExportError, match="is not a sessa-train export"):
         load_pretrained(tmp_path)
+
+
+def test_transformers_loads_the_export_with_equal_logits_and_cached_generate(exported):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).eval()
+    ours = load_pretrained(exported)
+    ids = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ours(ids))  # the same network, bit for bit
+    lengths = []
+    hf.embed.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    out = hf.generate(
+        ids[:, :6],
+        attention_mask=torch.ones(2, 6, dtype=torch.long),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert torch.equal(out[:, 6:], torch.stack(list(generate(ours, ids[:, :6], 10)), dim=1))
+    assert lengths == [6] + [1] * 9  # prefill once, then one token per step through the recurrent cache

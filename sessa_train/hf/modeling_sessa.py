@@ -1,0 +1,91 @@
+"""transformers model of a sessa-train export (copied into every export folder).
+
+The network is sessa_train's own ``SessaLM`` (``pip install sessa-train``), so the weights and
+the numerics are those of training; ``generate()`` decodes with its recurrent cache.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from sessa_train.config import ModelConfig
+from sessa_train.models import SessaLM
+
+from .configuration_sessa import SessaConfig
+
+
+class SessaDecodeCache:
+    """Per-layer recurrent state of SessaLM (``SessaLM.init_cache``), grown on demand."""
+
+    def __init__(self, lm: SessaLM, batch_size: int, capacity: int) -> None:
+        self.lm, self.layers = lm, lm.init_cache(batch_size, capacity)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[0].length
+
+    def reserve(self, new_tokens: int) -> None:
+        needed = self.get_seq_length() + new_tokens
+        if needed <= self.layers[0].max_len:
+            return
+        length = self.get_seq_length()
+        grown = self.lm.init_cache(self.layers[0].k.shape[0], max(needed, 2 * self.layers[0].max_len))
+        for old, new in zip(self.layers, grown, strict=True):
+            for name in ("k", "v", "k_b", "s"):
+                getattr(new, name)[:, :, :length] = getattr(old, name)[:, :, :length]
+            new.length = length
+        self.layers = grown
+
+
+class SessaForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = SessaConfig
+    base_model_prefix = ""
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: SessaConfig) -> None:
+        super().__init__(config)
+        lm = SessaLM(ModelConfig(**config.model))
+        # register SessaLM's modules under their own names: export tensor names load as they are
+        self.embed, self.layers, self.norm, self.lm_head = lm.embed, lm.layers, lm.norm, lm.lm_head
+        object.__setattr__(self, "lm", lm)  # not a submodule: its parameters are the ones above
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the state is SessaDecodeCache, not attention keys/values
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def _init_weights(self, module) -> None:
+        pass  # weights come from the export
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, labels=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("Sessa does not support padded batches: pass unpadded prompts of equal length")
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None:
+            cache = SessaDecodeCache(self.lm, input_ids.shape[0], input_ids.shape[1] + 256)
+        if cache is not None:
+            cache.reserve(input_ids.shape[1])
+        logits = self.lm(input_ids, None if cache is None else cache.layers)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            input_ids = input_ids[:, past_key_values.get_seq_length() :]
+        return {
+            "input_ids": input_ids,
+            "past_key_values": past_key_values,
+            "use_cache": True,
+            "attention_mask": attention_mask,
+        }
