@@ -12,7 +12,7 @@ An export is a folder:
                         trust_remote_code=True)`` loads it (config.json carries the HF keys too)
 
 Weights come from DeepSpeed's checkpoint: with ZeRO optimizer shards present they are the
-fp32 master weights consolidated by ``deepspeed.utils.zero_to_fp32`` (any ZeRO stage and
+fp32 master weights consolidated by ``deepspeed.utils.zero_to_fp32`` (ZeRO 1-3, any
 data-parallel size), otherwise the module weights of ``mp_rank_00_model_states.pt``.
 """
 
@@ -36,20 +36,24 @@ class ExportError(ValueError):
     """A checkpoint or export that cannot be used; the message names the path and the problem."""
 
 
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A complete ``step_N`` folder, or a checkpoint root whose ``latest`` names one."""
     path = Path(path)
     if (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
-    if not (path / "mp_rank_00_model_states.pt").is_file():
-        raise ExportError(f"{path} is not a complete checkpoint (no mp_rank_00_model_states.pt); pass a step_N folder")
+    if not any((path / name).is_file() for name in MODEL_STATES):
+        raise ExportError(f"{path} is not a complete checkpoint (no {MODEL_STATES[0]}); pass a step_N folder")
     return path
 
 
 def checkpoint_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(fp32 model state dict, our client state: step, tokens, resolved config) of a checkpoint."""
     path = resolve_checkpoint(path)
-    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states_file = next(path / name for name in MODEL_STATES if (path / name).is_file())
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
     if "config" not in states:
         raise ExportError(f"{path} was not written by sessa-train (no resolved config in its client state)")
     if any(path.glob("*zero_pp_rank_*_optim_states.pt")):

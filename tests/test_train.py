@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer import ENV, REPO, command, final_weights, losses, train, write_config
+from sessa_train.export import checkpoint_state
+from tests.trainer import ENV, REPO, command, losses, train, write_config
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(("nproc", "zero_stage"), [(1, 0), (2, 2)])
+@pytest.mark.parametrize(("nproc", "zero_stage"), [(1, 0), (2, 2), (2, 3)])
 def test_resumed_run_equals_uninterrupted_run(shards, tmp_path, nproc, zero_stage):
     zero = f"parallel.zero_stage={zero_stage}"
     full, split = tmp_path / "full", tmp_path / "split"
@@ -33,8 +34,10 @@ def test_resumed_run_equals_uninterrupted_run(shards, tmp_path, nproc, zero_stag
     assert "resumed from" in second.stdout and "at step 4" in second.stdout
     assert [s for s, _ in losses(split)] == list(range(1, 9))
     assert losses(split) == losses(full)  # bitwise: JSON keeps every digit of a float
-    a, b = final_weights(full), final_weights(split)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # consolidated by DeepSpeed's zero_to_fp32 where the module file holds only ZeRO-3 placeholders
+    a, b = (checkpoint_state(run / "ckpt")[0] for run in (full, split))
+    assert {"embed.weight", "norm.weight"} <= a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(full)[-1][1] < losses(full)[0][1]
 
 
