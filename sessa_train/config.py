@@ -31,6 +31,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02  # embedding (and untied LM head) init; linears keep torch's default
     feedback_backend: str = "auto"
+    arch: str = "sessa"  # or "transformer": the matched baseline (models/transformer.py)
     feedback_chunk_size: int = 0  # rows per block of the solve; 0 = the backend's default
 
     def __post_init__(self) -> None:
@@ -64,6 +65,8 @@ class ModelConfig:
         for name in ("rope_theta", "ln_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.arch not in ("sessa", "transformer"):
+            raise ValueError(f"model.arch={self.arch!r}; valid: sessa, transformer")
         if self.feedback_backend not in BACKENDS:
             raise ValueError(f"model.feedback_backend={self.feedback_backend!r}; valid: {', '.join(BACKENDS)}")
 

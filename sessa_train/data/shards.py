@@ -226,6 +226,49 @@ def write_shards(
     return index
 
 
+def write_sample_shards(
+    splits: dict[str, Iterable[np.ndarray]],
+    out_dir: str | Path,
+    *,
+    seq_len: int,
+    vocab_size: int,
+    eos_id: int,
+    samples_per_shard: int,
+) -> dict:
+    """Write ready-made samples of exactly seq_len + 1 token ids (synthetic data, no tokenizer)
+    as train/val shards plus ``index.json``, in the format ``write_shards`` produces."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / INDEX_NAME).exists():
+        raise ValueError(f"{out / INDEX_NAME} already exists: choose an empty output directory")
+    dtype = token_dtype(vocab_size)
+    written = {}
+    for split in SPLITS:
+        writer = _SplitWriter(out, split, seq_len + 1, dtype, samples_per_shard, None)
+        n = 0
+        for row in splits.get(split, ()):
+            if row.shape != (seq_len + 1,) or row.min() < 0 or row.max() >= vocab_size:
+                raise ValueError(f"{split} sample {n}: need {seq_len + 1} ids in [0, {vocab_size}), got {row}")
+            writer.add(row)
+            n += 1
+        written[split] = {"documents": n, **writer.finish()}
+    index = {
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "sample_tokens": seq_len + 1,
+        "dtype": dtype.name,
+        "eos_id": eos_id,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": None,
+        "tokenizer_file": None,
+        "splits": written,
+    }
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(out / INDEX_NAME)
+    return index
+
+
 def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -> dict:
     """Read and check ``index.json``: format, every listed shard present, tokenizer checksum."""
     path = Path(data_dir) / INDEX_NAME

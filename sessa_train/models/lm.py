@@ -1,4 +1,7 @@
-"""Causal language model: embedding -> N Sessa layers -> final LayerNorm -> LM head."""
+"""Causal language model: embedding -> N Sessa layers -> final LayerNorm -> LM head.
+
+With ``arch: transformer`` the layers are the matched Transformer baseline instead.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from torch import nn
 from sessa_train.config import ModelConfig
 from sessa_train.models.layer import SessaLayer
 from sessa_train.models.mixer import MixerCache
+from sessa_train.models.transformer import TransformerLayer
 
 
 class SessaLM(nn.Module):
@@ -15,7 +19,8 @@ class SessaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(SessaLayer(cfg) for _ in range(cfg.n_layers))
+        layer = SessaLayer if cfg.arch == "sessa" else TransformerLayer
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)

@@ -45,6 +45,34 @@ def _check_width(x: torch.Tensor, d_model: int, what: str) -> None:
         raise ValueError(f"{what} expects input of shape (batch, seq, {d_model}), got {tuple(x.shape)}")
 
 
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T, n*c) -> (B, n, T, c)."""
+    B, T, _ = x.shape
+    return x.view(B, T, n, -1).transpose(1, 2)
+
+
+def causal_attention(module: nn.Module, a: torch.Tensor, cache: MixerCache | None, start: int) -> torch.Tensor:
+    """The forward branch f = Wo . SDPA(RoPE(q), RoPE(k), v, causal) of a module with q_proj,
+    k_proj, v_proj, o_proj and cfg (shared by SessaMixer and the Transformer baseline).
+
+    a (B, T, D) -> (B, T, D). With a cache, k and v of positions start.. are stored first.
+    """
+    cfg = module.cfg
+    B, T, D = a.shape
+    q = _heads(module.q_proj(a), cfg.n_heads)
+    k = _heads(module.k_proj(a), cfg.kv_heads)
+    v = _heads(module.v_proj(a), cfg.kv_heads)
+    if cfg.rope:
+        angles = rope_angles(torch.arange(start, start + T, device=a.device), cfg.head_dim, cfg.rope_theta, a.dtype)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+    if cache is not None:
+        end = start + T
+        cache.k[:, :, start:end], cache.v[:, :, start:end] = k, v
+        k, v = cache.k[:, :, :end], cache.v[:, :, :end]
+    f = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, enable_gqa=cfg.kv_heads != cfg.n_heads)
+    return module.o_proj(f.transpose(1, 2).reshape(B, T, D))
+
+
 class SessaMixer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -68,11 +96,6 @@ class SessaMixer(nn.Module):
         new = lambda shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         return MixerCache(k=new(kv), v=new(kv), k_b=new(fb), s=new(fb))
 
-    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """(B, T, n*c) -> (B, n, T, c)."""
-        B, T, _ = x.shape
-        return x.view(B, T, n, -1).transpose(1, 2)
-
     def forward(self, a: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
         """a (B, T, D) -> s (B, T, D).
 
@@ -89,24 +112,13 @@ class SessaMixer(nn.Module):
             if start + T > cache.max_len:
                 raise ValueError(f"cache overflow: {start} + {T} tokens > max_len={cache.max_len}")
 
-        q = self._heads(self.q_proj(a), cfg.n_heads)
-        k = self._heads(self.k_proj(a), cfg.kv_heads)
-        v = self._heads(self.v_proj(a), cfg.kv_heads)
-        if cfg.rope:
-            angles = rope_angles(torch.arange(start, start + T, device=a.device), cfg.head_dim, cfg.rope_theta, a.dtype)
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
-        q_b, k_b = (self._heads(x, cfg.feedback_heads) for x in self.fb_proj(a).chunk(2, dim=-1))
+        f = causal_attention(self, a, cache, start)  # (B, T, D); writes k, v into the cache
+        q_b, k_b = (_heads(x, cfg.feedback_heads) for x in self.fb_proj(a).chunk(2, dim=-1))
         gamma = (cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a))).transpose(1, 2)  # (B,Hfb,T)
         scale = 1.0 / math.sqrt(q_b.shape[-1])
-
         if cache is not None:
-            end = start + T
-            cache.k[:, :, start:end], cache.v[:, :, start:end] = k, v
-            cache.k_b[:, :, start:end] = k_b
-            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-        f = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, enable_gqa=cfg.kv_heads != cfg.n_heads)
-        f = self.o_proj(f.transpose(1, 2).reshape(B, T, D))
-        f = self._heads(f, cfg.feedback_heads)  # (B, Hfb, T, dfb)
+            cache.k_b[:, :, start : start + T] = k_b
+        f = _heads(f, cfg.feedback_heads)  # (B, Hfb, T, dfb)
 
         if start == 0:
             chunk = cfg.feedback_chunk_size or None

@@ -1,0 +1,1 @@
+"""Evaluation: synthetic long-context tasks, accuracy/perplexity evaluation, memory-tail diagnostic."""

@@ -1,0 +1,117 @@
+"""Synthetic long-context tasks, written from their descriptions, deterministic from a seed.
+
+Every sample is ``seq_len + 1`` tokens over a 64-token vocabulary (the model reads tokens[:-1]
+and predicts tokens[1:]); ``answers`` are the target indices j whose token tokens[j + 1] is
+the task's answer (predictable), everything else is context or unpredictable filler.
+
+    ids 0-3: SEP, NEEDLE, QUERY, CLS     4-19: keys     20-35: values     36-63: filler
+
+``recall``   multi-query associative recall: n key-value pairs, filler, then QUERY key -> value
+             for every pair in a shuffled order (answers: the values after the queries)
+``needle``   needle in a haystack: filler with NEEDLE key value at distance ``lag`` before the
+             final QUERY key -> value (one answer)
+``soup``     SymbolSoup-like classification: a block of filler of one style (even or odd ids),
+             long mixed filler, a second styled block, then CLS -> label = 2 * style1 + style2
+             encoded as value ids 20-23 (one answer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VOCAB_SIZE = 64
+SEP, NEEDLE, QUERY, CLS = 0, 1, 2, 3
+KEYS = np.arange(4, 20)
+VALUES = np.arange(20, 36)
+FILLER = np.arange(36, 64)
+TASKS = ("recall", "needle", "soup")
+
+
+@dataclass(frozen=True)
+class Sample:
+    tokens: np.ndarray  # (seq_len + 1,) int64
+    answers: list[int]  # target indices j: tokens[j + 1] is an answer
+
+
+def _rng(task: str, seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([TASKS.index(task), seed, index])
+
+
+def recall(seq_len: int, seed: int, index: int, pairs: int = 8) -> Sample:
+    if seq_len < 5 * pairs:
+        raise ValueError(f"recall needs seq_len >= {5 * pairs} for {pairs} pairs, got {seq_len}")
+    rng = _rng("recall", seed, index)
+    keys = rng.choice(KEYS, pairs, replace=False)
+    values = rng.choice(VALUES, pairs)
+    tokens = rng.choice(FILLER, seq_len + 1)
+    tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2] = keys, values
+    order = rng.permutation(pairs)
+    start = seq_len + 1 - 3 * pairs
+    answers = []
+    for i, p in enumerate(order):
+        at = start + 3 * i
+        tokens[at : at + 3] = QUERY, keys[p], values[p]
+        answers.append(at + 1)  # the prediction made at the key's position is the value
+    return Sample(tokens.astype(np.int64), answers)
+
+
+def needle(seq_len: int, seed: int, index: int, lag: int) -> Sample:
+    if not 3 <= lag <= seq_len - 3:
+        raise ValueError(f"needle lag must be in [3, seq_len - 3] = [3, {seq_len - 3}], got {lag}")
+    rng = _rng("needle", seed, index)
+    tokens = rng.choice(FILLER, seq_len + 1)
+    key, value = rng.choice(KEYS), rng.choice(VALUES)
+    end = seq_len  # QUERY key value occupy end-2, end-1, end
+    tokens[end - 2 : end + 1] = QUERY, key, value
+    at = end - lag  # the needle's value sits `lag` tokens before the query's value
+    tokens[at - 2 : at + 1] = NEEDLE, key, value
+    return Sample(tokens.astype(np.int64), [end - 1])
+
+
+def soup(seq_len: int, seed: int, index: int, block: int = 8) -> Sample:
+    if seq_len < 2 * block + 4:
+        raise ValueError(f"soup needs seq_len >= {2 * block + 4} for blocks of {block}, got {seq_len}")
+    rng = _rng("soup", seed, index)
+    tokens = rng.choice(FILLER, seq_len + 1)
+    styles = rng.integers(0, 2, 2)
+    for style, start in zip(styles, (0, seq_len - 1 - block), strict=True):
+        tokens[start : start + block] = rng.choice(FILLER[style::2], block)  # even or odd filler ids
+    tokens[seq_len - 1] = CLS
+    tokens[seq_len] = VALUES[2 * styles[0] + styles[1]]
+    return Sample(tokens.astype(np.int64), [seq_len - 1])
+
+
+def make(task: str, seq_len: int, seed: int, index: int, **kwargs) -> Sample:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    return {"recall": recall, "needle": needle, "soup": soup}[task](seq_len, seed, index, **kwargs)
+
+
+def write_task_shards(
+    task: str,
+    out_dir: str | Path,
+    *,
+    seq_len: int,
+    train: int,
+    val: int,
+    seed: int,
+    samples_per_shard: int = 1000,
+    **kwargs,
+) -> dict:
+    """Train and val samples (val uses seed + 1) as sessa-train shards; returns the index."""
+    from sessa_train.data.shards import write_sample_shards
+
+    def split(n: int, s: int):
+        return (make(task, seq_len, s, i, **kwargs).tokens for i in range(n))
+
+    return write_sample_shards(
+        {"train": split(train, seed), "val": split(val, seed + 1)},
+        out_dir,
+        seq_len=seq_len,
+        vocab_size=VOCAB_SIZE,
+        eos_id=SEP,
+        samples_per_shard=samples_per_shard,
+    )
