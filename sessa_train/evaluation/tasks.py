@@ -58,10 +58,13 @@ def recall(seq_len: int, seed: int, index: int, pairs: int = 8) -> Sample:
     return Sample(tokens.astype(np.int64), answers)
 
 
-def needle(seq_len: int, seed: int, index: int, lag: int) -> Sample:
+def needle(seq_len: int, seed: int, index: int, lag: int | None = None) -> Sample:
+    """``lag`` None: drawn uniformly from [3, seq_len - 3] per sample (for training)."""
+    rng = _rng("needle", seed, index)
+    if lag is None:
+        lag = int(rng.integers(3, seq_len - 2))
     if not 3 <= lag <= seq_len - 3:
         raise ValueError(f"needle lag must be in [3, seq_len - 3] = [3, {seq_len - 3}], got {lag}")
-    rng = _rng("needle", seed, index)
     tokens = rng.choice(FILLER, seq_len + 1)
     key, value = rng.choice(KEYS), rng.choice(VALUES)
     end = seq_len  # QUERY key value occupy end-2, end-1, end
