@@ -1,0 +1,1 @@
+"""Model parallelism with megatron-core (tensor parallelism so far; docs/parallelism.md)."""

@@ -1,0 +1,151 @@
+"""A tensor-parallel Sessa layer built from megatron-core's parallel linears and mappings.
+
+Same math as ``models.layer.SessaLayer`` (docs/parallelism.md has the layout); P = TP size:
+
+    u = LN(x)                          replicated
+    a = GELU(W_in,a u)                 column-parallel, gathered: q/k/v and W_fb read all of a
+    g = W_in,g u                       column-parallel, kept split: it gates this rank's s channels
+    f = Wo SDPA(q, k, v)               q/k/v column-parallel by heads, Wo row-parallel (all-reduce)
+    s = solve(q_b, k_b, f_r, gamma)    feedback_heads % P == 0: this rank's heads, no communication;
+                                       feedback_heads == 1: q_b, k_b, gamma replicated (their
+                                       gradients all-reduced), f_r = this rank's D/P channels of f
+    y = x + W_out (s * g)              row-parallel (all-reduce)
+
+``shard_state`` maps a plain SessaLayer state dict onto one rank's parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as tp
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from sessa_train.config import ModelConfig
+from sessa_train.models.rope import apply_rope, rope_angles
+from sessa_train.ops import feedback_solve
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    B, T, _ = x.shape
+    return x.view(B, T, n, -1).transpose(1, 2)
+
+
+def check_tp_shapes(cfg: ModelConfig, P: int) -> None:
+    for name, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads)):
+        if value % P or cfg.n_heads == 1:
+            raise ValueError(f"model.{name}={value} must be > 1 and divisible by parallel.tensor={P}")
+    if cfg.feedback_heads != 1 and cfg.feedback_heads % P:
+        raise ValueError(f"model.feedback_heads={cfg.feedback_heads} must be 1 or divisible by parallel.tensor={P}")
+    if cfg.ffn_hidden_size or cfg.arch != "sessa":
+        raise ValueError("tensor parallelism covers the Sessa layer without MLP so far")
+
+
+class TPSessaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig) -> None:
+        super().__init__()
+        P = ps.get_tensor_model_parallel_world_size()
+        check_tp_shapes(cfg, P)
+        self.cfg, self.P = cfg, P
+        D, hd = cfg.d_model, cfg.head_dim
+        keep = torch.nn.init.zeros_  # weights come from shard_state or a checkpoint
+
+        def column(n_in, n_out, gather=False, bias=True):
+            return tp.ColumnParallelLinear(n_in, n_out, config=mp, init_method=keep, bias=bias, gather_output=gather)
+
+        def row(n_in, n_out, bias=True):
+            return tp.RowParallelLinear(
+                n_in, n_out, config=mp, init_method=keep, bias=bias, input_is_parallel=True, skip_bias_add=False
+            )
+
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps, dtype=mp.params_dtype)
+        self.in_a, self.in_g = column(D, D, gather=True), column(D, D)
+        self.q_proj = column(D, cfg.n_heads * hd)
+        self.k_proj, self.v_proj = column(D, cfg.kv_heads * hd), column(D, cfg.kv_heads * hd)
+        self.o_proj = row(D, D, bias=False)
+        if cfg.feedback_heads == 1:  # replicated: every rank needs the whole single head
+            self.fb_proj = nn.Linear(D, 2 * D, dtype=mp.params_dtype)
+            self.gamma_proj = nn.Linear(D, 1, bias=False, dtype=mp.params_dtype)
+            self.gamma_bias = nn.Parameter(torch.zeros(1, dtype=mp.params_dtype))
+        else:
+            self.fb_q, self.fb_k = column(D, D), column(D, D)
+            self.gamma_proj = column(D, cfg.feedback_heads, bias=False)
+            self.gamma_bias = nn.Parameter(torch.zeros(cfg.feedback_heads // P, dtype=mp.params_dtype))
+        self.out_proj = row(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), replicated over the TP group -> (B, T, D), replicated."""
+        cfg, P = self.cfg, self.P
+        u = self.norm(x)
+        a = F.gelu(self.in_a(u)[0])
+        g = self.in_g(u)[0]
+        T = x.shape[1]
+        q = _heads(self.q_proj(a)[0], cfg.n_heads // P)
+        k = _heads(self.k_proj(a)[0], cfg.kv_heads // P)
+        v = _heads(self.v_proj(a)[0], cfg.kv_heads // P)
+        if cfg.rope:
+            angles = rope_angles(torch.arange(T, device=x.device), cfg.head_dim, cfg.rope_theta, x.dtype)
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        f = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads)
+        f = self.o_proj(f.transpose(1, 2).flatten(2))[0]  # (B, T, D), all-reduced
+        f_local = tp.scatter_to_tensor_model_parallel_region(f)  # this rank's D/P channels
+        if cfg.feedback_heads == 1:
+            fb = tp.copy_to_tensor_model_parallel_region(self.fb_proj(a))  # backward: all-reduce
+            gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a))
+            gamma = tp.copy_to_tensor_model_parallel_region(gamma)
+            q_b, k_b = (_heads(t, 1) for t in fb.chunk(2, dim=-1))
+            heads = 1
+        else:
+            heads = cfg.feedback_heads // P
+            q_b, k_b = _heads(self.fb_q(a)[0], heads), _heads(self.fb_k(a)[0], heads)
+            gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a)[0])
+        scale = 1.0 / math.sqrt(cfg.d_model // cfg.feedback_heads)
+        chunk = cfg.feedback_chunk_size or None
+        s = feedback_solve(
+            q_b,
+            k_b,
+            _heads(f_local, heads),
+            gamma.transpose(1, 2),
+            scale=scale,
+            backend=cfg.feedback_backend,
+            chunk_size=chunk,
+        )
+        return x + self.out_proj(s.transpose(1, 2).flatten(2) * g)[0]
+
+
+def shard_state(plain: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, P: int) -> dict[str, torch.Tensor]:
+    """One TP rank's TPSessaLayer state from a plain SessaLayer state dict (names of layer.py)."""
+    D = cfg.d_model
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.chunk(P, dim=0)[rank].clone()
+
+    def cols(t: torch.Tensor) -> torch.Tensor:
+        return t.chunk(P, dim=1)[rank].clone()
+
+    out = {"norm.weight": plain["norm.weight"], "norm.bias": plain["norm.bias"]}
+    for part, sl in (("in_a", slice(0, D)), ("in_g", slice(D, 2 * D))):
+        out[f"{part}.weight"], out[f"{part}.bias"] = rows(plain["in_proj.weight"][sl]), rows(plain["in_proj.bias"][sl])
+    for name in ("q_proj", "k_proj", "v_proj"):
+        out[f"{name}.weight"], out[f"{name}.bias"] = (
+            rows(plain[f"mixer.{name}.weight"]),
+            rows(plain[f"mixer.{name}.bias"]),
+        )
+    out["o_proj.weight"] = cols(plain["mixer.o_proj.weight"])
+    if cfg.feedback_heads == 1:
+        for name in ("fb_proj.weight", "fb_proj.bias", "gamma_proj.weight", "gamma_bias"):
+            out[name] = plain[f"mixer.{name}"]
+    else:
+        w, b = plain["mixer.fb_proj.weight"], plain["mixer.fb_proj.bias"]
+        out["fb_q.weight"], out["fb_q.bias"] = rows(w[:D]), rows(b[:D])
+        out["fb_k.weight"], out["fb_k.bias"] = rows(w[D:]), rows(b[D:])
+        out["gamma_proj.weight"], out["gamma_bias"] = (
+            rows(plain["mixer.gamma_proj.weight"]),
+            rows(plain["mixer.gamma_bias"]),
+        )
+    out["out_proj.weight"], out["out_proj.bias"] = cols(plain["out_proj.weight"]), plain["out_proj.bias"]
+    return out
