@@ -4,7 +4,8 @@ Layout under ``checkpoint.dir`` (on storage every rank can reach):
 
     step_00000100/            DeepSpeed model + per-rank ZeRO optimizer shards, our client
                               state (step, tokens, scheduler via DeepSpeed, loader state,
-                              resolved config) and rank{r:05d}.pt (that rank's RNG states)
+                              resolved config), rank{r:05d}.pt (that rank's RNG states) and
+                              layout.json (ranks, tensor and pipeline sizes it was saved with)
     latest                    name of the newest complete checkpoint
 
 Protocol: every rank writes into ``step_N.partial/``; after a barrier rank 0 renames it to
@@ -15,6 +16,7 @@ are ignored and cleared at the next start.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -46,8 +48,9 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, rank: int) -> None:
+    def __init__(self, root: str | Path, keep_last: int, rank: int, layout: dict[str, int] | None = None) -> None:
         self.root, self.keep_last, self.rank = Path(root), keep_last, rank
+        self.layout = layout or {}  # e.g. {"ranks": 4, "tensor": 2, "pipeline": 2}
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -84,6 +87,8 @@ class CheckpointManager:
         partial = self.root / f"{name}.partial"
         engine.save_checkpoint(str(self.root), tag=partial.name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), partial / f"rank{self.rank:05d}.pt")
+        if self.rank == 0:
+            (partial / "layout.json").write_text(json.dumps(self.layout))
         dist.barrier()
         final = self.root / name
         if self.rank == 0:
@@ -100,6 +105,13 @@ class CheckpointManager:
 
     def load(self, engine, path: Path) -> dict:
         """Restore engine state and this rank's RNG; returns the client state."""
+        saved = path / "layout.json"
+        if saved.is_file() and (found := json.loads(saved.read_text())) != self.layout:
+            show = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+            raise ValueError(
+                f"{path} was saved with {show(found)}; this run has {show(self.layout)}: resume with the saved "
+                "layout, or export it (sessa-export) and start from the export with checkpoint.init_from"
+            )
         rank_file = path / f"rank{self.rank:05d}.pt"
         if not rank_file.is_file():
             raise ValueError(f"{path} has no state for rank {self.rank}: it was saved with fewer ranks")

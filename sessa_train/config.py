@@ -175,6 +175,9 @@ class CheckpointConfig:
     every_steps: int = 200  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
     resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint path
+    # an export folder (sessa-export): its weights start the run, under any parallel layout, with
+    # a fresh optimizer and data order; ignored once the run has a checkpoint to resume from
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")

@@ -14,6 +14,9 @@ An export is a folder:
 Weights come from DeepSpeed's checkpoint: with ZeRO optimizer shards present they are the
 fp32 master weights consolidated by ``deepspeed.utils.zero_to_fp32`` (ZeRO 1-3, any
 data-parallel size), otherwise the module weights of ``mp_rank_00_model_states.pt``.
+A tensor/pipeline-parallel checkpoint holds one ``mp_rank_XX_model_states.pt`` per model-parallel
+rank; their module weights are merged back to the plain layout (``parallel/layout.py``). Those
+are the fp32 weights of an fp32 run, the bf16 module weights of a bf16 run.
 """
 
 from __future__ import annotations
@@ -56,13 +59,33 @@ def checkpoint_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     states = torch.load(states_file, map_location="cpu", weights_only=False)
     if "config" not in states:
         raise ExportError(f"{path} was not written by sessa-train (no resolved config in its client state)")
-    if any(path.glob("*zero_pp_rank_*_optim_states.pt")):
+    parallel = states["config"].get("parallel", {})
+    tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
+    if tensor * pipeline > 1:
+        weights = _merge_model_parallel(path, states, tensor, pipeline)
+    elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
         weights = states["module"]
     return {k: v.float() for k, v in weights.items()}, states
+
+
+def _merge_model_parallel(path: Path, first: dict, tensor: int, pipeline: int) -> dict[str, torch.Tensor]:
+    """The plain state of a TP x PP checkpoint: DeepSpeed wrote one module file per model-parallel
+    rank m = pp_rank * tensor + tp_rank (parallel/state.py); layout.merge_lm_states joins them."""
+    from sessa_train.parallel.layout import merge_lm_states
+
+    stages = {}
+    for m in range(tensor * pipeline):
+        file = path / f"mp_rank_{m:02d}_model_states.pt"
+        if not file.is_file():
+            need = f"a tensor={tensor} x pipeline={pipeline} checkpoint has one per model-parallel rank"
+            raise ExportError(f"{path} lacks {file.name}: {need}")
+        states = first if m == 0 else torch.load(file, map_location="cpu", weights_only=False)
+        stages[divmod(m, tensor)] = states["module"]
+    return merge_lm_states(stages, ModelConfig(**first["config"]["model"]))
 
 
 def export_checkpoint(

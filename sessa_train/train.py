@@ -9,6 +9,7 @@ Bad configuration or data ends with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import signal
@@ -74,12 +75,15 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
+def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device, accumulate: bool = True) -> dict:
+    """DeepSpeed's config. With ``accumulate=False`` (megatron-core's schedule runs the ``gas``
+    micro-batches and scales their losses) DeepSpeed sees one micro-batch of ``gas`` x size."""
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+    micro = cfg.data.micro_batch_size * (1 if accumulate else gas)
     config = {
         "train_batch_size": cfg.schedule.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": gas,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas if accumulate else 1,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
@@ -90,28 +94,64 @@ def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
     return config
 
 
+def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The plain weights of the export ``checkpoint.init_from``; its model must be this run's."""
+    from sessa_train.export import ExportError, load_pretrained
+
+    try:
+        export = load_pretrained(cfg.checkpoint.init_from, dtype=torch.float32)
+    except ExportError as e:
+        raise TrainError(f"checkpoint.init_from: {e}") from None
+    saved, ours = export.cfg.to_dict(), cfg.model.to_dict()
+    kernel = ("feedback_backend", "feedback_chunk_size")  # how to compute, not what
+    differ = [k for k in ours if k not in kernel and saved.get(k) != ours[k]]
+    if differ:
+        k = differ[0]
+        raise TrainError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from} holds a model with {k}={saved.get(k)!r}, "
+            f"this run has model.{k}={ours[k]!r}"
+        )
+    return export.state_dict()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo) -> None:
         import deepspeed
 
         self.cfg, self.dist = cfg, dist_info
         world = dist_info.world_size
-        if (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context) != (1, 1, 1):
-            raise TrainError("parallel.tensor/pipeline/context > 1 are not available yet: set them to 1")
+        par = cfg.parallel
+        if par.context != 1:
+            raise TrainError(f"parallel.context={par.context}: context parallelism is not available yet; set it to 1")
         # a feedback backend that cannot run on this device fails here, not in the first step
         resolve_backend(cfg.model.feedback_backend, dist_info.device, cfg.model.feedback_chunk_size or None)
-        per_step = cfg.data.micro_batch_size * world
+        self.pstate = None  # megatron-core's TP x PP x DP layout when parallel.tensor/pipeline > 1
+        dp, dp_rank = world, dist_info.rank
+        if par.tensor * par.pipeline > 1:
+            if par.zero_stage > 1:
+                raise TrainError(
+                    f"parallel.zero_stage={par.zero_stage} with tensor/pipeline parallelism; valid: 0 or 1 "
+                    "(ZeRO-2/3 partition gradients during a backward that megatron-core's schedule drives)"
+                )
+            from sessa_train.parallel.model import check_parallel_model
+            from sessa_train.parallel.state import check_sizes, init_model_parallel
+
+            check_sizes(par.tensor, par.pipeline, par.context, world)
+            check_parallel_model(cfg.model, par.tensor, par.pipeline)
+            self.pstate = init_model_parallel(par.tensor, par.pipeline, par.context, world)
+            dp, dp_rank = self.pstate.dp, self.pstate.dp_rank
+        per_step = cfg.data.micro_batch_size * dp
         if cfg.schedule.global_batch_size % per_step:
             raise TrainError(
                 f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by "
-                f"data.micro_batch_size={cfg.data.micro_batch_size} x {world} data-parallel ranks"
+                f"data.micro_batch_size={cfg.data.micro_batch_size} x {dp} data-parallel ranks"
             )
         self.gas = cfg.schedule.global_batch_size // per_step
         torch.manual_seed(cfg.seed)
         loader_args = {
             "micro_batch_size": cfg.data.micro_batch_size,
-            "rank": dist_info.rank,
-            "world_size": world,
+            "rank": dp_rank,
+            "world_size": dp,
             "seed": cfg.data.seed,
             "tokenizer_path": cfg.data.tokenizer,
         }
@@ -127,7 +167,18 @@ class Trainer:
         self.seq_len = index["seq_len"]
         self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
         self.loader_args = loader_args
-        model = SessaLM(cfg.model)
+        model = SessaLM(cfg.model)  # the same initial weights under every layout
+        if cfg.checkpoint.init_from:
+            model.load_state_dict(initial_weights(cfg))
+        self.n_params = model.num_parameters()
+        mpu, self.runner = None, None
+        if self.pstate is not None:
+            from sessa_train.parallel.model import build_stage
+            from sessa_train.parallel.pipeline import PipelineRunner
+            from sessa_train.parallel.state import MegatronMPU
+
+            model, mpu = build_stage(cfg.model, self.pstate, model.state_dict(), dist_info.device), MegatronMPU()
+            self.runner = PipelineRunner(model, self.seq_len, cfg.data.micro_batch_size, dist_info.device)
         opt = cfg.optimizer
         groups = parameter_groups(model, opt.weight_decay)
         optimizer = SkippableAdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
@@ -137,11 +188,12 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.gas, dist_info.device),
+            config=deepspeed_config(cfg, self.gas, dist_info.device, accumulate=self.runner is None),
+            mpu=mpu,
         )
-        self.n_params = model.num_parameters()
         self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, dist_info.rank)
+        layout = {"ranks": world, "tensor": par.tensor, "pipeline": par.pipeline}
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, dist_info.rank, layout)
         self.step, self.tokens, self.first_step = 0, 0, 0
         self.stop_signal: int | None = None
         self.writer = None
@@ -185,9 +237,15 @@ class Trainer:
             print(message, flush=True)
 
     def _mean(self, value: float) -> float:
+        """Mean over data-parallel ranks of a value the last pipeline stage holds (repeated
+        over its TP ranks); other stages pass anything."""
+        holders = self.dist.world_size
+        if self.pstate is not None:
+            holders = self.pstate.dp * self.pstate.tp
+            value = value if self.pstate.last_stage else 0.0
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
-        return t.item() / self.dist.world_size
+        return t.item() / holders
 
     def train_step(self, batches) -> tuple[float, bool]:
         """One optimizer step over ``gas`` micro-batches: (mean loss over ranks, update applied).
@@ -195,8 +253,16 @@ class Trainer:
         A step whose loss is not finite on any rank changes no weight and no optimizer state:
         its gradients are dropped before the update (see ``_drop_gradients``).
         """
-        losses = []
         skipped_before = self.engine.skipped_steps
+        if self.runner is not None:  # megatron-core's schedule runs forward and backward
+            stats = self.runner.run(batches, self.gas)
+            mean = self._mean(sum(s["loss"].item() for s in stats) / self.gas if stats else 0.0)
+            if not math.isfinite(mean):
+                self._drop_gradients()
+            self.engine.allreduce_gradients()  # over megatron's data-parallel group (the mpu's)
+            self.engine.step()
+            return mean, math.isfinite(mean) and self.engine.skipped_steps == skipped_before
+        losses = []
         for i in range(self.gas):
             tokens = next(batches)["tokens"].to(self.dist.device)
             logits = self.engine(tokens[:, :-1])
@@ -222,13 +288,18 @@ class Trainer:
         loader = PackedTokenLoader(self.cfg.data.path, "val", shuffle=False, max_epochs=1, **self.loader_args)
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for i, batch in enumerate(loader):
-            if i == self.cfg.logging.eval_batches:
-                break
-            tokens = batch["tokens"].to(self.dist.device)
-            logits = self.engine(tokens[:, :-1]).float()
-            total[0] += F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item()
-            total[1] += tokens[:, 1:].numel()
+        batches = list(itertools.islice(loader, self.cfg.logging.eval_batches))
+        if self.runner is not None:  # every rank must run the same number of micro-batches
+            n = torch.tensor([len(batches)])
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            for stats in self.runner.run(iter(batches), int(n), forward_only=True):
+                total += torch.tensor([stats["sum"].item(), stats["count"]], dtype=torch.float64)
+        else:
+            for batch in batches:
+                tokens = batch["tokens"].to(self.dist.device)
+                logits = self.engine(tokens[:, :-1]).float()
+                total[0] += F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item()
+                total[1] += tokens[:, 1:].numel()
         self.engine.train()
         dist.all_reduce(total)
         return (total[0] / total[1]).item()

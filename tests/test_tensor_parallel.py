@@ -26,7 +26,8 @@ def _layer_parity(rank: int, world: int, feedback_heads: int, port: int, errors)
 
     from sessa_train.config import ModelConfig
     from sessa_train.models.layer import SessaLayer
-    from sessa_train.parallel.tensor_parallel import TPSessaLayer, shard_state
+    from sessa_train.parallel.layout import layer_spec, shard
+    from sessa_train.parallel.tensor_parallel import TPSessaLayer
 
     cpu_device_shim()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -50,7 +51,7 @@ def _layer_parity(rank: int, world: int, feedback_heads: int, port: int, errors)
     w = torch.randn(2, 13, 32, dtype=torch.float64)
     mpc = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True, params_dtype=torch.float64)
     layer = TPSessaLayer(cfg, mpc)
-    layer.load_state_dict(shard_state(plain.state_dict(), cfg, rank, world))
+    layer.load_state_dict(shard(plain.state_dict(), layer_spec(cfg), rank, world))
 
     xp = x.clone().requires_grad_()
     (plain(xp) * w).sum().backward()
@@ -59,7 +60,7 @@ def _layer_parity(rank: int, world: int, feedback_heads: int, port: int, errors)
     (y * w).sum().backward()
     with torch.no_grad():
         err = {"y": (y - plain(x)).abs().max().item(), "dx": (xt.grad - xp.grad).abs().max().item()}
-    grads = shard_state({k: p.grad for k, p in plain.named_parameters()}, cfg, rank, world)
+    grads = shard({k: p.grad for k, p in plain.named_parameters()}, layer_spec(cfg), rank, world)
     for name, p in layer.named_parameters():
         err[name] = (p.grad - grads[name]).abs().max().item()
     errors[rank] = err

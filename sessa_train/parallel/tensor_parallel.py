@@ -11,7 +11,7 @@ Same math as ``models.layer.SessaLayer`` (docs/parallelism.md has the layout); P
                                        gradients all-reduced), f_r = this rank's D/P channels of f
     y = x + W_out (s * g)              row-parallel (all-reduce)
 
-``shard_state`` maps a plain SessaLayer state dict onto one rank's parameters.
+``layout.layer_spec`` says how each parameter is cut from the plain SessaLayer.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class TPSessaLayer(nn.Module):
         check_tp_shapes(cfg, P)
         self.cfg, self.P = cfg, P
         D, hd = cfg.d_model, cfg.head_dim
-        keep = torch.nn.init.zeros_  # weights come from shard_state or a checkpoint
+        keep = torch.nn.init.zeros_  # weights come from layout.shard (of a plain model) or a checkpoint
 
         def column(n_in, n_out, gather=False, bias=True):
             return tp.ColumnParallelLinear(n_in, n_out, config=mp, init_method=keep, bias=bias, gather_output=gather)
@@ -115,37 +115,3 @@ class TPSessaLayer(nn.Module):
             chunk_size=chunk,
         )
         return x + self.out_proj(s.transpose(1, 2).flatten(2) * g)[0]
-
-
-def shard_state(plain: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, P: int) -> dict[str, torch.Tensor]:
-    """One TP rank's TPSessaLayer state from a plain SessaLayer state dict (names of layer.py)."""
-    D = cfg.d_model
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.chunk(P, dim=0)[rank].clone()
-
-    def cols(t: torch.Tensor) -> torch.Tensor:
-        return t.chunk(P, dim=1)[rank].clone()
-
-    out = {"norm.weight": plain["norm.weight"], "norm.bias": plain["norm.bias"]}
-    for part, sl in (("in_a", slice(0, D)), ("in_g", slice(D, 2 * D))):
-        out[f"{part}.weight"], out[f"{part}.bias"] = rows(plain["in_proj.weight"][sl]), rows(plain["in_proj.bias"][sl])
-    for name in ("q_proj", "k_proj", "v_proj"):
-        out[f"{name}.weight"], out[f"{name}.bias"] = (
-            rows(plain[f"mixer.{name}.weight"]),
-            rows(plain[f"mixer.{name}.bias"]),
-        )
-    out["o_proj.weight"] = cols(plain["mixer.o_proj.weight"])
-    if cfg.feedback_heads == 1:
-        for name in ("fb_proj.weight", "fb_proj.bias", "gamma_proj.weight", "gamma_bias"):
-            out[name] = plain[f"mixer.{name}"]
-    else:
-        w, b = plain["mixer.fb_proj.weight"], plain["mixer.fb_proj.bias"]
-        out["fb_q.weight"], out["fb_q.bias"] = rows(w[:D]), rows(b[:D])
-        out["fb_k.weight"], out["fb_k.bias"] = rows(w[D:]), rows(b[D:])
-        out["gamma_proj.weight"], out["gamma_bias"] = (
-            rows(plain["mixer.gamma_proj.weight"]),
-            rows(plain["mixer.gamma_bias"]),
-        )
-    out["out_proj.weight"], out["out_proj.bias"] = cols(plain["out_proj.weight"]), plain["out_proj.bias"]
-    return out
