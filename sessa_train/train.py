@@ -336,7 +336,7 @@ class Trainer:
                         f"{bad} consecutive steps with non-finite loss or gradients at step {self.step}: aborting; "
                         "lower optimizer.lr or resume from an earlier checkpoint"
                     )
-            self._log_step(loss, step_time, tokens_per_step, start, skipped=bool(bad))
+            val = None
             if self.has_val and self.step % cfg.logging.eval_every_steps == 0:
                 val = self.evaluate()
                 perplexity = math.exp(min(val, 50))
@@ -344,6 +344,7 @@ class Trainer:
                 if self.writer:
                     self.writer.add_scalar("val/loss", val, self.step)
                     self.writer.add_scalar("val/perplexity", perplexity, self.step)
+            self._log_step(loss, step_time, tokens_per_step, start, skipped=bool(bad), val=val)
             # a skipped step left the weights as they were: its checkpoint is safe to publish
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
@@ -357,7 +358,9 @@ class Trainer:
             self.metrics.close()
         return losses
 
-    def _log_step(self, loss: float, step_time: float, tokens_per_step: int, start: float, skipped: bool) -> None:
+    def _log_step(
+        self, loss: float, step_time: float, tokens_per_step: int, start: float, skipped: bool, val: float | None
+    ) -> None:
         cfg = self.cfg
         lr = self.scheduler.get_last_lr()[0]
         tok_s = tokens_per_step / step_time
@@ -386,6 +389,8 @@ class Trainer:
                 "tokens_per_s": tok_s,
                 "skipped": skipped,
             }
+            if val is not None:
+                row["val_loss"] = val
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
         if self.step % cfg.logging.every_steps == 0 or self.step == cfg.schedule.train_steps:

@@ -1,6 +1,7 @@
 """Test-session set-up: Triton kernels run in its CPU interpreter when no GPU is present
 (TRITON_INTERPRET must be set before triton is first imported, so it is set here, before any
-test module is collected); the small tokenized corpus the trainer and export tests train on.
+test module is collected); the small tokenized corpus the trainer and export tests train on;
+the one full run of configs/tiny.yaml that the learning and the parallel-trajectory tests share.
 """
 
 import os
@@ -25,3 +26,31 @@ def shards(tmp_path_factory) -> Path:
     model = train_tokenizer(docs, root / "tok.model", vocab_size=400)
     write_shards(docs, model, root / "shards", seq_len=31, samples_per_shard=40, val_fraction=0.1)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """configs/tiny.yaml for its 300 steps in one process on the offline default corpus
+    (checkpoints every 100 steps); {"data": prepared data folder, "run": run folder}."""
+    from sessa_train.data.cli import prepare_default_data_main
+    from tests.trainer import REPO, train
+
+    root = tmp_path_factory.mktemp("tiny")
+    data, run = root / "default", root / "run"
+    assert prepare_default_data_main(["--out-dir", str(data)]) == 0
+    train(
+        REPO / "configs" / "tiny.yaml",
+        *tiny_overrides(data, run),
+        "logging.eval_every_steps=0",
+        threads=2,
+    )
+    return {"data": data, "run": run}
+
+
+def tiny_overrides(data: Path, run: Path) -> list[str]:
+    return [
+        f"data.path={data / 'shards'}",
+        f"data.tokenizer={data / 'tokenizer.model'}",
+        f"checkpoint.dir={run / 'ckpt'}",
+        f"logging.dir={run / 'tb'}",
+    ]

@@ -3,13 +3,18 @@
 One spawn of 4 ranks walks through the layouts (tensor, pipeline, zero stage); data
 parallelism fills the rest (DP = 4 / (TP x PP)). For each, two optimizer steps go through
 exactly what the trainer runs (SessaStage, PipelineRunner on megatron-core's schedule,
-DeepSpeed's gradient reduction, clipping and AdamW). The loss of every step and, under ZeRO-0,
-every gradient (merged back to the plain layout) must equal the 1-process model's.
+DeepSpeed's gradient reduction, clipping and AdamW). The loss of every step (relative 1e-5)
+and, under ZeRO-0, every gradient merged back to the plain layout (within 1e-5 of the step's
+largest gradient entry) must equal the 1-process model's. AdamW's eps is large so that the
+update depends on the gradient's scale: a wrong gradient norm (hence clipping) shows up.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -19,10 +24,12 @@ pytest.importorskip("megatron.core", reason="megatron-core (dev extra) is needed
 pytestmark = pytest.mark.slow
 
 WORLD, SEQS, N_MICRO, T, STEPS = 4, 4, 2, 12, 2  # SEQS: sequences per micro-batch over all DP ranks
-LAYOUTS = [(2, 2, 0), (2, 1, 0), (1, 2, 0), (2, 2, 1)]  # (tensor, pipeline, zero stage)
+# (tensor, pipeline, zero stage, tied embeddings, feedback heads): feedback_heads=1 is the paper's
+# single head (replicated over TP ranks, its gradients all-reduced), 2 splits the heads over TP
+LAYOUTS = [(2, 2, 0, True, 1), (2, 1, 0, False, 2), (1, 2, 0, False, 1), (2, 2, 1, True, 2), (2, 2, 0, False, 2)]
 
 
-def _model_config(tie: bool):
+def _model_config(tie: bool, feedback_heads: int):
     from sessa_train.config import ModelConfig
 
     return ModelConfig(
@@ -33,6 +40,7 @@ def _model_config(tie: bool):
         n_kv_heads=2,
         feedback_chunk_size=5,  # T = 12 is no multiple of it
         tie_embeddings=tie,
+        feedback_heads=feedback_heads,
     )
 
 
@@ -86,7 +94,7 @@ def _reference(model_cfg) -> tuple[list[float], list[dict]]:
     return losses, grads
 
 
-def _worker(rank: int, port: int, tie: bool, out) -> None:
+def _worker(rank: int, port: int, out) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -107,10 +115,10 @@ def _worker(rank: int, port: int, tie: bool, out) -> None:
     from sessa_train.train import SkippableAdamW, deepspeed_config, parameter_groups
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    model_cfg = _model_config(tie)
     cpu = torch.device("cpu")
     results = {}
-    for tensor, pipeline, zero in LAYOUTS:
+    for tensor, pipeline, zero, tie, feedback_heads in LAYOUTS:
+        model_cfg = _model_config(tie, feedback_heads)
         state = init_model_parallel(tensor, pipeline, 1, WORLD)
         torch.manual_seed(0)
         stage = build_stage(model_cfg, state, SessaLM(model_cfg).state_dict(), cpu)
@@ -139,21 +147,19 @@ def _worker(rank: int, port: int, tie: bool, out) -> None:
                 dist.all_gather_object(every, ((state.pp_rank, state.tp_rank), mine))
                 grads.append(merge_lm_states(dict(every), model_cfg))
             engine.step()
-        results[(tensor, pipeline, zero)] = (losses, grads)
+        results[(tensor, pipeline, zero, tie, feedback_heads)] = (losses, grads)
         ps.destroy_model_parallel()
     if rank == 0:
         out.update(results)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients(tie):
+def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients():
     results = mp.Manager().dict()
-    port = 29000 + os.getpid() % 400 + 7 * tie
-    mp.spawn(_worker, args=(port, tie, results), nprocs=WORLD, join=True)
-    ref_losses, ref_grads = _reference(_model_config(tie))
+    mp.spawn(_worker, args=(29000 + os.getpid() % 400, results), nprocs=WORLD, join=True)
     assert set(results) == set(LAYOUTS)
     for layout, (losses, grads) in results.items():
+        ref_losses, ref_grads = _reference(_model_config(*layout[3:]))
         for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
             assert abs(got - want) <= 1e-5 * abs(want), f"{layout} step {step}: loss {got} vs {want}"
         for step, merged in enumerate(grads):
@@ -162,3 +168,120 @@ def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients(tie):
                 scale = max(g.abs().max() for g in ref_grads[step].values())
                 err = (merged[name] - want).abs().max() / scale
                 assert err < 1e-5, f"{layout} step {step}: gradient of {name} off by {err:.2e} (relative)"
+
+
+# -- layout conversion (pure) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tensor,pipeline,feedback_heads,tie", [(2, 2, 1, True), (4, 1, 4, False), (2, 3, 2, False)])
+def test_shard_then_merge_gives_back_every_plain_weight(tensor, pipeline, feedback_heads, tie):
+    from sessa_train.config import ModelConfig
+    from sessa_train.models import SessaLM
+    from sessa_train.parallel.layout import merge_lm_states, shard_lm_state, stage_layers
+
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=4, n_heads=4, feedback_heads=feedback_heads, tie_embeddings=tie
+    )
+    plain = SessaLM(cfg).state_dict()
+    stages = {
+        (p, t): shard_lm_state(plain, cfg, t, tensor, p, pipeline) for p in range(pipeline) for t in range(tensor)
+    }
+    assert sum(v.numel() for v in stages[(0, 0)].values()) < sum(v.numel() for v in plain.values())
+    merged = merge_lm_states(stages, cfg)
+    assert merged.keys() == plain.keys()
+    assert all(torch.equal(merged[k], plain[k]) for k in plain)
+    layers = [i for p in range(pipeline) for i in stage_layers(cfg.n_layers, pipeline, p)]
+    assert layers == list(range(cfg.n_layers))  # contiguous, each layer once
+    with pytest.raises(ValueError, match="missing"):
+        merge_lm_states({k: v for k, v in stages.items() if k != (0, 0)}, cfg)
+
+
+# -- the trainer under TP=2 x PP=2 on the tiny preset ---------------------------------------
+
+
+def _plain_loss(model, tokens: torch.Tensor) -> float:
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(tokens[:, :-1]).float()
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+
+
+def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, tmp_path):
+    """configs/tiny.yaml at TP=2 x PP=2 (4 ranks, ZeRO-1): its first 20 losses are those of the
+    1-process run; its checkpoint exported to the plain layout gives its validation loss; and the
+    1-process run's export loaded at TP=2 x PP=2 gives the plain model's loss on the first batch."""
+    from sessa_train.data import PackedTokenLoader
+    from sessa_train.export import export_checkpoint, load_pretrained
+    from sessa_train.parallel.layout import shard_lm_state
+    from tests.conftest import tiny_overrides
+    from tests.trainer import REPO, losses, train
+
+    data, one = tiny_run["data"], tiny_run["run"]
+    tiny, tp_pp = REPO / "configs" / "tiny.yaml", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"]
+    run = tmp_path / "tp2pp2"
+    steps = ["schedule.stop_after_steps=20", "logging.eval_every_steps=20", "logging.eval_batches=2"]
+    train(tiny, *tiny_overrides(data, run), *tp_pp, *steps, nproc=4)
+    got, want = losses(run), losses(one)[:20]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    drift = max(abs(a - b) / b for (_, a), (_, b) in zip(got, want, strict=True))
+    assert drift < 1e-4, f"TP2 x PP2 loss trajectory drifts from 1 process by {drift:.2e} (relative)"
+
+    # TP=2 x PP=2 -> plain: the export's validation loss is the one the parallel run logged
+    export_checkpoint(run / "ckpt" / "step_00000020", tmp_path / "from_tp_pp")
+    plain = load_pretrained(tmp_path / "from_tp_pp")
+
+    for m in range(4):  # the export holds exactly the weights each rank trained (rank m = pp * 2 + tp)
+        trained = torch.load(run / "ckpt" / "step_00000020" / f"mp_rank_{m:02d}_model_states.pt", weights_only=False)
+        back = shard_lm_state(plain.state_dict(), plain.cfg, m % 2, 2, m // 2, 2)
+        assert back.keys() == trained["module"].keys()
+        assert all(torch.equal(back[k], trained["module"][k]) for k in back), f"model-parallel rank {m}"
+    val = PackedTokenLoader(
+        data / "shards", "val", micro_batch_size=8, rank=0, world_size=1, shuffle=False, max_epochs=1
+    )
+    batches = [b["tokens"] for b in itertools.islice(val, 2)]
+    ours = sum(_plain_loss(plain, t) * t[:, 1:].numel() for t in batches) / sum(t[:, 1:].numel() for t in batches)
+    logged = json.loads((run / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
+
+    # plain -> TP=2 x PP=2: the first loss of a run started from the 1-process export
+    export_checkpoint(one / "ckpt" / "step_00000300", tmp_path / "from_one")
+    run2 = tmp_path / "init_from"
+    train(
+        tiny,
+        *tiny_overrides(data, run2),
+        *tp_pp,
+        "schedule.stop_after_steps=1",
+        f"checkpoint.init_from={tmp_path / 'from_one'}",
+        nproc=4,
+    )
+    first = next(iter(PackedTokenLoader(data / "shards", "train", micro_batch_size=8, rank=0, world_size=1, seed=1234)))
+    want_first = _plain_loss(load_pretrained(tmp_path / "from_one"), first["tokens"])
+    assert abs(losses(run2)[0][1] - want_first) <= 1e-5 * want_first
+
+
+@pytest.mark.parametrize(
+    ("sizes", "model", "message"),
+    [
+        ((2, 2, 1, 6), {}, "parallel.tensor=2 x parallel.pipeline=2 does not divide the 6 ranks of this job"),
+        ((1, 1, 2, 2), {}, "parallel.context=2: context parallelism is not available yet"),
+        ((2, 1, 1, 2), {"vocab_size": 63}, "model.vocab_size=63 must be divisible by parallel.tensor=2"),
+        ((1, 4, 1, 4), {"n_layers": 3}, "model.n_layers=3 is fewer than parallel.pipeline=4 stages"),
+        ((2, 1, 1, 2), {"feedback_heads": 4, "n_heads": 2, "d_model": 32}, None),
+        ((4, 1, 1, 4), {"feedback_heads": 2}, "model.feedback_heads=2 must be 1 or divisible by parallel.tensor=4"),
+    ],
+)
+def test_layouts_that_cannot_work_are_refused_in_one_line(sizes, model, message):
+    from sessa_train.config import ModelConfig
+    from sessa_train.parallel.model import check_parallel_model
+    from sessa_train.parallel.state import check_sizes
+
+    tensor, pipeline, context, world = sizes
+    cfg = ModelConfig(**{"vocab_size": 64, "d_model": 32, "n_layers": 4, "n_heads": 4, **model})
+    if message is None:  # a valid one
+        check_sizes(tensor, pipeline, context, world)
+        check_parallel_model(cfg, tensor, pipeline)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_sizes(tensor, pipeline, context, world)
+        check_parallel_model(cfg, tensor, pipeline)

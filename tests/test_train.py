@@ -155,7 +155,10 @@ def test_too_many_non_finite_steps_abort(shards, tmp_path):
     ("overrides", "message"),
     [
         (["model.d_modle=64"], "config key model.d_modle (command-line overrides): Key 'd_modle' not in 'ModelConfig'"),
-        (["schedule.train_steps=many"], "config key schedule.train_steps (command-line overrides): Value 'many'"),
+        (
+            ["parallel.tensor=2", "parallel.zero_stage=2"],
+            "parallel.zero_stage=2 with tensor/pipeline parallelism; valid: 0 or 1",
+        ),
         (["schedule.global_batch_size=6"], "schedule.global_batch_size=6 is not divisible by data.micro_batch_size=4"),
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's vocabulary (400)"),
         (["--resume", "/nonexistent/step_00000001"], "is not a complete checkpoint folder"),
@@ -164,29 +167,33 @@ def test_too_many_non_finite_steps_abort(shards, tmp_path):
     ],
 )
 def test_bad_config_exits_with_one_line(shards, tmp_path, overrides, message):
+    """Through the real command line (a subprocess), each as the user would meet it."""
     out = train(write_config(tmp_path / "c.yaml", shards, tmp_path / "r"), *overrides, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("sessa-train: error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
 
 
-def test_tiny_preset_learns_the_default_corpus(tmp_path):
+@pytest.mark.slow
+def test_tiny_preset_learns_the_default_corpus(tiny_run):
     """configs/tiny.yaml on the offline default corpus: the loss falls clearly in 300 steps."""
-    from sessa_train.data.cli import prepare_default_data_main
-
-    data = tmp_path / "default"
-    assert prepare_default_data_main(["--out-dir", str(data)]) == 0
-    run = tmp_path / "run"
-    train(
-        REPO / "configs" / "tiny.yaml",
-        f"data.path={data / 'shards'}",
-        f"data.tokenizer={data / 'tokenizer.model'}",
-        f"checkpoint.dir={run / 'ckpt'}",
-        f"logging.dir={run / 'tb'}",
-        "logging.eval_every_steps=0",
-    )
+    run = tiny_run["run"]
     curve = [loss for _, loss in losses(run)]
     assert len(curve) == 300
     assert abs(curve[0] - torch.log(torch.tensor(4096.0)).item()) < 0.2  # starts at chance
     final = sum(curve[-20:]) / 20
     assert final < 0.67 * curve[0], f"mean loss of the last 20 steps {final:.3f} vs initial {curve[0]:.3f}"
+
+
+def test_config_errors_before_start_are_one_line(shards, tmp_path, capsys):
+    """Errors met before any process group exists, checked in this process."""
+    from sessa_train.config import load_config
+    from sessa_train.train import TrainError, initial_weights, main
+
+    config = write_config(tmp_path / "c.yaml", shards, tmp_path / "r")
+    assert main(["--config", str(config), "schedule.train_steps=many"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    want = "sessa-train: error: config key schedule.train_steps (command-line overrides): Value 'many'"
+    assert len(errors) == 1 and errors[0].startswith(want), errors
+    with pytest.raises(TrainError, match=r"^checkpoint\.init_from: /nonexistent is not a sessa-train export"):
+        initial_weights(load_config([config], ["checkpoint.init_from=/nonexistent"]))

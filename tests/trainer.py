@@ -44,9 +44,13 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
 }
 
 
-def train(config: Path, *overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def train(
+    config: Path, *overrides: str, nproc: int = 1, check: bool = True, threads: int = 1
+) -> subprocess.CompletedProcess:
+    """``threads``: intra-op threads per rank (one rank alone may use both cores of CI)."""
     cmd = command(config, *overrides, nproc=nproc)
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    env = ENV | {"OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
