@@ -34,8 +34,13 @@ def _logit_strip(q_rows: torch.Tensor, k_prefix: torch.Tensor, r0: int, scale: f
     return logits
 
 
-def chunked_forward(q, k, f, gamma, scale: float, chunk: int):
+def chunked_forward(q, k, f, gamma, scale: float, chunk: int, prefix=None):
     """Blocked forward substitution. q, k (N, T, Dk); f (N, T, Dv); gamma (N, T).
+
+    ``prefix`` continues a solve whose earlier rows live elsewhere (a context-parallel rank):
+    (lse_p (N, T), h_p (N, T, Dv)) with lse_p the log-sum-exp of each row's logits against
+    the earlier keys (-inf: none) and h_p = sum_j exp(logit_j - lse_p) s_j over them. The
+    softmax then runs over earlier and own keys together.
 
     Returns s (N, T, Dv), c = A s (N, T, Dv) and the per-row log-sum-exp (N, T).
     """
@@ -49,18 +54,26 @@ def chunked_forward(q, k, f, gamma, scale: float, chunk: int):
         m = E.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isneginf(m), 0.0, m)  # a row with no earlier key: E = 0 below
         z = E.sub_(m).exp_().sum(dim=-1, keepdim=True)
-        inv_z = torch.where(z > 0, 1.0 / z, 0.0)
-        lse[:, r0:r1] = torch.where(z > 0, m + z.log(), 0.0).squeeze(-1)
+        row_lse = torch.where(z > 0, m + z.log(), float("-inf"))
+        if prefix is not None:
+            row_lse = torch.logaddexp(row_lse, prefix[0][:, r0:r1].unsqueeze(-1))
+        keys = ~torch.isneginf(row_lse)  # False only for a sequence's first row
+        inv_z = torch.where(keys, (m - row_lse).exp(), 0.0)  # = 1 / (own + earlier normaliser)
+        lse[:, r0:r1] = torch.where(keys, row_lse, 0.0).squeeze(-1)
         A_diag = E[:, :, r0:] * inv_z  # (N, C, C)
         g = gamma[:, r0:r1].unsqueeze(-1)
-        rhs = f[:, r0:r1]
+        rhs, h = f[:, r0:r1], None
         if r0 > 0:
             h = torch.bmm(E[:, :, :r0], s[:, :r0]).mul_(inv_z)
+        if prefix is not None:
+            earlier = prefix[1][:, r0:r1] * torch.where(keys, (prefix[0][:, r0:r1].unsqueeze(-1) - row_lse).exp(), 0.0)
+            h = earlier if h is None else h.add_(earlier)
+        if h is not None:
             rhs = torch.addcmul(rhs, g, h)
         s_rows = torch.linalg.solve_triangular(A_diag * -g, rhs, upper=False, unitriangular=True)
         s[:, r0:r1] = s_rows
         c_rows = torch.bmm(A_diag, s_rows)
-        c[:, r0:r1] = c_rows + h if r0 > 0 else c_rows
+        c[:, r0:r1] = c_rows if h is None else c_rows + h
     return s, c, lse
 
 

@@ -1,0 +1,172 @@
+"""The feedback solve of one sequence split over a context-parallel (CP) group of P ranks.
+
+Rank r owns rows R_r, a contiguous block of the sequence (block sizes ``sizes``, in rank order).
+The system (I - diag(gamma) A) s = f couples every row to all earlier ones, so exact forward
+substitution is a chain over ranks: ring forward substitution (docs/parallelism.md weighs it
+against block-Jacobi and head/channel all-to-all).
+
+Forward, rank r (blocks travel r-1 -> r, forwarded on to r+1 as they arrive):
+    for each earlier block j = 0..r-1, received as (k_j, s_j):
+        online softmax over its logits L = scale q_r k_j^T:   (m, z, h) += (max, sum e^L, e^L s_j)
+    lse_p = m + log z,  h_p = h / z                        (earlier keys only)
+    s_r, c_r, lse_r = chunked solve of own rows, continuing from (lse_p, h_p)
+    send (k_r, s_r) to r+1
+Backward, rank r (row blocks travel r+1 -> r, forwarded on to r-1):
+    for each later block b = P-1..r+1, received as (q_b, lse_b, gamma_b, lam_b, dgamma_b, dq_b):
+        A = exp(scale q_b k_r^T - lse_b)                   (rows of b, own columns)
+        push  += A^T (gamma_b lam_b)                       (what later rows feed back to ours)
+        dL    =  gamma_b A (lam_b s_r^T - dgamma_b)        (dlogits of that block)
+        dk_r  += scale dL^T q_b;  dq_b += scale dL k_r     (dq_b returns home from rank 0)
+    lam_r, own dq/dk, dgamma_r = chunked adjoint solve of own rows with G + push
+    send (q_r, lse_r, gamma_r, lam_r, dgamma_r, dq_r = 0) to r-1
+Each rank holds O(T_r D) plus one block in flight: memory per rank falls like 1/P. The
+dependency is a (P-1)-step chain each way; a rank works on the blocks that already arrived
+while its predecessor finishes (sends are asynchronous).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from sessa_train.ops.feedback_chunked import chunked_backward, chunked_forward
+
+
+class _Ring:
+    """Point-to-point over one group with global ranks; keeps async sends alive until done."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.pending: list = []
+
+    def send(self, t: torch.Tensor, to: int, tag: int) -> None:
+        t = t.contiguous()
+        self.pending.append((dist.isend(t, dist.get_global_rank(self.group, to), self.group, tag), t))
+
+    def recv(self, shape, dtype, device, src: int, tag: int) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, dist.get_global_rank(self.group, src), self.group, tag)
+        return t
+
+    def finish(self) -> None:
+        for req, _ in self.pending:
+            req.wait()
+        self.pending.clear()
+
+
+def _earlier_blocks(ring: _Ring, q, k, sizes, scale: float, chunk: int, dv: int):
+    """Receive (k_j, s_j) of every earlier block, forward it, and fold it into (lse_p, h_p)."""
+    N, T, dk = q.shape
+    m = torch.full((N, T, 1), float("-inf"), dtype=q.dtype, device=q.device)
+    z = torch.zeros(N, T, 1, dtype=q.dtype, device=q.device)
+    h = torch.zeros(N, T, dv, dtype=q.dtype, device=q.device)
+    for j in range(ring.rank):
+        block = ring.recv((N, sizes[j], dk + dv), q.dtype, q.device, ring.rank - 1, tag=j)
+        if ring.rank + 1 < ring.size:
+            ring.send(block, ring.rank + 1, tag=j)
+        kj, sj = block[..., :dk], block[..., dk:]
+        for r0 in range(0, T, chunk):
+            rows = slice(r0, min(r0 + chunk, T))
+            L = torch.matmul(q[:, rows], kj.transpose(1, 2)).mul_(scale)
+            m_new = torch.maximum(m[:, rows], L.amax(dim=-1, keepdim=True))
+            decay = torch.where(torch.isneginf(m[:, rows]), 0.0, (m[:, rows] - m_new).exp())
+            e = L.sub_(m_new).exp_()
+            z[:, rows] = z[:, rows] * decay + e.sum(dim=-1, keepdim=True)
+            h[:, rows] = h[:, rows] * decay + torch.bmm(e, sj)
+            m[:, rows] = m_new
+    if ring.rank == 0:
+        return None
+    return (m + z.log()).squeeze(-1), h / z
+
+
+def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int, dq_home: dict):
+    """Receive every later row block, forward it (or send its dq home from rank 0), and
+    return (push, dk from later rows)."""
+    N, T, dk = k.shape
+    dv = s.shape[-1]
+    push, dk_cross = torch.zeros_like(grad_s), torch.zeros_like(k)
+    width = 2 * dk + dv + 3
+    for b in range(ring.size - 1, ring.rank, -1):
+        block = ring.recv((N, sizes[b], width), k.dtype, k.device, ring.rank + 1, tag=b)
+        qb, lamb, dqb = block[..., :dk], block[..., dk : dk + dv], block[..., dk + dv : 2 * dk + dv]
+        lse_b, g_b, dg_b = (block[..., 2 * dk + dv + i] for i in range(3))
+        for r0 in range(0, sizes[b], chunk):
+            rows = slice(r0, min(r0 + chunk, sizes[b]))
+            A = torch.matmul(qb[:, rows], k.transpose(1, 2)).mul_(scale).sub_(lse_b[:, rows, None]).exp_()
+            gl = g_b[:, rows, None] * lamb[:, rows]
+            push.baddbmm_(A.transpose(1, 2), gl)
+            P = torch.bmm(lamb[:, rows], s.transpose(1, 2)).sub_(dg_b[:, rows, None]).mul_(A)
+            w = g_b[:, rows, None] * scale
+            dk_cross.baddbmm_(P.transpose(1, 2), qb[:, rows] * w)
+            dqb[:, rows] += torch.bmm(P, k).mul_(w)
+        if ring.rank > 0:
+            ring.send(block, ring.rank - 1, tag=b)
+        else:
+            dq_home[b] = dqb
+    return push, dk_cross
+
+
+class ContextParallelFeedbackSolve(torch.autograd.Function):
+    """Local rows of the solve on every rank of ``group``; same layout as ChunkedFeedbackSolve."""
+
+    @staticmethod
+    def forward(ctx, q, k, f, gamma, scale: float, chunk: int, group, sizes: tuple[int, ...]):  # type: ignore[override]
+        ring = _Ring(group)
+        prefix = _earlier_blocks(ring, q, k, sizes, scale, chunk, f.shape[-1])
+        s, c, lse = chunked_forward(q, k, f, gamma, scale, chunk, prefix)
+        if ring.rank + 1 < ring.size:
+            ring.send(torch.cat([k, s], dim=-1), ring.rank + 1, tag=ring.rank)
+        ring.finish()
+        ctx.save_for_backward(q, k, gamma, s, c, lse)
+        ctx.scale, ctx.chunk, ctx.group, ctx.sizes = scale, chunk, group, sizes
+        return s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s):  # type: ignore[override]
+        q, k, gamma, s, c, lse = ctx.saved_tensors
+        ring, sizes = _Ring(ctx.group), ctx.sizes
+        dq_home: dict[int, torch.Tensor] = {}
+        push, dk_cross = _later_blocks(ring, k, s, grad_s, sizes, ctx.scale, ctx.chunk, dq_home)
+        dq, dk, lam, dgamma = chunked_backward(grad_s + push, q, k, gamma, s, c, lse, ctx.scale, ctx.chunk)
+        if ring.rank > 0:
+            extras = torch.stack([lse, gamma, dgamma], dim=-1)
+            ring.send(torch.cat([q, lam, torch.zeros_like(q), extras], dim=-1), ring.rank - 1, tag=ring.rank)
+        for b, dqb in sorted(dq_home.items()):  # rank 0: the finished dq of every later block
+            ring.send(dqb, b, tag=ring.size + b)
+        if ring.rank > 0:
+            dq += ring.recv(q.shape, q.dtype, q.device, 0, tag=ring.size + ring.rank)
+        ring.finish()
+        return dq, dk + dk_cross, lam, dgamma, None, None, None, None
+
+
+def feedback_solve_context_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    f: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    chunk_size: int,
+    group,
+    sizes: tuple[int, ...],
+) -> torch.Tensor:
+    """This rank's rows of the solve. q, k (B, H, T_r, Dk); f (B, H, T_r, Dv); gamma (B, H, T_r);
+    ``sizes``: T_r of every rank of ``group`` in rank order (they sum to the sequence length)."""
+    B, H, T, Dk = q.shape
+    Dv = f.shape[-1]
+    rank = dist.get_rank(group)
+    if len(sizes) != dist.get_world_size(group) or sizes[rank] != T:
+        raise ValueError(f"context-parallel block sizes {sizes} do not match this rank's {T} rows (rank {rank})")
+    s = ContextParallelFeedbackSolve.apply(
+        q.reshape(B * H, T, Dk),
+        k.reshape(B * H, T, Dk),
+        f.reshape(B * H, T, Dv),
+        gamma.reshape(B * H, T),
+        scale,
+        chunk_size,
+        group,
+        tuple(sizes),
+    )
+    return s.reshape(B, H, T, Dv)
