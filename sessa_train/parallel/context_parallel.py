@@ -84,7 +84,7 @@ def _earlier_blocks(ring: _Ring, q, k, sizes, scale: float, chunk: int, dv: int)
 def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int, dq_home: dict):
     """Receive every later row block, forward it (or send its dq home from rank 0), and
     return (push, dk from later rows)."""
-    N, T, dk = k.shape
+    N, _, dk = k.shape
     dv = s.shape[-1]
     push, dk_cross = torch.zeros_like(grad_s), torch.zeros_like(k)
     width = 2 * dk + dv + 3
