@@ -66,3 +66,26 @@ def test_context_parallel_solve_equals_one_process_in_output_and_every_gradient(
         for name, ref in want.items():
             err = ((got[name].double() - ref).abs().max() / ref.abs().max()).item()
             assert err < tol, f"CP={world} {dtype}: {name} off by {err:.1e} (relative to its largest entry)"
+
+
+def test_triton_kernels_continue_a_solve_like_the_chunked_solve():
+    """The entry points a context-parallel rank uses on GPU (Triton interpreter on CPU): the
+    forward continued from an earlier prefix, the backward with a push added to G."""
+    from sessa_train.ops.feedback_chunked import chunked_backward, chunked_forward
+    from sessa_train.ops.feedback_triton import triton_backward, triton_forward
+
+    g = torch.Generator().manual_seed(3)
+    N, n = 2, 21
+    q, k = torch.randn(N, n, 16, generator=g), torch.randn(N, n, 16, generator=g)
+    f, grad = torch.randn(N, n, 16, generator=g), torch.randn(N, n, 16, generator=g)
+    gamma = 0.99 * torch.rand(N, n, generator=g)
+    prefix = (torch.randn(N, n, generator=g), torch.randn(N, n, 16, generator=g))
+    want = chunked_forward(q.double(), k.double(), f.double(), gamma.double(), 0.25, 16, [p.double() for p in prefix])
+    got = triton_forward(q, k, f, gamma, 0.25, 16, prefix)
+    for name, a, b in zip(("s", "c", "lse"), got, want, strict=True):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max(), name
+    s, c, lse = want
+    want_grads = chunked_backward(grad.double(), q.double(), k.double(), gamma.double(), s, c, lse, 0.25, 16)
+    got_grads = triton_backward(grad, q, k, gamma, s.float(), c.float(), lse.float(), 0.25, 16)
+    for name, a, b in zip(("dq", "dk", "df", "dgamma"), got_grads, want_grads, strict=True):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max(), name

@@ -330,8 +330,13 @@ def _precisions(dtype: torch.dtype) -> dict:
     return {"DOT": tl.float32 if interpreting() else tl.bfloat16, "PREC": "tf32"}
 
 
-def triton_forward(q, k, f, gamma, scale: float, block: int):
-    """q, k (N, T, Dk); f (N, T, Dv); gamma (N, T), contiguous. Returns float32 s, c (N, T, Dv), lse (N, T)."""
+def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
+    """q, k (N, T, Dk); f (N, T, Dv); gamma (N, T), contiguous. Returns float32 s, c (N, T, Dv), lse (N, T).
+
+    ``prefix`` = (lse_p, h_p) continues a solve whose earlier rows live elsewhere, as in
+    ``feedback_chunked.chunked_forward``: the row log-sum-exp joins the earlier keys' lse_p, and
+    their normalised contribution gamma * h_p enters the right-hand side (float32 inputs).
+    """
     N, T, DK = q.shape
     DV = f.shape[-1]
     nb = triton.cdiv(T, block)
@@ -345,6 +350,13 @@ def triton_forward(q, k, f, gamma, scale: float, block: int):
     prec = _precisions(q.dtype)
     solve_prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     _lse_kernel[(N, nb)](q, k, lse, T, DK, scale, BLOCK=block, BK=BK, **prec)
+    earlier = None
+    if prefix is not None:
+        own = lse.clone()
+        own[:, 0] = float("-inf")  # the kernel writes 0 for the one row without an own earlier key
+        lse = torch.logaddexp(own, prefix[0].float()).contiguous()  # every row has earlier keys
+        earlier = prefix[1].float() * (prefix[0].float() - lse).exp().unsqueeze(-1)
+        f = torch.addcmul(f.float(), gamma.float().unsqueeze(-1), earlier).contiguous()
     for ch in range(nb):
         _strip_kernel[(N, ch + 1)](
             q,
@@ -384,6 +396,8 @@ def triton_forward(q, k, f, gamma, scale: float, block: int):
             SOLVE_PREC=solve_prec,
             **prec,
         )
+    if earlier is not None:
+        c += earlier
     return s, c, lse
 
 

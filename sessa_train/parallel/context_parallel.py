@@ -33,6 +33,16 @@ from torch.autograd.function import once_differentiable
 from sessa_train.ops.feedback_chunked import chunked_backward, chunked_forward
 
 
+def _local_solve(device: torch.device):
+    """(forward, backward) of the own rows: the Triton kernels on CUDA, the chunked torch solve
+    elsewhere; both continue from an earlier prefix and take the later rows' push in G."""
+    if device.type == "cuda":
+        from sessa_train.ops.feedback_triton import triton_backward, triton_forward
+
+        return triton_forward, triton_backward
+    return chunked_forward, chunked_backward
+
+
 class _Ring:
     """Point-to-point over one group with global ranks; keeps async sends alive until done."""
 
@@ -115,7 +125,8 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
     def forward(ctx, q, k, f, gamma, scale: float, chunk: int, group, sizes: tuple[int, ...]):  # type: ignore[override]
         ring = _Ring(group)
         prefix = _earlier_blocks(ring, q, k, sizes, scale, chunk, f.shape[-1])
-        s, c, lse = chunked_forward(q, k, f, gamma, scale, chunk, prefix)
+        forward, _ = _local_solve(q.device)
+        s, c, lse = forward(q, k, f, gamma, scale, chunk, prefix)
         if ring.rank + 1 < ring.size:
             ring.send(torch.cat([k, s], dim=-1), ring.rank + 1, tag=ring.rank)
         ring.finish()
@@ -130,7 +141,8 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         ring, sizes = _Ring(ctx.group), ctx.sizes
         dq_home: dict[int, torch.Tensor] = {}
         push, dk_cross = _later_blocks(ring, k, s, grad_s, sizes, ctx.scale, ctx.chunk, dq_home)
-        dq, dk, lam, dgamma = chunked_backward(grad_s + push, q, k, gamma, s, c, lse, ctx.scale, ctx.chunk)
+        _, backward = _local_solve(q.device)
+        dq, dk, lam, dgamma = backward(grad_s + push, q, k, gamma, s, c, lse, ctx.scale, ctx.chunk)
         if ring.rank > 0:
             extras = torch.stack([lse, gamma, dgamma], dim=-1)
             ring.send(torch.cat([q, lam, torch.zeros_like(q), extras], dim=-1), ring.rank - 1, tag=ring.rank)
@@ -156,6 +168,9 @@ def feedback_solve_context_parallel(
     ``sizes``: T_r of every rank of ``group`` in rank order (they sum to the sequence length)."""
     B, H, T, Dk = q.shape
     Dv = f.shape[-1]
+    dtype = f.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # computed in float32, like the chunked solve
+        q, k, f, gamma = (t.float() for t in (q, k, f, gamma))
     rank = dist.get_rank(group)
     if len(sizes) != dist.get_world_size(group) or sizes[rank] != T:
         raise ValueError(f"context-parallel block sizes {sizes} do not match this rank's {T} rows (rank {rank})")
@@ -169,4 +184,4 @@ def feedback_solve_context_parallel(
         group,
         tuple(sizes),
     )
-    return s.reshape(B, H, T, Dv)
+    return s.reshape(B, H, T, Dv).to(dtype)
