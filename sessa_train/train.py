@@ -81,7 +81,8 @@ def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device, accumulat
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
     micro = cfg.data.micro_batch_size * (1 if accumulate else gas)
     config = {
-        "train_batch_size": cfg.schedule.global_batch_size,
+        # DeepSpeed counts context-parallel ranks as data-parallel replicas (they average gradients)
+        "train_batch_size": cfg.schedule.global_batch_size * cfg.parallel.context,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas if accumulate else 1,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
@@ -121,16 +122,14 @@ class Trainer:
         self.cfg, self.dist = cfg, dist_info
         world = dist_info.world_size
         par = cfg.parallel
-        if par.context != 1:
-            raise TrainError(f"parallel.context={par.context}: context parallelism is not available yet; set it to 1")
         # a feedback backend that cannot run on this device fails here, not in the first step
         resolve_backend(cfg.model.feedback_backend, dist_info.device, cfg.model.feedback_chunk_size or None)
         self.pstate = None  # megatron-core's TP x PP x DP layout when parallel.tensor/pipeline > 1
         dp, dp_rank = world, dist_info.rank
-        if par.tensor * par.pipeline > 1:
+        if par.tensor * par.pipeline * par.context > 1:
             if par.zero_stage > 1:
                 raise TrainError(
-                    f"parallel.zero_stage={par.zero_stage} with tensor/pipeline parallelism; valid: 0 or 1 "
+                    f"parallel.zero_stage={par.zero_stage} with tensor/pipeline/context parallelism; valid: 0 or 1 "
                     "(ZeRO-2/3 partition gradients during a backward that megatron-core's schedule drives)"
                 )
             from sessa_train.parallel.model import check_parallel_model
@@ -165,6 +164,10 @@ class Trainer:
                 f"({index['vocab_size']}) of {cfg.data.path}"
             )
         self.seq_len = index["seq_len"]
+        if self.seq_len % par.context:
+            raise TrainError(
+                f"sequence length {self.seq_len} of {cfg.data.path} is not divisible by parallel.context={par.context}"
+            )
         self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
         self.loader_args = loader_args
         model = SessaLM(cfg.model)  # the same initial weights under every layout
@@ -237,11 +240,11 @@ class Trainer:
             print(message, flush=True)
 
     def _mean(self, value: float) -> float:
-        """Mean over data-parallel ranks of a value the last pipeline stage holds (repeated
-        over its TP ranks); other stages pass anything."""
+        """Mean over data- and context-parallel ranks of a value the last pipeline stage holds
+        (repeated over its TP ranks); other stages pass anything."""
         holders = self.dist.world_size
         if self.pstate is not None:
-            holders = self.pstate.dp * self.pstate.tp
+            holders = self.pstate.dp * self.pstate.tp * self.pstate.cp
             value = value if self.pstate.last_stage else 0.0
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)

@@ -1,7 +1,7 @@
-"""TP x PP x DP (megatron-core + DeepSpeed, gloo, 4 processes) against the 1-process model.
+"""TP x PP x CP x DP (megatron-core + DeepSpeed, gloo, 4 processes) against the 1-process model.
 
-One spawn of 4 ranks walks through the layouts (tensor, pipeline, zero stage); data
-parallelism fills the rest (DP = 4 / (TP x PP)). For each, two optimizer steps go through
+One spawn of 4 ranks walks through the layouts (tensor, pipeline, context, zero stage); data
+parallelism fills the rest (DP = 4 / (TP x PP x CP)). For each, two optimizer steps go through
 exactly what the trainer runs (SessaStage, PipelineRunner on megatron-core's schedule,
 DeepSpeed's gradient reduction, clipping and AdamW). The loss of every step (relative 1e-5)
 and, under ZeRO-0, every gradient merged back to the plain layout (within 1e-5 of the step's
@@ -24,9 +24,18 @@ pytest.importorskip("megatron.core", reason="megatron-core (dev extra) is needed
 pytestmark = pytest.mark.slow
 
 WORLD, SEQS, N_MICRO, T, STEPS = 4, 4, 2, 12, 2  # SEQS: sequences per micro-batch over all DP ranks
-# (tensor, pipeline, zero stage, tied embeddings, feedback heads): feedback_heads=1 is the paper's
-# single head (replicated over TP ranks, its gradients all-reduced), 2 splits the heads over TP
-LAYOUTS = [(2, 2, 0, True, 1), (2, 1, 0, False, 2), (1, 2, 0, False, 1), (2, 2, 1, True, 2), (2, 2, 0, False, 2)]
+# (tensor, pipeline, context, zero stage, tied embeddings, feedback heads): feedback_heads=1 is
+# the paper's single head (replicated over TP ranks, its gradients all-reduced), 2 splits the
+# heads over TP; context=2 splits every sequence over 2 ranks (K/V all-gather, ring solve)
+LAYOUTS = [
+    (2, 2, 1, 0, True, 1),
+    (2, 1, 1, 0, False, 2),
+    (1, 2, 1, 0, False, 1),
+    (2, 2, 1, 1, True, 2),
+    (2, 2, 1, 0, False, 2),
+    (2, 1, 2, 0, True, 1),
+    (1, 2, 2, 1, False, 2),
+]
 
 
 def _model_config(tie: bool, feedback_heads: int):
@@ -44,7 +53,7 @@ def _model_config(tie: bool, feedback_heads: int):
     )
 
 
-def _train_config(model, tensor: int, pipeline: int, zero: int, dp: int):
+def _train_config(model, tensor: int, pipeline: int, zero: int, dp: int, context: int = 1):
     from sessa_train.config import DataConfig, OptimizerConfig, ParallelConfig, ScheduleConfig, TrainConfig
 
     return TrainConfig(
@@ -52,7 +61,7 @@ def _train_config(model, tensor: int, pipeline: int, zero: int, dp: int):
         data=DataConfig(micro_batch_size=SEQS // dp),
         optimizer=OptimizerConfig(lr=1e-2, grad_clip=0.05, eps=1e-3),  # clipping active; see _reference
         schedule=ScheduleConfig(train_steps=10, warmup_steps=0, global_batch_size=SEQS * N_MICRO),
-        parallel=ParallelConfig(tensor=tensor, pipeline=pipeline, zero_stage=zero),
+        parallel=ParallelConfig(tensor=tensor, pipeline=pipeline, context=context, zero_stage=zero),
     )
 
 
@@ -117,12 +126,13 @@ def _worker(rank: int, port: int, out) -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     cpu = torch.device("cpu")
     results = {}
-    for tensor, pipeline, zero, tie, feedback_heads in LAYOUTS:
+    for layout in LAYOUTS:
+        tensor, pipeline, context, zero, tie, feedback_heads = layout
         model_cfg = _model_config(tie, feedback_heads)
-        state = init_model_parallel(tensor, pipeline, 1, WORLD)
+        state = init_model_parallel(tensor, pipeline, context, WORLD)
         torch.manual_seed(0)
         stage = build_stage(model_cfg, state, SessaLM(model_cfg).state_dict(), cpu)
-        cfg = _train_config(model_cfg, tensor, pipeline, zero, state.dp)
+        cfg = _train_config(model_cfg, tensor, pipeline, zero, state.dp, context)
         opt = cfg.optimizer
         optimizer = SkippableAdamW(
             parameter_groups(stage, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
@@ -140,14 +150,14 @@ def _worker(rank: int, port: int, out) -> None:
             engine.allreduce_gradients()
             loss = torch.tensor([sum(s["loss"].item() for s in stats) / N_MICRO if state.last_stage else 0.0])
             dist.all_reduce(loss)
-            losses.append(loss.item() / (state.dp * state.tp))
+            losses.append(loss.item() / (state.dp * state.tp * state.cp))
             if zero == 0:
                 mine = {k: p.grad.clone() for k, p in stage.named_parameters()}
                 every: list = [None] * WORLD
                 dist.all_gather_object(every, ((state.pp_rank, state.tp_rank), mine))
                 grads.append(merge_lm_states(dict(every), model_cfg))
             engine.step()
-        results[(tensor, pipeline, zero, tie, feedback_heads)] = (losses, grads)
+        results[layout] = (losses, grads)
         ps.destroy_model_parallel()
     if rank == 0:
         out.update(results)
@@ -159,7 +169,7 @@ def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients():
     mp.spawn(_worker, args=(29000 + os.getpid() % 400, results), nprocs=WORLD, join=True)
     assert set(results) == set(LAYOUTS)
     for layout, (losses, grads) in results.items():
-        ref_losses, ref_grads = _reference(_model_config(*layout[3:]))
+        ref_losses, ref_grads = _reference(_model_config(*layout[4:]))
         for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
             assert abs(got - want) <= 1e-5 * abs(want), f"{layout} step {step}: loss {got} vs {want}"
         for step, merged in enumerate(grads):
@@ -264,8 +274,8 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
 @pytest.mark.parametrize(
     ("sizes", "model", "message"),
     [
-        ((2, 2, 1, 6), {}, "parallel.tensor=2 x parallel.pipeline=2 does not divide the 6 ranks of this job"),
-        ((1, 1, 2, 2), {}, "parallel.context=2: context parallelism is not available yet"),
+        ((2, 2, 1, 6), {}, "parallel.tensor=2 x parallel.pipeline=2 x parallel.context=1 does not divide the 6 ranks"),
+        ((2, 1, 2, 6), {}, "parallel.tensor=2 x parallel.pipeline=1 x parallel.context=2 does not divide the 6 ranks"),
         ((2, 1, 1, 2), {"vocab_size": 63}, "model.vocab_size=63 must be divisible by parallel.tensor=2"),
         ((1, 4, 1, 4), {"n_layers": 3}, "model.n_layers=3 is fewer than parallel.pipeline=4 stages"),
         ((2, 1, 1, 2), {"feedback_heads": 4, "n_heads": 2, "d_model": 32}, None),

@@ -43,6 +43,29 @@ def _local_solve(device: torch.device):
     return chunked_forward, chunked_backward
 
 
+class _GatherSequence(torch.autograd.Function):
+    """All-gather equal sequence blocks along ``dim``; backward sums every rank's gradient of the
+    full tensor and keeps this rank's block (all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim: int):  # type: ignore[override]
+        ctx.group, ctx.dim = group, dim
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group)
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(dist.get_world_size(ctx.group), ctx.dim)[dist.get_rank(ctx.group)], None, None
+
+
+def gather_sequence(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The whole sequence of ``x`` from every rank's block along ``dim`` (forward-branch K/V)."""
+    return _GatherSequence.apply(x, group, dim)
+
+
 class _Ring:
     """Point-to-point over one group with global ranks; keeps async sends alive until done."""
 

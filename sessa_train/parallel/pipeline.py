@@ -2,10 +2,12 @@
 
 ``get_forward_backward_func()`` picks 1F1B (``forward_backward_pipelining_without_interleaving``)
 when PP > 1 and the plain loop when PP = 1; it runs forward and backward of every micro-batch.
-Every rank reads the same micro-batches as the other ranks of its TP x PP group (the loader is
-partitioned by data-parallel rank only); the first stage uses the inputs, the last the targets.
-The loss of a micro-batch is the mean token cross-entropy (megatron-core's vocab-parallel one)
-divided by the number of micro-batches, as in the 1-process trainer. Data-parallel gradient
+Every rank reads the same micro-batches as the other ranks of its TP x PP x CP group (the loader
+is partitioned by data-parallel rank only); a context-parallel rank keeps its block of each
+sequence; the first stage uses the inputs, the last the targets. The loss of a micro-batch is
+the mean token cross-entropy over the rank's tokens (megatron-core's vocab-parallel one)
+divided by the number of micro-batches; averaging gradients over DP x CP then gives the
+gradient of the 1-process trainer's loss. Data-parallel gradient
 reduction and the optimizer step stay with DeepSpeed (the trainer calls them afterwards).
 """
 
@@ -61,14 +63,22 @@ class PipelineRunner:
     # -- micro-batches --------------------------------------------------------------------
     @staticmethod
     def _loss(targets: torch.Tensor, logits: torch.Tensor):
+        """(sum, count, stats): megatron-core divides the sum by the count and by the number of
+        micro-batches, so each rank's loss is the mean over its own tokens."""
         per_token = tp.vocab_parallel_cross_entropy(logits.float(), targets)  # (B, T)
-        loss = per_token.mean()
-        stats = {"loss": loss.detach().clone(), "sum": per_token.detach().sum(), "count": per_token.numel()}
-        return loss, stats
+        total, count = per_token.sum(), torch.tensor(per_token.numel(), dtype=torch.int)
+        stats = {"loss": total.detach() / count, "sum": total.detach().clone(), "count": per_token.numel()}
+        return total, count, stats
 
     def _forward_step(self, batches: Iterator[dict], model: SessaStage):
         tokens = next(batches)["tokens"].to(self.device)
-        return model(tokens[:, :-1]), partial(self._loss, tokens[:, 1:])
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        st = self.stage.state
+        if st.cp > 1:  # this rank's block of every sequence
+            block = inputs.shape[1] // st.cp
+            rows = slice(st.cp_rank * block, (st.cp_rank + 1) * block)
+            inputs, targets = inputs[:, rows], targets[:, rows]
+        return model(inputs), partial(self._loss, targets)
 
     def run(self, batches: Iterator[dict], num_microbatches: int, forward_only: bool = False) -> list[dict]:
         """Forward (and backward) of ``num_microbatches``; per-micro-batch stats on the last stage."""

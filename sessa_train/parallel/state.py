@@ -1,10 +1,10 @@
 """Process groups for tensor x pipeline x data parallelism, from megatron-core's parallel_state,
 and the view of them that DeepSpeed takes (``MegatronMPU``).
 
-Rank order is megatron's default (tp fastest, then dp, then pp): with TP=2, PP=2, DP=2 the
+Rank order is megatron's default (tp fastest, then cp, dp, pp): with TP=2, PP=2, DP=2 the
 tensor groups are {0,1},{2,3},..., the data groups {0,2},{1,3},{4,6},{5,7} and the pipeline
-groups {0,4},{1,5},{2,6},{3,7}. The context dimension (``parallel.context``) is reserved for
-the sequence-parallel feedback solve and must be 1 for now.
+groups {0,4},{1,5},{2,6},{3,7}. Context parallelism (CP) splits each sequence over a group of
+ranks (``context_parallel.py``); for gradients and ZeRO they act as data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from megatron.core import parallel_state as ps
 class ParallelState:
     tp: int
     pp: int
-    dp: int
+    dp: int  # replicas that read different data (CP ranks of a group read the same sequences)
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
 
     @property
     def first_stage(self) -> bool:
@@ -40,12 +42,10 @@ class ParallelState:
 
 def check_sizes(tensor: int, pipeline: int, context: int, world_size: int) -> None:
     """One-line errors for parallel sizes that cannot tile ``world_size`` ranks."""
-    if context != 1:
-        raise ValueError(f"parallel.context={context}: context parallelism is not available yet; set it to 1")
-    if world_size % (tensor * pipeline):
+    if world_size % (tensor * pipeline * context):
         raise ValueError(
-            f"parallel.tensor={tensor} x parallel.pipeline={pipeline} does not divide "
-            f"the {world_size} ranks of this job"
+            f"parallel.tensor={tensor} x parallel.pipeline={pipeline} x parallel.context={context} "
+            f"does not divide the {world_size} ranks of this job"
         )
 
 
@@ -80,7 +80,9 @@ def init_model_parallel(tensor: int, pipeline: int, context: int, world_size: in
     check_sizes(tensor, pipeline, context, world_size)
     megatron_on_cpu()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline, context_parallel_size=context
+        )
     return ParallelState(
         tp=tensor,
         pp=pipeline,
@@ -88,21 +90,33 @@ def init_model_parallel(tensor: int, pipeline: int, context: int, world_size: in
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        cp=context,
+        cp_rank=ps.get_context_parallel_rank(),
     )
 
 
 class MegatronMPU:
     """megatron-core's groups in the shape DeepSpeed's ``mpu`` argument expects.
 
-    DeepSpeed reduces gradients and partitions ZeRO state over the data-parallel group, sums
+    DeepSpeed reduces gradients and partitions ZeRO state over the data-parallel group (with
+    the context-parallel ranks: they hold the same weights and different tokens), sums
     gradient norms over the model-parallel group, and names its per-rank model files by
     ``get_model_parallel_rank()``. That rank is the TP x PP rank here, so every stage writes
     its own file; ``mark_norm_owners`` makes the norm count each distinct gradient once.
     """
 
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    @staticmethod
+    def get_data_parallel_rank() -> int:
+        return ps.get_data_parallel_rank(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_group():
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
     get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
     get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)

@@ -11,6 +11,9 @@ Same math as ``models.layer.SessaLayer`` (docs/parallelism.md has the layout); P
                                        gradients all-reduced), f_r = this rank's D/P channels of f
     y = x + W_out (s * g)              row-parallel (all-reduce)
 
+With context parallelism (CP) x is this rank's block of T/CP tokens: K/V are all-gathered over
+the CP group for f, and the solve is the ring of ``context_parallel.py``.
+
 ``layout.layer_spec`` says how each parameter is cut from the plain SessaLayer.
 """
 
@@ -28,6 +31,8 @@ from torch import nn
 from sessa_train.config import ModelConfig
 from sessa_train.models.rope import apply_rope, rope_angles
 from sessa_train.ops import feedback_solve
+from sessa_train.ops.feedback import resolve_backend
+from sessa_train.parallel.context_parallel import feedback_solve_context_parallel, gather_sequence
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,6 +56,7 @@ class TPSessaLayer(nn.Module):
         P = ps.get_tensor_model_parallel_world_size()
         check_tp_shapes(cfg, P)
         self.cfg, self.P = cfg, P
+        self.cp_size = ps.get_context_parallel_world_size()
         D, hd = cfg.d_model, cfg.head_dim
         keep = torch.nn.init.zeros_  # weights come from layout.shard (of a plain model) or a checkpoint
 
@@ -83,14 +89,23 @@ class TPSessaLayer(nn.Module):
         u = self.norm(x)
         a = F.gelu(self.in_a(u)[0])
         g = self.in_g(u)[0]
-        T = x.shape[1]
+        T, cp = x.shape[1], self.cp_size
+        start = ps.get_context_parallel_rank() * T if cp > 1 else 0  # this rank's block of the sequence
         q = _heads(self.q_proj(a)[0], cfg.n_heads // P)
         k = _heads(self.k_proj(a)[0], cfg.kv_heads // P)
         v = _heads(self.v_proj(a)[0], cfg.kv_heads // P)
         if cfg.rope:
-            angles = rope_angles(torch.arange(T, device=x.device), cfg.head_dim, cfg.rope_theta, x.dtype)
+            angles = rope_angles(torch.arange(start, start + T, device=x.device), cfg.head_dim, cfg.rope_theta, x.dtype)
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        f = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.kv_heads != cfg.n_heads)
+        gqa = cfg.kv_heads != cfg.n_heads
+        if cp > 1:  # all-gather K/V over the context-parallel group; rows see keys up to their position
+            group = ps.get_context_parallel_group()
+            k, v = gather_sequence(k, group, 2), gather_sequence(v, group, 2)
+            rows = torch.arange(start, start + T, device=x.device)[:, None]
+            mask = torch.arange(T * cp, device=x.device)[None, :] <= rows
+            f = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            f = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         f = self.o_proj(f.transpose(1, 2).flatten(2))[0]  # (B, T, D), all-reduced
         f_local = tp.scatter_to_tensor_model_parallel_region(f)  # this rank's D/P channels
         if cfg.feedback_heads == 1:
@@ -105,13 +120,11 @@ class TPSessaLayer(nn.Module):
             gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a)[0])
         scale = 1.0 / math.sqrt(cfg.d_model // cfg.feedback_heads)
         chunk = cfg.feedback_chunk_size or None
-        s = feedback_solve(
-            q_b,
-            k_b,
-            _heads(f_local, heads),
-            gamma.transpose(1, 2),
-            scale=scale,
-            backend=cfg.feedback_backend,
-            chunk_size=chunk,
-        )
+        f_heads, gamma = _heads(f_local, heads), gamma.transpose(1, 2)
+        if cp > 1:  # ring forward substitution over the context-parallel group
+            _, chunk = resolve_backend("auto", x.device, chunk)
+            group = ps.get_context_parallel_group()
+            s = feedback_solve_context_parallel(q_b, k_b, f_heads, gamma, scale, chunk, group, (T,) * cp)
+        else:
+            s = feedback_solve(q_b, k_b, f_heads, gamma, scale=scale, backend=cfg.feedback_backend, chunk_size=chunk)
         return x + self.out_proj(s.transpose(1, 2).flatten(2) * g)[0]
