@@ -19,9 +19,10 @@ Backward, rank r (row blocks travel r+1 -> r, forwarded on to r-1):
         dk_r  += scale dL^T q_b;  dq_b += scale dL k_r     (dq_b returns home from rank 0)
     lam_r, own dq/dk, dgamma_r = chunked adjoint solve of own rows with G + push
     send (q_r, lse_r, gamma_r, lam_r, dgamma_r, dq_r = 0) to r-1
-Each rank holds O(T_r D) plus one block in flight: memory per rank falls like 1/P. The
-dependency is a (P-1)-step chain each way; a rank works on the blocks that already arrived
-while its predecessor finishes (sends are asynchronous).
+Blocks travel in pieces of ``chunk`` rows, so each rank holds O(T_r D) plus a few pieces in
+flight: memory per rank falls like 1/P. The dependency is a (P-1)-step chain each way; a rank
+works on the pieces that already arrived while its predecessor finishes (sends are
+asynchronous, one piece in flight per rank).
 """
 
 from __future__ import annotations
@@ -74,9 +75,16 @@ class _Ring:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.pending: list = []
 
-    def send(self, t: torch.Tensor, to: int, tag: int) -> None:
+    def send(self, t: torch.Tensor, to: int, tag: int, in_flight: int = 1) -> None:
+        """Asynchronous send; at most ``in_flight`` blocks stay alive waiting for their receiver."""
         t = t.contiguous()
         self.pending.append((dist.isend(t, dist.get_global_rank(self.group, to), self.group, tag), t))
+        while len(self.pending) > in_flight:
+            self.pending.pop(0)[0].wait()
+
+    def irecv(self, into: torch.Tensor, src: int, tag: int):
+        """Asynchronous receive straight into a (contiguous) view; returns the request."""
+        return dist.irecv(into, dist.get_global_rank(self.group, src), self.group, tag)
 
     def recv(self, shape, dtype, device, src: int, tag: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=device)
@@ -89,55 +97,62 @@ class _Ring:
         self.pending.clear()
 
 
+def _pieces(n: int, chunk: int) -> list[slice]:
+    """Blocks travel in pieces of ``chunk`` rows: one piece in flight, never a whole block."""
+    return [slice(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+
 def _earlier_blocks(ring: _Ring, q, k, sizes, scale: float, chunk: int, dv: int):
-    """Receive (k_j, s_j) of every earlier block, forward it, and fold it into (lse_p, h_p)."""
+    """Receive (k_j, s_j) of every earlier block piece by piece, forward each piece, and fold
+    it into the online softmax (m, z, h) of every own row. Returns (lse_p, h_p) or None."""
     N, T, dk = q.shape
     m = torch.full((N, T, 1), float("-inf"), dtype=q.dtype, device=q.device)
     z = torch.zeros(N, T, 1, dtype=q.dtype, device=q.device)
     h = torch.zeros(N, T, dv, dtype=q.dtype, device=q.device)
     for j in range(ring.rank):
-        block = ring.recv((N, sizes[j], dk + dv), q.dtype, q.device, ring.rank - 1, tag=j)
-        if ring.rank + 1 < ring.size:
-            ring.send(block, ring.rank + 1, tag=j)
-        kj, sj = block[..., :dk], block[..., dk:]
-        for r0 in range(0, T, chunk):
-            rows = slice(r0, min(r0 + chunk, T))
-            L = torch.matmul(q[:, rows], kj.transpose(1, 2)).mul_(scale)
-            m_new = torch.maximum(m[:, rows], L.amax(dim=-1, keepdim=True))
-            decay = torch.where(torch.isneginf(m[:, rows]), 0.0, (m[:, rows] - m_new).exp())
-            e = L.sub_(m_new).exp_()
-            z[:, rows] = z[:, rows] * decay + e.sum(dim=-1, keepdim=True)
-            h[:, rows] = h[:, rows] * decay + torch.bmm(e, sj)
-            m[:, rows] = m_new
+        for cols in _pieces(sizes[j], chunk):
+            piece = ring.recv((N, cols.stop - cols.start, dk + dv), q.dtype, q.device, ring.rank - 1, tag=j)
+            if ring.rank + 1 < ring.size:
+                ring.send(piece, ring.rank + 1, tag=j)
+            kj, sj = piece[..., :dk], piece[..., dk:]
+            for rows in _pieces(T, chunk):
+                L = torch.matmul(q[:, rows], kj.transpose(1, 2)).mul_(scale)
+                m_new = torch.maximum(m[:, rows], L.amax(dim=-1, keepdim=True))
+                decay = torch.where(torch.isneginf(m[:, rows]), 0.0, (m[:, rows] - m_new).exp())
+                e = L.sub_(m_new).exp_()
+                z[:, rows] = z[:, rows] * decay + e.sum(dim=-1, keepdim=True)
+                h[:, rows] = h[:, rows] * decay + torch.bmm(e, sj)
+                m[:, rows] = m_new
     if ring.rank == 0:
         return None
-    return (m + z.log()).squeeze(-1), h / z
+    return (m + z.log()).squeeze(-1), h.div_(z)
 
 
-def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int, dq_home: dict):
-    """Receive every later row block, forward it (or send its dq home from rank 0), and
-    return (push, dk from later rows)."""
+def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int):
+    """Receive every later row block piece by piece; fold each into the push and dk of the own
+    columns, add its dq over the own columns and pass it on (rank 0 sends the finished dq home).
+    Returns (G + push, dk from later rows or None)."""
     N, _, dk = k.shape
     dv = s.shape[-1]
-    push, dk_cross = torch.zeros_like(grad_s), torch.zeros_like(k)
+    if ring.rank + 1 == ring.size:  # the last rank: nothing comes back
+        return grad_s, None
+    push, dk_cross = grad_s.clone(), torch.zeros_like(k)
     width = 2 * dk + dv + 3
     for b in range(ring.size - 1, ring.rank, -1):
-        block = ring.recv((N, sizes[b], width), k.dtype, k.device, ring.rank + 1, tag=b)
-        qb, lamb, dqb = block[..., :dk], block[..., dk : dk + dv], block[..., dk + dv : 2 * dk + dv]
-        lse_b, g_b, dg_b = (block[..., 2 * dk + dv + i] for i in range(3))
-        for r0 in range(0, sizes[b], chunk):
-            rows = slice(r0, min(r0 + chunk, sizes[b]))
-            A = torch.matmul(qb[:, rows], k.transpose(1, 2)).mul_(scale).sub_(lse_b[:, rows, None]).exp_()
-            gl = g_b[:, rows, None] * lamb[:, rows]
-            push.baddbmm_(A.transpose(1, 2), gl)
-            P = torch.bmm(lamb[:, rows], s.transpose(1, 2)).sub_(dg_b[:, rows, None]).mul_(A)
-            w = g_b[:, rows, None] * scale
-            dk_cross.baddbmm_(P.transpose(1, 2), qb[:, rows] * w)
-            dqb[:, rows] += torch.bmm(P, k).mul_(w)
-        if ring.rank > 0:
-            ring.send(block, ring.rank - 1, tag=b)
-        else:
-            dq_home[b] = dqb
+        for rows in _pieces(sizes[b], chunk):
+            piece = ring.recv((N, rows.stop - rows.start, width), k.dtype, k.device, ring.rank + 1, tag=b)
+            qb, lamb, dqb = piece[..., :dk], piece[..., dk : dk + dv], piece[..., dk + dv : 2 * dk + dv]
+            lse_b, g_b, dg_b = (piece[..., 2 * dk + dv + i, None] for i in range(3))
+            A = torch.matmul(qb, k.transpose(1, 2)).mul_(scale).sub_(lse_b).exp_()  # (N, C, T_r)
+            push.baddbmm_(A.transpose(1, 2), g_b * lamb)
+            P = torch.bmm(lamb, s.transpose(1, 2)).sub_(dg_b).mul_(A)
+            w = g_b * scale
+            dk_cross.baddbmm_(P.transpose(1, 2), qb * w)
+            dqb += torch.bmm(P, k).mul_(w)
+            if ring.rank > 0:
+                ring.send(piece, ring.rank - 1, tag=b)
+            else:
+                ring.send(dqb, b, tag=ring.size + b)
     return push, dk_cross
 
 
@@ -151,7 +166,8 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         forward, _ = _local_solve(q.device)
         s, c, lse = forward(q, k, f, gamma, scale, chunk, prefix)
         if ring.rank + 1 < ring.size:
-            ring.send(torch.cat([k, s], dim=-1), ring.rank + 1, tag=ring.rank)
+            for rows in _pieces(q.shape[1], chunk):
+                ring.send(torch.cat([k[:, rows], s[:, rows]], dim=-1), ring.rank + 1, tag=ring.rank)
         ring.finish()
         ctx.save_for_backward(q, k, gamma, s, c, lse)
         ctx.scale, ctx.chunk, ctx.group, ctx.sizes = scale, chunk, group, sizes
@@ -161,20 +177,26 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_s):  # type: ignore[override]
         q, k, gamma, s, c, lse = ctx.saved_tensors
-        ring, sizes = _Ring(ctx.group), ctx.sizes
-        dq_home: dict[int, torch.Tensor] = {}
-        push, dk_cross = _later_blocks(ring, k, s, grad_s, sizes, ctx.scale, ctx.chunk, dq_home)
+        ring, sizes, chunk = _Ring(ctx.group), ctx.sizes, ctx.chunk
+        far: list = []  # dq over all earlier columns arrives from rank 0: receive it whenever it comes
+        for rows in _pieces(q.shape[1], chunk) if ring.rank > 0 else []:
+            buf = q.new_empty(q.shape[0], rows.stop - rows.start, q.shape[2])
+            far.append((rows, buf, ring.irecv(buf, 0, ring.size + ring.rank)))
+        g_push, dk_cross = _later_blocks(ring, k, s, grad_s, sizes, ctx.scale, chunk)
         _, backward = _local_solve(q.device)
-        dq, dk, lam, dgamma = backward(grad_s + push, q, k, gamma, s, c, lse, ctx.scale, ctx.chunk)
-        if ring.rank > 0:
+        dq, dk, lam, dgamma = backward(g_push, q, k, gamma, s, c, lse, ctx.scale, chunk)
+        del g_push
+        if ring.rank > 0:  # own row block: q, lam, a zero dq accumulator, lse, gamma, dgamma
             extras = torch.stack([lse, gamma, dgamma], dim=-1)
-            ring.send(torch.cat([q, lam, torch.zeros_like(q), extras], dim=-1), ring.rank - 1, tag=ring.rank)
-        for b, dqb in sorted(dq_home.items()):  # rank 0: the finished dq of every later block
-            ring.send(dqb, b, tag=ring.size + b)
-        if ring.rank > 0:
-            dq += ring.recv(q.shape, q.dtype, q.device, 0, tag=ring.size + ring.rank)
+            for rows in _pieces(q.shape[1], chunk):
+                zeros = torch.zeros_like(q[:, rows])
+                piece = torch.cat([q[:, rows], lam[:, rows], zeros, extras[:, rows]], dim=-1)
+                ring.send(piece, ring.rank - 1, tag=ring.rank)
+            for rows, buf, req in far:
+                req.wait()
+                dq[:, rows] += buf
         ring.finish()
-        return dq, dk + dk_cross, lam, dgamma, None, None, None, None
+        return dq, dk if dk_cross is None else dk.add_(dk_cross), lam, dgamma, None, None, None, None
 
 
 def feedback_solve_context_parallel(
