@@ -3,12 +3,12 @@
     python tools/bench_context_parallel.py                      # T=16384, D=256, CP 1 2 4 (gloo, CPU)
     python tools/bench_context_parallel.py --seq 32768 --cp 1 2 4 8 --json runs/bench_cp.json
 
-Each CP size runs in fresh processes (one per rank, gloo). A rank holds its T/CP rows of one
-sequence (one feedback head of width D, float32) and runs forward + backward of
+Each CP size runs in fresh processes (one per rank, gloo), once for memory and once for time.
+A rank holds its T/CP rows of one sequence (one feedback head of width D, float32) and runs forward + backward of
 ``feedback_solve_context_parallel`` (CP = 1: the chunked solve). Peak memory is the rise of the
 process's peak resident set over its resident set just before the first forward + backward at
 full size (after a small warm-up, so library start-up is left out; inputs are counted); time
-is the median of ``--repeat`` later runs, per rank.
+is the median of ``--repeat`` runs, per rank.
 On one CPU machine the ranks share its cores, so times show the chain's bubble and the
 communication, not a speed-up; memory per rank is the figure that carries over to GPUs.
 """
@@ -37,7 +37,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _rank(rank: int, world: int, port: int, args, out) -> None:
+def _rank(rank: int, world: int, port: int, args, out, timed: bool) -> None:
     import torch.distributed as dist
 
     from sessa_train.ops.feedback_chunked import feedback_solve_chunked
@@ -67,16 +67,18 @@ def _rank(rank: int, world: int, port: int, args, out) -> None:
     step(*problem(world * args.chunk))  # warm-up on a small problem: library start-up is not counted
     sizes, leaves, w = problem(args.seq)
     dist.barrier()
-    before = _rss_mib()
-    step(sizes, leaves, w)
-    peak = _peak_mib() - before
-    times = []
-    for _ in range(args.repeat):
-        dist.barrier()
-        t0 = time.perf_counter()
+    if timed:
+        times = []
+        for _ in range(args.repeat):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(sizes, leaves, w)
+            times.append(time.perf_counter() - t0)
+        out[rank] = {"time_s": statistics.median(times)}
+    else:
+        before = _rss_mib()
         step(sizes, leaves, w)
-        times.append(time.perf_counter() - t0)
-    out[rank] = {"rows": sizes[rank], "peak_mib": peak, "time_s": statistics.median(times)}
+        out[rank] = {"rows": sizes[rank], "peak_mib": _peak_mib() - before}
     dist.destroy_process_group()
 
 
@@ -101,9 +103,16 @@ def main() -> None:
         p.error(f"need --seq >= 2, --dim/--chunk/--repeat >= 1 and 1 <= --cp <= --seq (got cp {bad or args.cp})")
     rows = []
     for world in args.cp:
-        out = mp.Manager().dict()
-        mp.spawn(_rank, args=(world, _port(), args, out), nprocs=world, join=True)
-        ranks = [out[r] for r in range(world)]
+        # memory pass: glibc maps every allocation above 64 KiB on its own and returns it on free,
+        # so the resident set follows the live tensors (read by the rank processes at start-up);
+        # timing pass: the default allocator, which that setting would slow down
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        memory = mp.Manager().dict()
+        mp.spawn(_rank, args=(world, _port(), args, memory, False), nprocs=world, join=True)
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        timing = mp.Manager().dict()
+        mp.spawn(_rank, args=(world, _port(), args, timing, True), nprocs=world, join=True)
+        ranks = [memory[r] | timing[r] for r in range(world)]
         rows.append(
             {
                 "cp": world,
