@@ -4,13 +4,13 @@
     python tools/bench_context_parallel.py --seq 32768 --cp 1 2 4 8 --json runs/bench_cp.json
 
 Each CP size runs in fresh processes (one per rank, gloo), once for memory and once for time.
-A rank holds its T/CP rows of one sequence (one feedback head of width D, float32) and runs forward + backward of
-``feedback_solve_context_parallel`` (CP = 1: the chunked solve). Peak memory is the rise of the
-process's peak resident set over its resident set just before the first forward + backward at
-full size (after a small warm-up, so library start-up is left out; inputs are counted); time
-is the median of ``--repeat`` runs, per rank.
-On one CPU machine the ranks share its cores, so times show the chain's bubble and the
-communication, not a speed-up; memory per rank is the figure that carries over to GPUs.
+A rank holds its T/CP rows of one sequence (one feedback head of width D, float32) and runs
+forward + backward of ``feedback_solve_context_parallel`` (CP = 1: the chunked solve). Peak
+memory is the rise of the process's peak resident set over its resident set just before the
+first forward + backward at full size (after a small warm-up, so library start-up is left out;
+inputs are counted). Time is the median of ``--repeat`` runs, per rank. On one CPU machine the
+ranks share its cores, so times show the chain's bubble and the communication, not a speed-up;
+memory per rank is the figure that carries over to GPUs.
 """
 
 from __future__ import annotations
