@@ -157,7 +157,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
-    context: int = 1  # sequence/context parallel size (feedback solve split over ranks)
+    context: int = 1  # context parallelism: every sequence split over this many ranks (docs/parallelism.md)
     zero_stage: int = 0
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
 
