@@ -5,7 +5,7 @@ Layout under ``checkpoint.dir`` (on storage every rank can reach):
     step_00000100/            DeepSpeed model + per-rank ZeRO optimizer shards, our client
                               state (step, tokens, scheduler via DeepSpeed, loader state,
                               resolved config), rank{r:05d}.pt (that rank's RNG states) and
-                              layout.json (ranks, tensor and pipeline sizes it was saved with)
+                              layout.json (ranks and tensor/pipeline/context sizes it was saved with)
     latest                    name of the newest complete checkpoint
 
 Protocol: every rank writes into ``step_N.partial/``; after a barrier rank 0 renames it to
@@ -50,7 +50,7 @@ def set_rng_state(state: dict) -> None:
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int, layout: dict[str, int] | None = None) -> None:
         self.root, self.keep_last, self.rank = Path(root), keep_last, rank
-        self.layout = layout or {}  # e.g. {"ranks": 4, "tensor": 2, "pipeline": 2}
+        self.layout = layout or {}  # e.g. {"ranks": 4, "tensor": 2, "pipeline": 2, "context": 1}
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

@@ -14,8 +14,9 @@ An export is a folder:
 Weights come from DeepSpeed's checkpoint: with ZeRO optimizer shards present they are the
 fp32 master weights consolidated by ``deepspeed.utils.zero_to_fp32`` (ZeRO 1-3, any
 data-parallel size), otherwise the module weights of ``mp_rank_00_model_states.pt``.
-A tensor/pipeline-parallel checkpoint holds one ``mp_rank_XX_model_states.pt`` per model-parallel
-rank; their module weights are merged back to the plain layout (``parallel/layout.py``). Those
+A tensor/pipeline/context-parallel checkpoint holds one ``mp_rank_XX_model_states.pt`` per
+model-parallel (TP x PP) rank; their module weights are merged back to the plain layout
+(``parallel/layout.py``). Those
 are the fp32 weights of an fp32 run, the bf16 module weights of a bf16 run.
 """
 
@@ -61,7 +62,7 @@ def checkpoint_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ExportError(f"{path} was not written by sessa-train (no resolved config in its client state)")
     parallel = states["config"].get("parallel", {})
     tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
-    if tensor * pipeline > 1:
+    if tensor * pipeline * parallel.get("context", 1) > 1:  # trained as megatron-core stages
         weights = _merge_model_parallel(path, states, tensor, pipeline)
     elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -195,7 +195,7 @@ class Trainer:
             mpu=mpu,
         )
         self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
-        layout = {"ranks": world, "tensor": par.tensor, "pipeline": par.pipeline}
+        layout = {"ranks": world, "tensor": par.tensor, "pipeline": par.pipeline, "context": par.context}
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, dist_info.rank, layout)
         self.step, self.tokens, self.first_step = 0, 0, 0
         self.stop_signal: int | None = None

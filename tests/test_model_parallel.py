@@ -219,8 +219,9 @@ def _plain_loss(model, tokens: torch.Tensor) -> float:
 
 def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, tmp_path):
     """configs/tiny.yaml at TP=2 x PP=2 (4 ranks, ZeRO-1): its first 20 losses are those of the
-    1-process run; its checkpoint exported to the plain layout gives its validation loss; and the
-    1-process run's export loaded at TP=2 x PP=2 gives the plain model's loss on the first batch."""
+    1-process run (which starts from the same plain weights, sharded); its checkpoint exported
+    to the plain layout holds each rank's trained weights and gives its validation loss; and the
+    1-process run's export loaded at CP=2 x TP=2 gives the plain model's loss on the first batch."""
     from sessa_train.data import PackedTokenLoader
     from sessa_train.export import export_checkpoint, load_pretrained
     from sessa_train.parallel.layout import shard_lm_state
@@ -255,13 +256,15 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     logged = json.loads((run / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
     assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
 
-    # plain -> TP=2 x PP=2: the first loss of a run started from the 1-process export
+    # plain -> CP=2 x TP=2: the first loss of a run started from the 1-process export; its
+    # checkpoint exports back to the plain layout (TP ranks merged, CP ranks are replicas)
     export_checkpoint(one / "ckpt" / "step_00000300", tmp_path / "from_one")
     run2 = tmp_path / "init_from"
     train(
         tiny,
         *tiny_overrides(data, run2),
-        *tp_pp,
+        "parallel.context=2",
+        "parallel.tensor=2",
         "schedule.stop_after_steps=1",
         f"checkpoint.init_from={tmp_path / 'from_one'}",
         nproc=4,
@@ -269,6 +272,12 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     first = next(iter(PackedTokenLoader(data / "shards", "train", micro_batch_size=8, rank=0, world_size=1, seed=1234)))
     want_first = _plain_loss(load_pretrained(tmp_path / "from_one"), first["tokens"])
     assert abs(losses(run2)[0][1] - want_first) <= 1e-5 * want_first
+    export_checkpoint(run2 / "ckpt" / "step_00000001", tmp_path / "from_cp_tp")
+    plain2 = load_pretrained(tmp_path / "from_cp_tp").state_dict()
+    for m in range(2):
+        trained = torch.load(run2 / "ckpt" / "step_00000001" / f"mp_rank_{m:02d}_model_states.pt", weights_only=False)
+        back = shard_lm_state(plain2, plain.cfg, m, 2)
+        assert all(torch.equal(back[k], trained["module"][k]) for k in back), f"tensor-parallel rank {m}"
 
 
 @pytest.mark.parametrize(
