@@ -157,7 +157,7 @@ def test_too_many_non_finite_steps_abort(shards, tmp_path):
         (["model.d_modle=64"], "config key model.d_modle (command-line overrides): Key 'd_modle' not in 'ModelConfig'"),
         (
             ["parallel.tensor=2", "parallel.zero_stage=2"],
-            "parallel.zero_stage=2 with tensor/pipeline parallelism; valid: 0 or 1",
+            "parallel.zero_stage=2 with tensor/pipeline/context parallelism; valid: 0 or 1",
         ),
         (["schedule.global_batch_size=6"], "schedule.global_batch_size=6 is not divisible by data.micro_batch_size=4"),
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's vocabulary (400)"),
