@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sessa_train.ops.feedback import BACKENDS
+from sessa_train.errors import ConfigError
+
+# the feedback solve's backends (ops/feedback.py implements them; ``auto`` picks one per device)
+FEEDBACK_BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,7 @@ class ModelConfig:
     ffn_hidden_size: int = 0  # 0 = no MLP between Sessa layers (the reference has none)
     tie_embeddings: bool = True
     init_std: float = 0.02  # embedding (and untied LM head) init; linears keep torch's default
-    feedback_backend: str = "auto"
     arch: str = "sessa"  # or "transformer": the matched baseline (models/transformer.py)
-    feedback_chunk_size: int = 0  # rows per block of the solve; 0 = the backend's default
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -42,8 +43,6 @@ class ModelConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "feedback_heads"):
             positive(name)
-        if not isinstance(self.feedback_chunk_size, int) or self.feedback_chunk_size < 0:
-            raise ValueError(f"model.feedback_chunk_size must be an integer >= 0, got {self.feedback_chunk_size!r}")
         if self.n_kv_heads is not None:
             positive("n_kv_heads")
         if self.d_model % self.n_heads:
@@ -67,8 +66,6 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
         if self.arch not in ("sessa", "transformer"):
             raise ValueError(f"model.arch={self.arch!r}; valid: sessa, transformer")
-        if self.feedback_backend not in BACKENDS:
-            raise ValueError(f"model.feedback_backend={self.feedback_backend!r}; valid: {', '.join(BACKENDS)}")
 
     @property
     def kv_heads(self) -> int:
@@ -80,6 +77,41 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ModelConfig:
+        """The model section of a checkpoint or export. Sections written before the kernel choice
+        moved to ``compute`` carry ``feedback_backend``/``feedback_chunk_size``: they are dropped."""
+        return cls(**{k: v for k, v in saved.items() if k not in _MOVED_TO_COMPUTE})
+
+
+_MOVED_TO_COMPUTE = ("feedback_backend", "feedback_chunk_size")
+
+
+def architecture_difference(saved: dict | ModelConfig, ours: ModelConfig) -> str | None:
+    """None when ``saved`` (a model section, e.g. of a checkpoint or export) describes the same
+    architecture as ``ours``; otherwise a phrase naming every differing key, for one-line errors:
+    ``"d_model=64 (this run: model.d_model=32)"``."""
+    theirs = ModelConfig.from_dict(saved).to_dict() if isinstance(saved, dict) else saved.to_dict()
+    mine = ours.to_dict()
+    differ = [f"{k}={theirs[k]!r} (this run: model.{k}={mine[k]!r})" for k in mine if theirs[k] != mine[k]]
+    return ", ".join(differ) or None
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the model is computed, not what it is: resuming or exporting never depends on it."""
+
+    feedback_backend: str = "auto"  # auto | reference | chunked | triton (SESSA_FEEDBACK_BACKEND replaces auto)
+    feedback_chunk_size: int = 0  # rows per block of the solve; 0 = the backend's default
+
+    def __post_init__(self) -> None:
+        if self.feedback_backend not in FEEDBACK_BACKENDS:
+            raise ValueError(
+                f"compute.feedback_backend={self.feedback_backend!r}; valid: {', '.join(FEEDBACK_BACKENDS)}"
+            )
+        if not isinstance(self.feedback_chunk_size, int) or self.feedback_chunk_size < 0:
+            raise ValueError(f"compute.feedback_chunk_size must be an integer >= 0, got {self.feedback_chunk_size!r}")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -203,6 +235,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -213,10 +246,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line naming the key."""
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]

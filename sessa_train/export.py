@@ -11,13 +11,7 @@ An export is a folder:
                         so that ``transformers.AutoModelForCausalLM.from_pretrained(path,
                         trust_remote_code=True)`` loads it (config.json carries the HF keys too)
 
-Weights come from DeepSpeed's checkpoint: with ZeRO optimizer shards present they are the
-fp32 master weights consolidated by ``deepspeed.utils.zero_to_fp32`` (ZeRO 1-3, any
-data-parallel size), otherwise the module weights of ``mp_rank_00_model_states.pt``.
-A tensor/pipeline/context-parallel checkpoint holds one ``mp_rank_XX_model_states.pt`` per
-model-parallel (TP x PP) rank; their module weights are merged back to the plain layout
-(``parallel/layout.py``). Those
-are the fp32 weights of an fp32 run, the bf16 module weights of a bf16 run.
+Weights are the plain fp32 weights ``checkpoint.read_weights`` reads from any layout.
 """
 
 from __future__ import annotations
@@ -29,64 +23,13 @@ from pathlib import Path
 
 import torch
 
+from sessa_train.checkpoint import find_checkpoint, read_weights
 from sessa_train.config import ModelConfig
+from sessa_train.errors import CheckpointError
 from sessa_train.models import SessaLM
 
 FORMAT = "sessa-export-v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ExportError(ValueError):
-    """A checkpoint or export that cannot be used; the message names the path and the problem."""
-
-
-MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete ``step_N`` folder, or a checkpoint root whose ``latest`` names one."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if not any((path / name).is_file() for name in MODEL_STATES):
-        raise ExportError(f"{path} is not a complete checkpoint (no {MODEL_STATES[0]}); pass a step_N folder")
-    return path
-
-
-def checkpoint_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(fp32 model state dict, our client state: step, tokens, resolved config) of a checkpoint."""
-    path = resolve_checkpoint(path)
-    states_file = next(path / name for name in MODEL_STATES if (path / name).is_file())
-    states = torch.load(states_file, map_location="cpu", weights_only=False)
-    if "config" not in states:
-        raise ExportError(f"{path} was not written by sessa-train (no resolved config in its client state)")
-    parallel = states["config"].get("parallel", {})
-    tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
-    if tensor * pipeline * parallel.get("context", 1) > 1:  # trained as megatron-core stages
-        weights = _merge_model_parallel(path, states, tensor, pipeline)
-    elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        weights = states["module"]
-    return {k: v.float() for k, v in weights.items()}, states
-
-
-def _merge_model_parallel(path: Path, first: dict, tensor: int, pipeline: int) -> dict[str, torch.Tensor]:
-    """The plain state of a TP x PP checkpoint: DeepSpeed wrote one module file per model-parallel
-    rank m = pp_rank * tensor + tp_rank (parallel/state.py); layout.merge_lm_states joins them."""
-    from sessa_train.parallel.layout import merge_lm_states
-
-    stages = {}
-    for m in range(tensor * pipeline):
-        file = path / f"mp_rank_{m:02d}_model_states.pt"
-        if not file.is_file():
-            need = f"a tensor={tensor} x pipeline={pipeline} checkpoint has one per model-parallel rank"
-            raise ExportError(f"{path} lacks {file.name}: {need}")
-        states = first if m == 0 else torch.load(file, map_location="cpu", weights_only=False)
-        stages[divmod(m, tensor)] = states["module"]
-    return merge_lm_states(stages, ModelConfig(**first["config"]["model"]))
 
 
 def export_checkpoint(
@@ -96,20 +39,20 @@ def export_checkpoint(
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
-    weights, client = checkpoint_state(checkpoint)
-    cfg = ModelConfig(**client["config"]["model"])
+        raise CheckpointError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
+    weights, client = read_weights(checkpoint)
+    cfg = ModelConfig.from_dict(client["config"]["model"])
     model = SessaLM(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing or any(weights[k].shape != expected[k].shape for k in expected):
-        raise ExportError(f"{checkpoint}: weights do not match its model config (missing: {missing[:5]})")
+        raise CheckpointError(f"{checkpoint}: weights do not match its model config (missing: {missing[:5]})")
     tok = Path(tokenizer) if tokenizer is not None else Path(client["config"]["data"]["tokenizer"])
     if not tok.is_file():
-        raise ExportError(f"tokenizer {tok} not found: pass the sentencepiece model with --tokenizer")
+        raise CheckpointError(f"tokenizer {tok} not found: pass the sentencepiece model with --tokenizer")
     out = Path(out_dir)
     if (out / "config.json").exists():
-        raise ExportError(f"{out} already holds an export: choose an empty folder")
+        raise CheckpointError(f"{out} already holds an export: choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: weights[k].to(DTYPES[dtype]).contiguous() for k in expected}
     if cfg.tie_embeddings:
@@ -147,18 +90,20 @@ def load_pretrained(
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ExportError(f"{path} is not a sessa-train export (needs config.json and model.safetensors)")
+        raise CheckpointError(f"{path} is not a sessa-train export (needs config.json and model.safetensors)")
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format") != FORMAT:
-        raise ExportError(f"{path}/config.json has format {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = ModelConfig(**meta["model"])
+        raise CheckpointError(f"{path}/config.json has format {meta.get('format')!r}, expected {FORMAT!r}")
+    cfg = ModelConfig.from_dict(meta["model"])
     model = SessaLM(cfg)
     tensors = load_file(str(path / "model.safetensors"))
     if cfg.tie_embeddings:
         tensors["lm_head.weight"] = tensors["embed.weight"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise ExportError(f"{path}/model.safetensors does not match its config: missing {missing}, extra {unexpected}")
+        raise CheckpointError(
+            f"{path}/model.safetensors does not match its config: missing {missing}, extra {unexpected}"
+        )
     return model.to(device=device, dtype=dtype or DTYPES[meta["dtype"]]).eval()
 
 
@@ -174,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
-    except ExportError as e:
+    except CheckpointError as e:
         print(f"sessa-export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}")
+    print(f"exported {find_checkpoint(args.checkpoint)} to {out}")
     return 0
 
 

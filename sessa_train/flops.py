@@ -1,31 +1,30 @@
-"""Model FLOPs of a Sessa LM, for throughput and MFU estimates.
+"""Model FLOPs of a Sessa LM (or the Transformer baseline), for throughput and MFU, read off the
+one model definition.
 
-Per token and layer, forward, counting a multiply-add as 2 FLOPs:
-    dense projections      2 * (parameters of the layer's matrices)
-    forward attention      2 * 2 * (T/2) * D      (QK^T and AV over on average T/2 keys)
-    feedback solve         2 * 2 * (T/2) * D      (q_b k_b^T and A s over T/2 earlier tokens)
-plus the LM head 2 * D * V. Training = 3 x forward (backward = 2 x forward). The Transformer
-baseline has attention (Wq, Wk, Wv, Wo) and its MLP, and no feedback solve.
+Per token, forward, counting a multiply-add as 2 FLOPs:
+    every linear layer (LM head included)   2 * (its weight's elements)
+    every module with sequence-length work   its ``sequence_flops_per_token(T)``
+        (forward attention: QK^T and AV over on average T/2 keys; the Sessa mixer adds the
+        feedback solve's q_b k_b^T and A s over T/2 earlier tokens)
+Training = 3 x forward (backward = 2 x forward).
 """
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from sessa_train.config import ModelConfig
+from sessa_train.models import SessaLM
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    D, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
-    if cfg.arch == "transformer":
-        from sessa_train.models.transformer import matched_ffn_hidden_size
-
-        matrices = 2 * D * D + 2 * D * kv + 2 * D * matched_ffn_hidden_size(cfg)
-        return cfg.n_layers * (2 * matrices + 2 * 2 * (seq_len / 2) * D) + 2 * D * cfg.vocab_size
-    matrices = 2 * D * D + D * D + 2 * D * kv + 2 * D * D + D * D  # W_in, Wq, Wk+Wv, W_fb, W_out
-    if cfg.n_heads > 1:
-        matrices += D * D  # Wo
-    matrices += 2 * D * cfg.ffn_hidden_size
-    per_layer = 2 * matrices + 2 * 2 * (seq_len / 2) * D * 2
-    return cfg.n_layers * per_layer + 2 * D * cfg.vocab_size
+    with torch.device("meta"):
+        model = SessaLM(cfg)
+    modules = list(model.modules())
+    dense = sum(2 * m.weight.numel() for m in modules if isinstance(m, nn.Linear))
+    sequence = sum(m.sequence_flops_per_token(seq_len) for m in modules if hasattr(m, "sequence_flops_per_token"))
+    return dense + sequence
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

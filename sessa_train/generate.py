@@ -62,7 +62,8 @@ def generate(
 def main(argv: list[str] | None = None) -> int:
     import sentencepiece as spm
 
-    from sessa_train.export import ExportError, load_pretrained
+    from sessa_train.errors import CheckpointError
+    from sessa_train.export import load_pretrained
 
     p = argparse.ArgumentParser(prog="sessa-generate", description=__doc__.splitlines()[0])
     p.add_argument("export", help="a folder written by sessa-export")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
         model = load_pretrained(args.export, device=args.device)
-    except ExportError as e:
+    except CheckpointError as e:
         print(f"sessa-generate: error: {e}", file=sys.stderr)
         return 2
     sp = spm.SentencePieceProcessor(model_file=f"{args.export}/tokenizer.model")

@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sessa_train.errors import LaunchError
+
 ENVIRONMENT = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed collective ends the job instead of hanging it
     "NCCL_DEBUG": "WARN",
@@ -50,7 +52,7 @@ def read_hostfile(path: str) -> dict[str, int]:
     """host -> slots, in file order. DeepSpeed's hostfile syntax: ``host slots=N`` per line,
     ``#`` comments and blank lines ignored."""
     if not Path(path).is_file():
-        raise ValueError(f"--hostfile {path}: no such file")
+        raise LaunchError(f"--hostfile {path}: no such file")
     hosts: dict[str, int] = {}
     for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -58,19 +60,19 @@ def read_hostfile(path: str) -> dict[str, int]:
             continue
         match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if not match or int(match[2]) < 1 or match[1] in hosts:
-            raise ValueError(
+            raise LaunchError(
                 f"--hostfile {path} line {number}: {raw!r} (expected lines like 'node-a slots=8', each host once)"
             )
         hosts[match[1]] = int(match[2])
     if not hosts:
-        raise ValueError(f"--hostfile {path}: no hosts (expected lines like 'node-a slots=8')")
+        raise LaunchError(f"--hostfile {path}: no hosts (expected lines like 'node-a slots=8')")
     return hosts
 
 
 def node_commands(args: argparse.Namespace, hosts: dict[str, int]) -> list[NodeCommand]:
     names, slots = list(hosts), list(hosts.values())
     if len(set(slots)) != 1:
-        raise ValueError(f"--hostfile {args.hostfile}: every host needs the same slots, got {hosts}")
+        raise LaunchError(f"--hostfile {args.hostfile}: every host needs the same slots, got {hosts}")
     master = args.master_addr or names[0]
     per_node, trainer = slots[0], ["-m", "sessa_train.train", *args.trainer_args]
     first = [sum(slots[:i]) for i in range(len(names))]
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         commands = node_commands(args, read_hostfile(args.hostfile))
-    except ValueError as e:
+    except LaunchError as e:
         print(f"sessa-launch: error: {e}", file=sys.stderr)
         return 2
     env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(args.omp_threads)}

@@ -36,6 +36,7 @@ def _reference(dtype):
 def _worker(rank: int, world: int, port: int, out) -> None:
     import torch.distributed as dist
 
+    from sessa_train.ops import Solver
     from sessa_train.parallel.context_parallel import feedback_solve_context_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -46,7 +47,7 @@ def _worker(rank: int, world: int, port: int, out) -> None:
         q, k, f, gamma, w = (t[:, :, rows].clone() for t in _inputs(dtype))
         for t in (q, k, f, gamma):
             t.requires_grad_()
-        s = feedback_solve_context_parallel(q, k, f, gamma, DK**-0.5, CHUNK, dist.group.WORLD, sizes)
+        s = feedback_solve_context_parallel(q, k, f, gamma, DK**-0.5, Solver("chunked", CHUNK), dist.group.WORLD, sizes)
         (s * w).sum().backward()
         mine = {"s": s.detach(), "dq": q.grad, "dk": k.grad, "df": f.grad, "dgamma": gamma.grad}
         every: list = [None] * world

@@ -120,8 +120,8 @@ def test_memory_tail_equals_finite_differences(arch):
                 bump = torch.zeros_like(x)
                 bump[:, t - lag, j] = eps
                 with torch.no_grad():
-                    plus = model.layers[1](model.layers[0](x + bump))[:, t]
-                    minus = model.layers[1](model.layers[0](x - bump))[:, t]
+                    plus = model.layers["1"](model.layers["0"](x + bump))[:, t]
+                    minus = model.layers["1"](model.layers["0"](x - bump))[:, t]
                 jac[:, :, j] = (plus - minus) / (2 * eps)
             norms.append(jac.flatten(1).norm(dim=1).mean())
         assert abs(influence[lag].item() - torch.stack(norms).mean().item()) < 1e-6 * influence[lag].item() + 1e-9

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from sessa_train import SessaLM, load_pretrained
+from sessa_train.checkpoint import read_weights
 from sessa_train.config import ModelConfig
-from sessa_train.export import ExportError, checkpoint_state, export_checkpoint
+from sessa_train.errors import CheckpointError
+from sessa_train.export import export_checkpoint
 from sessa_train.generate import generate
 from tests.trainer import ENV, REPO, final_weights, train, write_config
 
@@ -37,8 +39,8 @@ def exported(run, shards, tmp_path_factory) -> Path:
 
 
 def trained_model(run: Path) -> SessaLM:
-    _, client = checkpoint_state(run / "ckpt")
-    model = SessaLM(ModelConfig(**client["config"]["model"]))
+    _, client = read_weights(run / "ckpt")
+    model = SessaLM(ModelConfig.from_dict(client["config"]["model"]))
     model.load_state_dict(final_weights(run))
     return model.eval()
 
@@ -120,11 +122,11 @@ def test_export_errors_are_one_line(run, tmp_path, exported):
         bad.stderr.strip() == f"sessa-export: error: {tmp_path} is not a complete checkpoint "
         "(no mp_rank_00_model_states.pt); pass a step_N folder"
     )
-    with pytest.raises(ExportError, match=r"tokenizer /nonexistent\.model not found"):
+    with pytest.raises(CheckpointError, match=r"tokenizer /nonexistent\.model not found"):
         export_checkpoint(run / "ckpt", tmp_path / "e", tokenizer="/nonexistent.model")
-    with pytest.raises(ExportError, match="already holds an export"):
+    with pytest.raises(CheckpointError, match="already holds an export"):
         export_checkpoint(run / "ckpt", exported, tokenizer=exported / "tokenizer.model")
-    with pytest.raises(ExportError, match="is not a sessa-train export"):
+    with pytest.raises(CheckpointError, match="is not a sessa-train export"):
         load_pretrained(tmp_path)
 
 

@@ -119,17 +119,15 @@ def test_no_out_of_bounds_or_unwritten_reads(monkeypatch):
 
 
 def test_model_with_triton_backend_equals_chunked():
-    import dataclasses
+    from sessa_train.config import ComputeConfig, ModelConfig
+    from sessa_train.models import ModelPlan, SessaLM
 
-    from sessa_train.config import ModelConfig
-    from sessa_train.models import SessaLM
-
-    cfg = ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, feedback_heads=2, feedback_chunk_size=16)
+    cfg = ModelConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, feedback_heads=2)
     tokens = torch.randint(0, 53, (2, 40), generator=torch.Generator().manual_seed(0))
     results = []
     for backend in ("chunked", "triton"):
         torch.manual_seed(0)
-        model = SessaLM(dataclasses.replace(cfg, feedback_backend=backend))
+        model = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_backend=backend, feedback_chunk_size=16)))
         loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -149,14 +147,14 @@ def test_model_with_triton_backend_equals_chunked():
     ],
 )
 def test_auto_backend_and_environment_switch(monkeypatch, env, device, expected):
-    from sessa_train.ops.feedback import BACKEND_ENV, resolve_backend
+    from sessa_train.ops.feedback import BACKEND_ENV, Solver, select_solver
 
     if env is None:
         monkeypatch.delenv(BACKEND_ENV, raising=False)
     else:
         monkeypatch.setenv(BACKEND_ENV, env)
-    assert resolve_backend("auto", torch.device(device))[0] == expected
-    assert resolve_backend("chunked", torch.device(device)) == ("chunked", 128)  # an explicit choice stays
+    assert select_solver("auto", torch.device(device)).backend == expected
+    assert select_solver("chunked", torch.device(device)) == Solver("chunked", 128)  # an explicit choice stays
 
 
 def test_bad_backend_requests_are_one_line_errors(monkeypatch):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 
 import pytest
 import torch
 
 from sessa_train import ModelConfig, SessaLM
-from sessa_train.models import SessaLayer, SessaMixer
+from sessa_train.config import ComputeConfig
+from sessa_train.models import ModelPlan, SessaLayer, SessaMixer
 from sessa_train.models.reference_compat import convert_reference_layer_state_dict
 
 VARIANTS = {
@@ -28,15 +28,15 @@ VARIANTS = {
 
 
 def tiny(**overrides) -> ModelConfig:
-    base = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "feedback_chunk_size": 8}
+    base = {"vocab_size": 61, "d_model": 32, "n_layers": 2}
     return ModelConfig(**{**base, **overrides})
 
 
-def make_model(cfg: ModelConfig, seed: int = 0) -> SessaLM:
+def make_model(cfg: ModelConfig, seed: int = 0, backend: str = "auto", chunk: int = 8) -> SessaLM:
     torch.manual_seed(seed)
-    model = SessaLM(cfg).double()
+    model = SessaLM(cfg, ModelPlan(ComputeConfig(backend, chunk))).double()
     with torch.no_grad():  # move gamma away from its init so the feedback path matters
-        for layer in model.layers:
+        for layer in model.layers.values():
             layer.mixer.gamma_bias.uniform_(0.5, 3.0)
     return model
 
@@ -44,7 +44,7 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> SessaLM:
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_causality(variant, backend):
-    model = make_model(tiny(feedback_backend=backend, **VARIANTS[variant]))
+    model = make_model(tiny(**VARIANTS[variant]), backend=backend)
     ids = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(1))
     base = model(ids)
     for t in (0, 9, 17, 29):
@@ -88,10 +88,9 @@ def test_cache_misuse_raises():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_backends_agree_on_logits_and_every_gradient(variant):
     cfg = tiny(**VARIANTS[variant])
-    chunked = make_model(dataclasses.replace(cfg, feedback_backend="chunked", feedback_chunk_size=5))
+    chunked = make_model(cfg, backend="chunked", chunk=5)
     reference = copy.deepcopy(chunked)
-    for layer in reference.layers:
-        layer.mixer.cfg = dataclasses.replace(cfg, feedback_backend="reference")
+    reference.plan.compute = ComputeConfig(feedback_backend="reference")  # the plan every module of the copy holds
     ids = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(3))
     results = []
     for model in (chunked, reference):
@@ -109,11 +108,12 @@ def test_backends_agree_on_logits_and_every_gradient(variant):
 def test_layer_input_gradient_matches_between_backends():
     cfg = tiny(n_heads=4)
     torch.manual_seed(0)
-    layer = SessaLayer(cfg).double()
+    plan = ModelPlan(ComputeConfig(feedback_chunk_size=8))
+    layer = SessaLayer(cfg, plan).double()
     x = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
     grads = []
     for backend in ("chunked", "reference"):
-        layer.mixer.cfg = dataclasses.replace(cfg, feedback_backend=backend)
+        plan.compute = ComputeConfig(feedback_backend=backend, feedback_chunk_size=8)
         (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x)
         grads.append(gx)
     assert (grads[0] - grads[1]).abs().max() < 1e-9
@@ -199,13 +199,17 @@ def test_reference_state_dict_rename(n_heads):
         ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 must be divisible by model.n_kv_heads=3"),
         ({"feedback_heads": 3}, "d_model=32 must be divisible by model.feedback_heads=3"),
         ({"n_layers": 0}, "n_layers must be a positive integer, got 0"),
-        ({"feedback_backend": "fast"}, "feedback_backend='fast'"),
         ({"ffn_hidden_size": -1}, "ffn_hidden_size must be an integer >= 0, got -1"),
+        ({"compute": {"feedback_backend": "fast"}}, "compute.feedback_backend='fast'"),
+        ({"compute": {"feedback_chunk_size": -1}}, "compute.feedback_chunk_size must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_value(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        tiny(**overrides)
+        if "compute" in overrides:
+            ComputeConfig(**overrides["compute"])
+        else:
+            tiny(**overrides)
 
 
 def test_odd_head_dim_is_fine_without_rope():

@@ -2,8 +2,9 @@
 
 One spawn of 4 ranks walks through the layouts (tensor, pipeline, context, zero stage); data
 parallelism fills the rest (DP = 4 / (TP x PP x CP)). For each, two optimizer steps go through
-exactly what the trainer runs (SessaStage, PipelineRunner on megatron-core's schedule,
-DeepSpeed's gradient reduction, clipping and AdamW). The loss of every step (relative 1e-5)
+exactly what the trainer builds and runs (``trainer.build_engine``: the model under
+``MegatronPlan``, ``PipelineRunner`` on megatron-core's schedule, DeepSpeed's gradient
+reduction, clipping and AdamW). The loss of every step (relative 1e-5)
 and, under ZeRO-0, every gradient merged back to the plain layout (within 1e-5 of the step's
 largest gradient entry) must equal the 1-process model's. AdamW's eps is large so that the
 update depends on the gradient's scale: a wrong gradient norm (hence clipping) shows up.
@@ -15,6 +16,7 @@ import itertools
 import json
 import os
 import re
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,21 +26,40 @@ pytest.importorskip("megatron.core", reason="megatron-core (dev extra) is needed
 pytestmark = pytest.mark.slow
 
 WORLD, SEQS, N_MICRO, T, STEPS = 4, 4, 2, 12, 2  # SEQS: sequences per micro-batch over all DP ranks
-# (tensor, pipeline, context, zero stage, tied embeddings, feedback heads): feedback_heads=1 is
-# the paper's single head (replicated over TP ranks, its gradients all-reduced), 2 splits the
-# heads over TP; context=2 splits every sequence over 2 ranks (K/V all-gather, ring solve)
+
+
+class Layout(NamedTuple):
+    """feedback_heads=1 is the paper's single head (replicated over TP ranks, its gradients
+    all-reduced), 2 splits the heads over TP; context=2 splits every sequence over 2 ranks (K/V
+    all-gather, ring solve); ``model`` adds model keys (the MLP sub-block, the Transformer
+    baseline); ``backend`` sets SESSA_FEEDBACK_BACKEND (the Triton kernels run in the interpreter)."""
+
+    tensor: int
+    pipeline: int
+    context: int
+    zero: int
+    tie: bool
+    feedback_heads: int
+    model: tuple = ()
+    backend: str | None = None
+
+
 LAYOUTS = [
-    (2, 2, 1, 0, True, 1),
-    (2, 1, 1, 0, False, 2),
-    (1, 2, 1, 0, False, 1),
-    (2, 2, 1, 1, True, 2),
-    (2, 2, 1, 0, False, 2),
-    (2, 1, 2, 0, True, 1),
-    (1, 2, 2, 1, False, 2),
+    Layout(2, 2, 1, 0, True, 1),
+    Layout(2, 1, 1, 0, False, 2),
+    Layout(1, 2, 1, 0, False, 1),
+    Layout(2, 2, 1, 1, True, 2),
+    Layout(2, 2, 1, 0, False, 2),
+    Layout(2, 1, 2, 0, True, 1),
+    Layout(1, 2, 2, 1, False, 2),
+    Layout(2, 2, 1, 0, False, 2, (("ffn_hidden_size", 48),)),
+    Layout(2, 1, 1, 0, True, 1, (("arch", "transformer"),)),
+    Layout(2, 1, 2, 0, False, 1, (("arch", "transformer"),)),
+    Layout(2, 1, 2, 0, True, 1, (), "triton"),
 ]
 
 
-def _model_config(tie: bool, feedback_heads: int):
+def _model_config(layout: Layout):
     from sessa_train.config import ModelConfig
 
     return ModelConfig(
@@ -47,21 +68,30 @@ def _model_config(tie: bool, feedback_heads: int):
         n_layers=3,  # uneven over 2 stages
         n_heads=4,
         n_kv_heads=2,
-        feedback_chunk_size=5,  # T = 12 is no multiple of it
-        tie_embeddings=tie,
-        feedback_heads=feedback_heads,
+        tie_embeddings=layout.tie,
+        feedback_heads=layout.feedback_heads,
+        **dict(layout.model),
     )
 
 
-def _train_config(model, tensor: int, pipeline: int, zero: int, dp: int, context: int = 1):
+def _compute(layout: Layout):
+    from sessa_train.config import ComputeConfig
+
+    return ComputeConfig(feedback_chunk_size=16 if layout.backend == "triton" else 5)  # T = 12 is no multiple of 5
+
+
+def _train_config(layout: Layout, dp: int):
     from sessa_train.config import DataConfig, OptimizerConfig, ParallelConfig, ScheduleConfig, TrainConfig
 
     return TrainConfig(
-        model=model,
+        model=_model_config(layout),
+        compute=_compute(layout),
         data=DataConfig(micro_batch_size=SEQS // dp),
         optimizer=OptimizerConfig(lr=1e-2, grad_clip=0.05, eps=1e-3),  # clipping active; see _reference
         schedule=ScheduleConfig(train_steps=10, warmup_steps=0, global_batch_size=SEQS * N_MICRO),
-        parallel=ParallelConfig(tensor=tensor, pipeline=pipeline, context=context, zero_stage=zero),
+        parallel=ParallelConfig(
+            tensor=layout.tensor, pipeline=layout.pipeline, context=layout.context, zero_stage=layout.zero
+        ),
     )
 
 
@@ -73,16 +103,16 @@ def _batches(step: int, dp_rank: int, dp: int) -> list[dict]:
     return [{"tokens": t[dp_rank * per_rank : (dp_rank + 1) * per_rank]} for t in tokens]
 
 
-def _reference(model_cfg) -> tuple[list[float], list[dict]]:
+def _reference(layout: Layout) -> tuple[list[float], list[dict]]:
     """1 process: loss of each step and the gradients before clipping."""
     import torch.nn.functional as F
 
-    from sessa_train.models import SessaLM
-    from sessa_train.train import parameter_groups
+    from sessa_train.models import ModelPlan, SessaLM
+    from sessa_train.trainer.optim import parameter_groups
 
     torch.manual_seed(0)
-    model = SessaLM(model_cfg)
-    cfg = _train_config(model_cfg, 1, 1, 0, 1)
+    model = SessaLM(_model_config(layout), ModelPlan(_compute(layout)))
+    cfg = _train_config(layout, 1)
     o = cfg.optimizer
     opt = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     losses, grads = [], []
@@ -95,7 +125,7 @@ def _reference(model_cfg) -> tuple[list[float], list[dict]]:
             total += loss.item()
         losses.append(total)
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
-        if model_cfg.tie_embeddings:
+        if layout.tie:
             grads[-1]["lm_head.weight"] = grads[-1]["embed.weight"]
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         opt.step()
@@ -116,49 +146,33 @@ def _worker(rank: int, port: int, out) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from sessa_train.models import SessaLM
-    from sessa_train.parallel.layout import merge_lm_states
-    from sessa_train.parallel.model import build_stage
-    from sessa_train.parallel.pipeline import PipelineRunner
-    from sessa_train.parallel.state import MegatronMPU, init_model_parallel
-    from sessa_train.train import SkippableAdamW, deepspeed_config, parameter_groups
+    from sessa_train.distributed import DistInfo
+    from sessa_train.parallel.layout import merge_states
+    from sessa_train.trainer import build_engine, rank_layout
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    cpu = torch.device("cpu")
+    info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
     results = {}
     for layout in LAYOUTS:
-        tensor, pipeline, context, zero, tie, feedback_heads = layout
-        model_cfg = _model_config(tie, feedback_heads)
-        state = init_model_parallel(tensor, pipeline, context, WORLD)
-        torch.manual_seed(0)
-        stage = build_stage(model_cfg, state, SessaLM(model_cfg).state_dict(), cpu)
-        cfg = _train_config(model_cfg, tensor, pipeline, zero, state.dp, context)
-        opt = cfg.optimizer
-        optimizer = SkippableAdamW(
-            parameter_groups(stage, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
-        )
-        engine, *_ = deepspeed.initialize(
-            model=stage,
-            optimizer=optimizer,
-            config=deepspeed_config(cfg, N_MICRO, cpu, accumulate=False),
-            mpu=MegatronMPU(),
-        )
-        runner = PipelineRunner(stage, T, SEQS // state.dp, cpu)
+        if layout.backend:
+            os.environ["SESSA_FEEDBACK_BACKEND"] = layout.backend
+        cfg = _train_config(layout, WORLD // (layout.tensor * layout.pipeline * layout.context))
+        ranks = rank_layout(cfg, info)
+        engine = build_engine(cfg, info, ranks, T)  # exactly what the trainer builds
+        state = ranks.model_parallel
         losses, grads = [], []
         for step in range(STEPS):
-            stats = runner.run(iter(_batches(step, state.dp_rank, state.dp)), N_MICRO)
-            engine.allreduce_gradients()
-            loss = torch.tensor([sum(s["loss"].item() for s in stats) / N_MICRO if state.last_stage else 0.0])
-            dist.all_reduce(loss)
-            losses.append(loss.item() / (state.dp * state.tp * state.cp))
-            if zero == 0:
-                mine = {k: p.grad.clone() for k, p in stage.named_parameters()}
+            loss = engine.forward_backward(iter(_batches(step, ranks.dp_rank, ranks.dp)))
+            losses.append(loss)
+            if layout.zero == 0:
+                mine = {k: p.grad.clone() for k, p in engine.model.named_parameters(remove_duplicate=False)}
                 every: list = [None] * WORLD
                 dist.all_gather_object(every, ((state.pp_rank, state.tp_rank), mine))
-                grads.append(merge_lm_states(dict(every), model_cfg))
-            engine.step()
+                grads.append(merge_states(dict(every), cfg.model))
+            assert engine.update(loss)
         results[layout] = (losses, grads)
         ps.destroy_model_parallel()
+        os.environ.pop("SESSA_FEEDBACK_BACKEND", None)
     if rank == 0:
         out.update(results)
     dist.destroy_process_group()
@@ -169,7 +183,7 @@ def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients():
     mp.spawn(_worker, args=(29000 + os.getpid() % 400, results), nprocs=WORLD, join=True)
     assert set(results) == set(LAYOUTS)
     for layout, (losses, grads) in results.items():
-        ref_losses, ref_grads = _reference(_model_config(*layout[4:]))
+        ref_losses, ref_grads = _reference(layout)
         for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
             assert abs(got - want) <= 1e-5 * abs(want), f"{layout} step {step}: loss {got} vs {want}"
         for step, merged in enumerate(grads):
@@ -183,27 +197,33 @@ def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients():
 # -- layout conversion (pure) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tensor,pipeline,feedback_heads,tie", [(2, 2, 1, True), (4, 1, 4, False), (2, 3, 2, False)])
-def test_shard_then_merge_gives_back_every_plain_weight(tensor, pipeline, feedback_heads, tie):
+@pytest.mark.parametrize(
+    ("tensor", "pipeline", "feedback_heads", "tie", "model"),
+    [
+        (2, 2, 1, True, {}),
+        (4, 1, 4, False, {}),
+        (2, 3, 2, False, {"ffn_hidden_size": 48}),
+        (2, 2, 1, True, {"arch": "transformer"}),
+    ],
+)
+def test_shard_then_merge_gives_back_every_plain_weight(tensor, pipeline, feedback_heads, tie, model):
     from sessa_train.config import ModelConfig
-    from sessa_train.models import SessaLM
-    from sessa_train.parallel.layout import merge_lm_states, shard_lm_state, stage_layers
+    from sessa_train.models import ModelPlan, SessaLM
+    from sessa_train.parallel.layout import merge_states, shard_state
 
     cfg = ModelConfig(
-        vocab_size=64, d_model=32, n_layers=4, n_heads=4, feedback_heads=feedback_heads, tie_embeddings=tie
+        vocab_size=64, d_model=32, n_layers=4, n_heads=4, feedback_heads=feedback_heads, tie_embeddings=tie, **model
     )
     plain = SessaLM(cfg).state_dict()
-    stages = {
-        (p, t): shard_lm_state(plain, cfg, t, tensor, p, pipeline) for p in range(pipeline) for t in range(tensor)
-    }
+    stages = {(p, t): shard_state(plain, cfg, t, tensor, p, pipeline) for p in range(pipeline) for t in range(tensor)}
     assert sum(v.numel() for v in stages[(0, 0)].values()) < sum(v.numel() for v in plain.values())
-    merged = merge_lm_states(stages, cfg)
+    merged = merge_states(stages, cfg)
     assert merged.keys() == plain.keys()
     assert all(torch.equal(merged[k], plain[k]) for k in plain)
-    layers = [i for p in range(pipeline) for i in stage_layers(cfg.n_layers, pipeline, p)]
+    layers = [i for p in range(pipeline) for i in ModelPlan(stages=pipeline, stage=p).layer_ids(cfg.n_layers)]
     assert layers == list(range(cfg.n_layers))  # contiguous, each layer once
     with pytest.raises(ValueError, match="missing"):
-        merge_lm_states({k: v for k, v in stages.items() if k != (0, 0)}, cfg)
+        merge_states({k: v for k, v in stages.items() if k != (0, 0)}, cfg)
 
 
 # -- the trainer under TP=2 x PP=2 on the tiny preset ---------------------------------------
@@ -222,9 +242,10 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     1-process run (which starts from the same plain weights, sharded); its checkpoint exported
     to the plain layout holds each rank's trained weights and gives its validation loss; and the
     1-process run's export loaded at CP=2 x TP=2 gives the plain model's loss on the first batch."""
+    from sessa_train.checkpoint import module_state
     from sessa_train.data import PackedTokenLoader
     from sessa_train.export import export_checkpoint, load_pretrained
-    from sessa_train.parallel.layout import shard_lm_state
+    from sessa_train.parallel.layout import shard_state
     from tests.conftest import tiny_overrides
     from tests.trainer import REPO, losses, train
 
@@ -243,9 +264,9 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     plain = load_pretrained(tmp_path / "from_tp_pp")
 
     for m in range(4):  # the export holds exactly the weights each rank trained (rank m = pp * 2 + tp)
-        trained = torch.load(run / "ckpt" / "step_00000020" / f"mp_rank_{m:02d}_model_states.pt", weights_only=False)
-        weights = {k: v for k, v in trained["module"].items() if not k.endswith("._extra_state")}  # megatron's
-        back = shard_lm_state(plain.state_dict(), plain.cfg, m % 2, 2, m // 2, 2)
+        trained = module_state(run / "ckpt" / "step_00000020", m)
+        weights = {k: v for k, v in trained.items() if not k.endswith("._extra_state")}  # megatron's
+        back = shard_state(plain.state_dict(), plain.cfg, m % 2, 2, m // 2, 2)
         assert back.keys() == weights.keys()
         assert all(torch.equal(back[k], weights[k]) for k in back), f"model-parallel rank {m}"
     val = PackedTokenLoader(
@@ -275,9 +296,9 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     export_checkpoint(run2 / "ckpt" / "step_00000001", tmp_path / "from_cp_tp")
     plain2 = load_pretrained(tmp_path / "from_cp_tp").state_dict()
     for m in range(2):
-        trained = torch.load(run2 / "ckpt" / "step_00000001" / f"mp_rank_{m:02d}_model_states.pt", weights_only=False)
-        back = shard_lm_state(plain2, plain.cfg, m, 2)
-        assert all(torch.equal(back[k], trained["module"][k]) for k in back), f"tensor-parallel rank {m}"
+        trained = module_state(run2 / "ckpt" / "step_00000001", m)
+        back = shard_state(plain2, plain.cfg, m, 2)
+        assert all(torch.equal(back[k], trained[k]) for k in back), f"tensor-parallel rank {m}"
 
 
 @pytest.mark.parametrize(
@@ -293,7 +314,7 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
 )
 def test_layouts_that_cannot_work_are_refused_in_one_line(sizes, model, message):
     from sessa_train.config import ModelConfig
-    from sessa_train.parallel.model import check_parallel_model
+    from sessa_train.parallel.plan import check_parallel_model
     from sessa_train.parallel.state import check_sizes
 
     tensor, pipeline, context, world = sizes

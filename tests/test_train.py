@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sessa_train.export import checkpoint_state
+from sessa_train.checkpoint import read_weights
 from tests.trainer import ENV, REPO, command, losses, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_resumed_run_equals_uninterrupted_run(shards, tmp_path, nproc, zero_stag
     assert [s for s, _ in losses(split)] == list(range(1, 9))
     assert losses(split) == losses(full)  # bitwise: JSON keeps every digit of a float
     # consolidated by DeepSpeed's zero_to_fp32 where the module file holds only ZeRO-3 placeholders
-    a, b = (checkpoint_state(run / "ckpt")[0] for run in (full, split))
+    a, b = (read_weights(run / "ckpt")[0] for run in (full, split))
     assert {"embed.weight", "norm.weight"} <= a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(full)[-1][1] < losses(full)[0][1]
@@ -104,21 +104,22 @@ def test_sigterm_saves_and_stops(shards, tmp_path):
 # argv = json list of steps, micro-batches per step, then sessa-train's own arguments.
 POISONED_TRAINER = """
 import json, sys
+import sessa_train.models.plan as plan
 import sessa_train.train as train
 steps, gas = set(json.loads(sys.argv[1])), int(sys.argv[2])
-real, calls = train.F.cross_entropy, [0]
-def cross_entropy(*args, **kwargs):
+real, calls = plan.ModelPlan.token_loss, [0]
+def token_loss(self, logits, targets):
     step = calls[0] // gas + 1
     calls[0] += 1
-    loss = real(*args, **kwargs)
+    loss = real(self, logits, targets)
     return loss * float("nan") if step in steps else loss
-train.F.cross_entropy = cross_entropy
+plan.ModelPlan.token_loss = token_loss
 sys.exit(train.main(sys.argv[3:]))
 """
 
 
 def weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return checkpoint_state(run / "ckpt" / f"step_{step:08d}")[0]
+    return read_weights(run / "ckpt" / f"step_{step:08d}")[0]
 
 
 @pytest.mark.parametrize(("zero_stage", "grad_clip"), [(0, 1.0), (2, 1.0), (2, 0.0), (3, 1.0)])
@@ -162,8 +163,8 @@ def test_too_many_non_finite_steps_abort(shards, tmp_path):
         (["schedule.global_batch_size=6"], "schedule.global_batch_size=6 is not divisible by data.micro_batch_size=4"),
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's vocabulary (400)"),
         (["--resume", "/nonexistent/step_00000001"], "is not a complete checkpoint folder"),
-        (["model.feedback_backend=triton"], "the triton backend needs CUDA tensors (got device cpu)"),
-        (["model.feedback_chunk_size=-1"], "model.feedback_chunk_size must be an integer >= 0, got -1"),
+        (["compute.feedback_backend=triton"], "the triton backend needs CUDA tensors (got device cpu)"),
+        (["compute.feedback_chunk_size=-1"], "compute.feedback_chunk_size must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_config_exits_with_one_line(shards, tmp_path, overrides, message):
@@ -188,7 +189,9 @@ def test_tiny_preset_learns_the_default_corpus(tiny_run):
 def test_config_errors_before_start_are_one_line(shards, tmp_path, capsys):
     """Errors met before any process group exists, checked in this process."""
     from sessa_train.config import load_config
-    from sessa_train.train import TrainError, initial_weights, main
+    from sessa_train.errors import TrainError
+    from sessa_train.train import main
+    from sessa_train.trainer.build import initial_weights
 
     config = write_config(tmp_path / "c.yaml", shards, tmp_path / "r")
     assert main(["--config", str(config), "schedule.train_steps=many"]) == 2

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from sessa_train.checkpoint import module_state
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -62,5 +64,5 @@ def losses(run: Path) -> list[tuple[int, float]]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    latest = (run / "ckpt" / "latest").read_text().strip()
-    return torch.load(run / "ckpt" / latest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    """DeepSpeed's module weights of the newest checkpoint (not consolidated: an independent read)."""
+    return module_state(run / "ckpt")

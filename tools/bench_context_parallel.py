@@ -40,7 +40,7 @@ def _peak_mib() -> float:
 def _rank(rank: int, world: int, port: int, args, out, timed: bool) -> None:
     import torch.distributed as dist
 
-    from sessa_train.ops.feedback_chunked import feedback_solve_chunked
+    from sessa_train.ops import feedback_solve, select_solver
     from sessa_train.parallel.context_parallel import feedback_solve_context_parallel
 
     torch.set_num_threads(max(1, args.threads // world))
@@ -56,10 +56,11 @@ def _rank(rank: int, world: int, port: int, args, out, timed: bool) -> None:
         return sizes, [t.requires_grad_() for t in (q, k, f, gamma)], w
 
     def step(sizes, leaves, w) -> None:
+        solver = select_solver("chunked", "cpu", args.chunk)
         if world == 1:
-            s = feedback_solve_chunked(*leaves, D**-0.5, args.chunk)
+            s = feedback_solve(*leaves, scale=D**-0.5, solver=solver)
         else:
-            s = feedback_solve_context_parallel(*leaves, D**-0.5, args.chunk, dist.group.WORLD, sizes)
+            s = feedback_solve_context_parallel(*leaves, D**-0.5, solver, dist.group.WORLD, sizes)
         (s * w).sum().backward()
         for t in leaves:
             t.grad = None

@@ -41,22 +41,15 @@ def _rss_kib(field: str) -> int:
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from sessa_train.config import ModelConfig
-    from sessa_train.models import SessaLayer
+    from sessa_train.config import ComputeConfig, ModelConfig
+    from sessa_train.models import ModelPlan, SessaLayer
     from sessa_train.ops import feedback_solve
 
     torch.manual_seed(0)
     T, D, backend = args.T[0], args.d_model, args.worker
     if args.scope == "layer":
-        cfg = ModelConfig(
-            vocab_size=8,
-            d_model=D,
-            n_layers=1,
-            n_heads=args.n_heads,
-            feedback_backend=backend,
-            feedback_chunk_size=args.chunk_size,
-        )
-        layer = SessaLayer(cfg)
+        cfg = ModelConfig(vocab_size=8, d_model=D, n_layers=1, n_heads=args.n_heads)
+        layer = SessaLayer(cfg, ModelPlan(ComputeConfig(feedback_backend=backend, feedback_chunk_size=args.chunk_size)))
         inputs = [torch.randn(args.batch, T, D, requires_grad=True)]
         forward = layer
     else:

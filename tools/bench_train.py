@@ -29,7 +29,7 @@ def run(config: Path, backend: str, steps: int, extra: list[str]) -> list[dict]:
             "sessa_train.train",
             "--config",
             str(config),
-            f"model.feedback_backend={backend}",
+            f"compute.feedback_backend={backend}",
             f"schedule.train_steps={steps}",
             "schedule.warmup_steps=1",
             f"checkpoint.dir={scratch}/ckpt",

@@ -16,6 +16,7 @@ from sessa_train.data.default_corpus import write_default_corpus
 from sessa_train.data.documents import iter_documents
 from sessa_train.data.shards import INDEX_NAME, write_shards
 from sessa_train.data.tokenizer import MODEL_TYPES, train_tokenizer
+from sessa_train.errors import SessaError
 
 DEFAULT_DATA_DIR = Path("data/default")
 
@@ -24,7 +25,7 @@ def _run(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], N
     args = parser.parse_args(argv)
     try:
         work(args)
-    except ValueError as e:  # ShardError included
+    except SessaError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     return 0
 

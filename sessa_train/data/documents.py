@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from sessa_train.errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 
@@ -21,14 +23,14 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.rglob("*") if p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES and p.is_file())
             if not found:
-                raise ValueError(f"no .txt, .md or .jsonl files under directory {item}")
+                raise DataError(f"no .txt, .md or .jsonl files under directory {item}")
             files += found
         elif item.is_file():
             if item.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
-                raise ValueError(f"unsupported input file {item}: expected .txt, .md or .jsonl")
+                raise DataError(f"unsupported input file {item}: expected .txt, .md or .jsonl")
             files.append(item)
         else:
-            raise ValueError(f"input not found: {item}")
+            raise DataError(f"input not found: {item}")
     return files
 
 
@@ -44,9 +46,9 @@ def read_documents(path: Path, text_key: str = "text") -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
+                raise DataError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
             yield record[text_key]
 
 

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sessa_train.data.shards import ShardError, load_index, read_shard
+from sessa_train.errors import DataError
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -139,9 +140,9 @@ class PackedTokenLoader:
         self.data_dir = Path(data_dir)
         self.index = load_index(self.data_dir, tokenizer_path)
         if split not in self.index["splits"]:
-            raise ValueError(f"split {split!r} not in {self.data_dir}; valid: {', '.join(self.index['splits'])}")
+            raise DataError(f"split {split!r} not in {self.data_dir}; valid: {', '.join(self.index['splits'])}")
         if micro_batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
-            raise ValueError(
+            raise DataError(
                 f"bad loader layout: micro_batch_size={micro_batch_size}, num_workers={num_workers}, "
                 f"rank={rank}, world_size={world_size}"
             )
@@ -152,7 +153,7 @@ class PackedTokenLoader:
         self.max_epochs, self.skip_corrupt = max_epochs, skip_corrupt
         self.shards = self.index["splits"][split]["shards"]
         if max_epochs is None and len(self.shards) < self.n_slots:  # an endless reader needs a shard
-            raise ValueError(
+            raise DataError(
                 f"split {split!r} of {self.data_dir} has {len(self.shards)} shards, fewer than the "
                 f"{world_size} ranks x {self.workers} workers = {self.n_slots} readers; write smaller shards"
             )
@@ -161,10 +162,6 @@ class PackedTokenLoader:
         self._progress: Progress = {}
         self._start_epoch = 0
         self._next_worker = 0
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s["samples"] for s in self.shards)
 
     def read(self, shard: int) -> list[np.ndarray] | None:
         """The samples of one shard in file order; None for a corrupt shard when skip_corrupt."""
@@ -226,11 +223,11 @@ class PackedTokenLoader:
             ("shuffle", self.shuffle),
         ):
             if state.get(key) != mine:
-                raise ValueError(f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine!r}")
+                raise DataError(f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine!r}")
         if state["shards"] != [s["name"] for s in self.shards]:
-            raise ValueError(f"loader state was saved for other shards than those listed in {self.data_dir}")
+            raise DataError(f"loader state was saved for other shards than those listed in {self.data_dir}")
         if len(state["next_worker"]) != state["layout"]["world_size"]:
-            raise ValueError(
+            raise DataError(
                 f"loader state holds {len(state['next_worker'])} of {state['layout']['world_size']} ranks' "
                 "states: pass merge_states() of all of them"
             )
@@ -251,12 +248,12 @@ class PackedTokenLoader:
 def merge_states(states: list[dict]) -> dict:
     """Combine the per-rank states of one step into the state of the whole job."""
     if not states:
-        raise ValueError("merge_states needs at least one state")
+        raise DataError("merge_states needs at least one state")
     first = states[0]
     for s in states[1:]:
         for key in ("version", "split", "seed", "shuffle", "shards", "layout"):
             if s[key] != first[key]:
-                raise ValueError(f"loader states of different runs: {key} differs ({s[key]!r} vs {first[key]!r})")
+                raise DataError(f"loader states of different runs: {key} differs ({s[key]!r} vs {first[key]!r})")
     progress: dict[str, dict[str, int]] = {}
     for s in states:
         for e, d in s["progress"].items():

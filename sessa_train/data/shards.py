@@ -30,6 +30,7 @@ import numpy as np
 import webdataset as wds
 
 from sessa_train.data.tokenizer import Tokenizer
+from sessa_train.errors import DataError
 
 INDEX_NAME = "index.json"
 FORMAT = "sessa-packed-tokens-v1"
@@ -45,7 +46,7 @@ def tar_file_size(members_bytes: int) -> int:
     return -(-(members_bytes + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard, index or tokenizer that does not match what the index promises."""
 
 
@@ -167,20 +168,17 @@ def write_shards(
 ) -> dict:
     """Tokenize ``documents`` and write train/val shards plus ``index.json``; returns the index."""
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
     if (samples_per_shard is None) == (shard_bytes is None):
-        raise ValueError("give exactly one of samples_per_shard or shard_bytes")
+        raise DataError("give exactly one of samples_per_shard or shard_bytes")
     if samples_per_shard is not None and samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if shard_bytes is not None and shard_bytes < TAR_RECORD:
-        raise ValueError(f"shard_bytes must be >= {TAR_RECORD} (one tar record), got {shard_bytes}")
+        raise DataError(f"shard_bytes must be >= {TAR_RECORD} (one tar record), got {shard_bytes}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tokenizer = Tokenizer(tokenizer_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists():
-        raise ValueError(f"{out / INDEX_NAME} already exists: choose an empty output directory")
+    out = _empty_output(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: _SplitWriter(out, split, seq_len + 1, dtype, samples_per_shard, shard_bytes) for split in SPLITS}
 
@@ -209,17 +207,24 @@ def write_shards(
                 writers[split].add(tokens)
                 n_docs[split] += 1
             bar.update(len(encoded))
-    index = {
-        "format": FORMAT,
-        "seq_len": seq_len,
-        "sample_tokens": seq_len + 1,
-        "dtype": dtype.name,
-        "eos_id": tokenizer.eos_id,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer_sha256": tokenizer.sha256,
-        "tokenizer_file": tokenizer.path.name,
-        "splits": {split: {"documents": n_docs[split], **writers[split].finish()} for split in SPLITS},
-    }
+    splits = {split: {"documents": n_docs[split], **writers[split].finish()} for split in SPLITS}
+    tok = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size}
+    tok |= {"tokenizer_sha256": tokenizer.sha256, "tokenizer_file": tokenizer.path.name}
+    return _write_index(out, seq_len, dtype, tok, splits)
+
+
+def _empty_output(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / INDEX_NAME).exists():
+        raise DataError(f"{out / INDEX_NAME} already exists: choose an empty output directory")
+    return out
+
+
+def _write_index(out: Path, seq_len: int, dtype: np.dtype, tokenizer: dict, splits: dict) -> dict:
+    """Write ``index.json`` last, atomically: the folder is complete once it exists."""
+    index = {"format": FORMAT, "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": dtype.name}
+    index |= {**tokenizer, "splits": splits}
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(out / INDEX_NAME)
@@ -237,10 +242,7 @@ def write_sample_shards(
 ) -> dict:
     """Write ready-made samples of exactly seq_len + 1 token ids (synthetic data, no tokenizer)
     as train/val shards plus ``index.json``, in the format ``write_shards`` produces."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists():
-        raise ValueError(f"{out / INDEX_NAME} already exists: choose an empty output directory")
+    out = _empty_output(out_dir)
     dtype = token_dtype(vocab_size)
     written = {}
     for split in SPLITS:
@@ -248,25 +250,12 @@ def write_sample_shards(
         n = 0
         for row in splits.get(split, ()):
             if row.shape != (seq_len + 1,) or row.min() < 0 or row.max() >= vocab_size:
-                raise ValueError(f"{split} sample {n}: need {seq_len + 1} ids in [0, {vocab_size}), got {row}")
+                raise DataError(f"{split} sample {n}: need {seq_len + 1} ids in [0, {vocab_size}), got {row}")
             writer.add(row)
             n += 1
         written[split] = {"documents": n, **writer.finish()}
-    index = {
-        "format": FORMAT,
-        "seq_len": seq_len,
-        "sample_tokens": seq_len + 1,
-        "dtype": dtype.name,
-        "eos_id": eos_id,
-        "vocab_size": vocab_size,
-        "tokenizer_sha256": None,
-        "tokenizer_file": None,
-        "splits": written,
-    }
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out / INDEX_NAME)
-    return index
+    tok = {"eos_id": eos_id, "vocab_size": vocab_size, "tokenizer_sha256": None, "tokenizer_file": None}
+    return _write_index(out, seq_len, dtype, tok, written)
 
 
 def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -> dict:

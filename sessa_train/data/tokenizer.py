@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from sessa_train.errors import DataError
+
 MODEL_TYPES = ("bpe", "unigram")
 
 
@@ -45,12 +47,12 @@ def train_tokenizer(
 ) -> Path:
     """Train a sentencepiece model and write it to ``model_path`` (a ``.model`` file)."""
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+        raise DataError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
     if vocab_size < 260 and byte_fallback:
-        raise ValueError(f"vocab_size must be >= 260 with byte fallback (256 bytes + specials), got {vocab_size}")
+        raise DataError(f"vocab_size must be >= 260 with byte fallback (256 bytes + specials), got {vocab_size}")
     model_path = Path(model_path)
     if model_path.suffix != ".model":
-        raise ValueError(f"tokenizer model path must end in .model, got {model_path}")
+        raise DataError(f"tokenizer model path must end in .model, got {model_path}")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     max_bytes = 4192  # sentencepiece's max_sentence_length: longer lines would be dropped
     try:
@@ -73,7 +75,7 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}): {first}") from None
+        raise DataError(f"sentencepiece training failed (vocab_size={vocab_size}): {first}") from None
     model_path.with_suffix(".vocab").unlink(missing_ok=True)
     return model_path
 
@@ -84,12 +86,12 @@ class Tokenizer:
     def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise ValueError(f"tokenizer model not found: {self.path}")
+            raise DataError(f"tokenizer model not found: {self.path}")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.sha256 = file_sha256(self.path)
         self.eos_id = self.sp.eos_id()
         if self.eos_id < 0:
-            raise ValueError(f"tokenizer {self.path} has no eos id")
+            raise DataError(f"tokenizer {self.path} has no eos id")
 
     @property
     def vocab_size(self) -> int:

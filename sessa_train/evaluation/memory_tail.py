@@ -26,7 +26,7 @@ from sessa_train.models import SessaLM
 
 def last_hidden(model: SessaLM, x: torch.Tensor) -> torch.Tensor:
     """The last layer's output for input embeddings x (B, T, D)."""
-    for layer in model.layers:
+    for layer in model.layers.values():
         x = layer(x)
     return x
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sessa_train.config import ModelConfig, load_config
+    from sessa_train.config import load_config
     from sessa_train.evaluation.report import load_model
 
     p = argparse.ArgumentParser(
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         path, _, arch = spec.partition(":")
         cfg = load_config([Path(path)], [f"model.arch={arch}"] if arch else []).model
         torch.manual_seed(args.seed)
-        models[name] = SessaLM(ModelConfig(**{**cfg.__dict__}))
+        models[name] = SessaLM(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     targets = list(range(args.seq_len - args.targets, args.seq_len))
     l_max = args.l_max or args.seq_len // 2

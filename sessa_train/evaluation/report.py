@@ -19,13 +19,14 @@ from sessa_train.models import SessaLM
 
 def load_model(path: str | Path) -> SessaLM:
     """An export folder (config.json) or a training checkpoint (step_N folder or its root)."""
+    from sessa_train.checkpoint import read_weights
     from sessa_train.config import ModelConfig
-    from sessa_train.export import checkpoint_state, load_pretrained
+    from sessa_train.export import load_pretrained
 
     if (Path(path) / "config.json").is_file():
         return load_pretrained(path)
-    weights, client = checkpoint_state(path)
-    model = SessaLM(ModelConfig(**client["config"]["model"]))
+    weights, client = read_weights(path)
+    model = SessaLM(ModelConfig.from_dict(client["config"]["model"]))
     model.load_state_dict(weights)
     return model.eval()
 

@@ -47,7 +47,7 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SessaConfig) -> None:
         super().__init__(config)
-        lm = SessaLM(ModelConfig(**config.model))
+        lm = SessaLM(ModelConfig.from_dict(config.model))
         # register SessaLM's modules under their own names: export tensor names load as they are
         self.embed, self.layers, self.norm, self.lm_head = lm.embed, lm.layers, lm.norm, lm.lm_head
         object.__setattr__(self, "lm", lm)  # not a submodule: its parameters are the ones above

@@ -1,24 +1,29 @@
 """The Sessa mixer: causal attention f, then the feedback solve (I - diag(gamma) A) s = f.
 
-q, k, v  = Wq a, Wk a, Wv a              (B,T,D) -> heads; k, v may have fewer (GQA)
+q, k, v  = Wq a, Wk a, Wv a               (B,T,D) -> heads; k, v may have fewer (GQA)
 f        = Wo . SDPA(RoPE(q), RoPE(k), v, causal)        (Wo only when n_heads > 1)
 q_b, k_b = split(W_fb a, 2)               feedback heads, no RoPE
 gamma    = gamma_max * tanh(b + w . a)    (B,T,feedback_heads)
 s        = feedback_solve(q_b, k_b, f, gamma)
+
+Under tensor parallelism (``models/plan.py``) q/k/v are split by heads and Wo sums over ranks.
+The feedback heads are split over ranks when there are several; the paper's single head is
+replicated instead: every rank computes the whole q_b, k_b and gamma and solves its own
+channels of f against them, and their gradients are summed over the ranks (``plan.shared``).
+Either way a rank returns its channels of s.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sessa_train.config import ModelConfig
-from sessa_train.models.rope import apply_rope, rope_angles
-from sessa_train.ops import feedback_decode_step, feedback_solve
+from sessa_train.models.attention import causal_attention, split_heads
+from sessa_train.models.plan import ModelPlan, Split
+from sessa_train.ops import feedback_decode_step
 
 
 @dataclass
@@ -40,51 +45,40 @@ class MixerCache:
         return self.k.shape[2]
 
 
-def _check_width(x: torch.Tensor, d_model: int, what: str) -> None:
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"{what} expects input of shape (batch, seq, {d_model}), got {tuple(x.shape)}")
-
-
-def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, T, n*c) -> (B, n, T, c)."""
-    B, T, _ = x.shape
-    return x.view(B, T, n, -1).transpose(1, 2)
-
-
-def causal_attention(module: nn.Module, a: torch.Tensor, cache: MixerCache | None, start: int) -> torch.Tensor:
-    """The forward branch f = Wo . SDPA(RoPE(q), RoPE(k), v, causal) of a module with q_proj,
-    k_proj, v_proj, o_proj and cfg (shared by SessaMixer and the Transformer baseline).
-
-    a (B, T, D) -> (B, T, D). With a cache, k and v of positions start.. are stored first.
-    """
-    cfg = module.cfg
-    B, T, D = a.shape
-    q = _heads(module.q_proj(a), cfg.n_heads)
-    k = _heads(module.k_proj(a), cfg.kv_heads)
-    v = _heads(module.v_proj(a), cfg.kv_heads)
-    if cfg.rope:
-        angles = rope_angles(torch.arange(start, start + T, device=a.device), cfg.head_dim, cfg.rope_theta, a.dtype)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
-    if cache is not None:
-        end = start + T
-        cache.k[:, :, start:end], cache.v[:, :, start:end] = k, v
-        k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-    f = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, enable_gqa=cfg.kv_heads != cfg.n_heads)
-    return module.o_proj(f.transpose(1, 2).reshape(B, T, D))
+def check_cache(cache: MixerCache | None, tokens: int) -> int:
+    """The position of the first of ``tokens`` new tokens (0 without a cache)."""
+    if cache is None:
+        return 0
+    start = cache.length
+    if start > 0 and tokens != 1:
+        raise ValueError(f"decode takes one token at a time after prefill, got {tokens} tokens")
+    if start + tokens > cache.max_len:
+        raise ValueError(f"cache overflow: {start} + {tokens} tokens > max_len={cache.max_len}")
+    return start
 
 
 class SessaMixer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plan: ModelPlan | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
-        D, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = nn.Linear(D, cfg.n_heads * hd)
-        self.k_proj = nn.Linear(D, cfg.kv_heads * hd)
-        self.v_proj = nn.Linear(D, cfg.kv_heads * hd)
-        self.o_proj = nn.Linear(D, D, bias=False) if cfg.n_heads > 1 else nn.Identity()
-        self.fb_proj = nn.Linear(D, 2 * D)
-        self.gamma_proj = nn.Linear(D, cfg.feedback_heads, bias=False)
-        self.gamma_bias = nn.Parameter(torch.full((cfg.feedback_heads,), cfg.gamma_bias_init))
+        plan = plan or ModelPlan()
+        self.cfg, self.plan = cfg, plan
+        D, hd, H = cfg.d_model, cfg.head_dim, cfg.feedback_heads
+        self.q_proj = plan.column(D, cfg.n_heads * hd)
+        self.k_proj = plan.column(D, cfg.kv_heads * hd)
+        self.v_proj = plan.column(D, cfg.kv_heads * hd)
+        self.o_proj = plan.row(D, D, bias=False) if cfg.n_heads > 1 else nn.Identity()
+        if H > 1:  # feedback heads split over tensor-parallel ranks
+            self.fb_proj = plan.column(D, 2 * D, parts=2)
+            self.gamma_proj = plan.column(D, H, bias=False)
+        else:  # the single head: whole on every rank
+            self.fb_proj = plan.replicated(D, 2 * D)
+            self.gamma_proj = plan.replicated(D, 1, bias=False)
+        self.gamma_bias = plan.parameter(torch.full((H,), cfg.gamma_bias_init), Split(0) if H > 1 else None)
+
+    def sequence_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token that grow with the sequence: QK^T and AV of the forward branch
+        over on average T/2 keys, and the feedback solve's q_b k_b^T and A s over T/2 earlier rows."""
+        return 2 * (2 * 2 * (seq_len / 2) * self.cfg.d_model)
 
     def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MixerCache:
         cfg = self.cfg
@@ -97,37 +91,36 @@ class SessaMixer(nn.Module):
         return MixerCache(k=new(kv), v=new(kv), k_b=new(fb), s=new(fb))
 
     def forward(self, a: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
-        """a (B, T, D) -> s (B, T, D).
+        """a (B, T, D) -> s (B, T, D / tensor-parallel ranks).
 
         With a cache: an empty cache is filled by the parallel forward (prefill); a non-empty
         one takes exactly one new token (decode), which continues the recurrence.
         """
-        cfg = self.cfg
-        _check_width(a, cfg.d_model, "SessaMixer")
-        B, T, D = a.shape
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            if start > 0 and T != 1:
-                raise ValueError(f"decode takes one token at a time after prefill, got {T} tokens")
-            if start + T > cache.max_len:
-                raise ValueError(f"cache overflow: {start} + {T} tokens > max_len={cache.max_len}")
+        cfg, plan = self.cfg, self.plan
+        if a.dim() != 3 or a.shape[-1] != cfg.d_model:
+            raise ValueError(f"SessaMixer expects input of shape (batch, seq, {cfg.d_model}), got {tuple(a.shape)}")
+        B, T, _ = a.shape
+        start = check_cache(cache, T) if cache is not None else plan.sequence_start(T)
 
-        f = causal_attention(self, a, cache, start)  # (B, T, D); writes k, v into the cache
-        q_b, k_b = (_heads(x, cfg.feedback_heads) for x in self.fb_proj(a).chunk(2, dim=-1))
-        gamma = (cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a))).transpose(1, 2)  # (B,Hfb,T)
-        scale = 1.0 / math.sqrt(q_b.shape[-1])
+        f = causal_attention(self, a, cache, start)  # (B, T, D), every channel; writes k, v into a cache
+        fb = self.fb_proj(a)
+        gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a))  # (B, T, local heads)
+        if cfg.feedback_heads == 1:
+            fb, gamma = plan.shared(fb), plan.shared(gamma)
+        dfb = cfg.d_model // cfg.feedback_heads
+        q_b, k_b = (split_heads(x, dfb) for x in fb.chunk(2, dim=-1))  # (B, local heads, T, dfb)
+        f = plan.scatter(f).view(B, T, q_b.shape[1], -1).transpose(1, 2)  # this rank's channels, per head
+        gamma = gamma.transpose(1, 2)
+        scale = dfb**-0.5
         if cache is not None:
             cache.k_b[:, :, start : start + T] = k_b
-        f = _heads(f, cfg.feedback_heads)  # (B, Hfb, T, dfb)
-
-        if start == 0:
-            chunk = cfg.feedback_chunk_size or None
-            s = feedback_solve(q_b, k_b, f, gamma, scale=scale, backend=cfg.feedback_backend, chunk_size=chunk)
-        else:
+        if cache is not None and start > 0:
             s = feedback_decode_step(
                 q_b[:, :, 0], cache.k_b[:, :, :start], cache.s[:, :, :start], f[:, :, 0], gamma[:, :, 0], scale
             ).unsqueeze(2)
+        else:
+            s = plan.solve(q_b, k_b, f, gamma, scale)
         if cache is not None:
             cache.s[:, :, start : start + T] = s
             cache.length = start + T
-        return s.transpose(1, 2).reshape(B, T, D)
+        return s.transpose(1, 2).flatten(2)

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from sessa_train.config import ModelConfig
+from sessa_train.models.attention import causal_attention
 from sessa_train.models.layer import MLP
-from sessa_train.models.mixer import MixerCache, causal_attention
+from sessa_train.models.mixer import MixerCache, check_cache
+from sessa_train.models.plan import ModelPlan
 
 
 def matched_ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -24,14 +26,18 @@ def matched_ffn_hidden_size(cfg: ModelConfig) -> int:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plan: ModelPlan) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.plan = cfg, plan
         D, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = nn.Linear(D, cfg.n_heads * hd)
-        self.k_proj = nn.Linear(D, cfg.kv_heads * hd)
-        self.v_proj = nn.Linear(D, cfg.kv_heads * hd)
-        self.o_proj = nn.Linear(D, D)
+        self.q_proj = plan.column(D, cfg.n_heads * hd)
+        self.k_proj = plan.column(D, cfg.kv_heads * hd)
+        self.v_proj = plan.column(D, cfg.kv_heads * hd)
+        self.o_proj = plan.row(D, D)
+
+    def sequence_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of QK^T and AV over on average T/2 keys."""
+        return 2 * 2 * (seq_len / 2) * self.cfg.d_model
 
     def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MixerCache:
         """A key/value cache (the feedback fields k_b, s are empty)."""
@@ -42,23 +48,23 @@ class CausalSelfAttention(nn.Module):
         return MixerCache(k=kv, v=kv.clone(), k_b=empty, s=empty.clone())
 
     def forward(self, x: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
-        start = 0 if cache is None else cache.length
-        if cache is not None and start > 0 and x.shape[1] != 1:
-            raise ValueError(f"decode takes one token at a time after prefill, got {x.shape[1]} tokens")
+        T = x.shape[1]
+        start = check_cache(cache, T) if cache is not None else self.plan.sequence_start(T)
         out = causal_attention(self, x, cache, start)
         if cache is not None:
-            cache.length = start + x.shape[1]
+            cache.length = start + T
         return out
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plan: ModelPlan | None = None) -> None:
         super().__init__()
+        plan = plan or ModelPlan()
         D = cfg.d_model
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.mixer = CausalSelfAttention(cfg)  # "mixer": the cache interface SessaLM expects
+        self.mixer = CausalSelfAttention(cfg, plan)  # "mixer": the cache interface SessaLM expects
         self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.mlp = MLP(D, matched_ffn_hidden_size(cfg))
+        self.mlp = MLP(D, matched_ffn_hidden_size(cfg), plan)
 
     def forward(self, x: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
         y = x + self.mixer(self.norm(x), cache)

@@ -1,5 +1,5 @@
 """Kernels behind one dispatch function each, with a pure-torch reference beside them."""
 
-from sessa_train.ops.feedback import BACKENDS, feedback_decode_step, feedback_solve
+from sessa_train.ops.feedback import Solver, feedback_decode_step, feedback_solve, select_solver
 
-__all__ = ["BACKENDS", "feedback_decode_step", "feedback_solve"]
+__all__ = ["Solver", "feedback_decode_step", "feedback_solve", "select_solver"]

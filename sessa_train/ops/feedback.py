@@ -11,64 +11,155 @@ Shapes (head-major, like ``scaled_dot_product_attention``):
 
 Backends: ``reference`` (dense T x T solve, the oracle), ``chunked`` (blocked forward
 substitution in torch, O(T * D) memory) and ``triton`` (the same algorithm as fused Triton
-kernels, CUDA tensors; CPU only under ``TRITON_INTERPRET=1``). ``auto`` picks ``triton`` for
-CUDA tensors and ``chunked`` otherwise. The environment variable ``SESSA_FEEDBACK_BACKEND``
-forces a backend wherever ``auto`` was asked for.
+kernels, CUDA tensors; CPU only under ``TRITON_INTERPRET=1``). ``select_solver`` is the only
+place that turns a request into a backend and block size: ``auto`` picks ``triton`` for CUDA
+tensors and ``chunked`` otherwise, and the environment variable ``SESSA_FEEDBACK_BACKEND``
+replaces ``auto`` wherever it was asked for.
+
+Continuation. The blockwise backends solve a block of rows whose earlier rows live elsewhere
+(a context-parallel rank, ``parallel/context_parallel.py``), in the flattened layout
+q, k (N, T, Dk), f (N, T, Dv), gamma (N, T) with N = B * H:
+
+    solve_forward(solver, q, k, f, gamma, scale, prefix)  -> Solved(s, c, lse)
+        prefix = Prefix(lse_p, h_p): per own row, the log-sum-exp of its logits against the
+        earlier keys and h_p = sum_j exp(logit_j - lse_p) s_j over them (None: no earlier rows).
+        Out: the states s that later rows attend to, c = A s, and each row's log-sum-exp over
+        all its keys (what the adjoint of later rows needs).
+    solve_backward(solver, G, q, k, gamma, solved, scale) -> (dq, dk, df, dgamma)
+        G = dL/ds plus what later rows push back into these rows (the adjoint's accumulator).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from sessa_train.ops.feedback_chunked import feedback_solve_chunked
+from sessa_train.config import FEEDBACK_BACKENDS
+from sessa_train.errors import ConfigError
+from sessa_train.ops.feedback_chunked import chunked_backward, chunked_forward
 from sessa_train.ops.feedback_reference import feedback_solve_reference
 
-Backend = Literal["auto", "reference", "chunked", "triton"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
-DEFAULT_CHUNK_SIZE = {"chunked": 128, "triton": 64}  # chunked: measured on CPU (docs/benchmarks.md)
 BACKEND_ENV = "SESSA_FEEDBACK_BACKEND"
-
-
+DEFAULT_CHUNK_SIZE = {"chunked": 128, "triton": 64}  # chunked: measured on CPU (docs/benchmarks.md)
 TRITON_BLOCK_SIZES = (16, 32, 64)
+HALF = (torch.float16, torch.bfloat16)
 
 
-def resolve_backend(backend: str, device: torch.device, chunk_size: int | None = None) -> tuple[str, int | None]:
-    """The concrete backend and chunk size for ``backend`` (possibly ``auto``) on ``device``.
+@dataclass(frozen=True)
+class Solver:
+    """A concrete backend (``reference``, ``chunked`` or ``triton``) and its rows per block
+    (None for ``reference``), as chosen by ``select_solver``."""
 
-    Raises a one-line ValueError for a request that cannot run: call it at set-up time.
-    """
+    backend: str
+    chunk: int | None
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether it has the continuation entry points (``solve_forward``/``solve_backward``)."""
+        return self.backend != "reference"
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the solve runs in for inputs of ``dtype``: the Triton kernels take half
+        inputs themselves (float32 accumulation); the torch solves compute them in float32."""
+        return dtype if self.backend == "triton" or dtype not in HALF else torch.float32
+
+
+def select_solver(backend: str = "auto", device: torch.device | str = "cpu", chunk_size: int | None = None) -> Solver:
+    """The solver for ``backend`` (possibly ``auto``) on ``device``; ``chunk_size`` None = the
+    backend's default. Raises a one-line ConfigError for a request that cannot run: call it at
+    set-up time."""
+    device = torch.device(device)
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={backend!r} is not a feedback backend; valid: {', '.join(BACKENDS)}")
-    elif backend not in BACKENDS:
-        raise ValueError(f"feedback_solve: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if backend not in FEEDBACK_BACKENDS:
+            raise ConfigError(
+                f"{BACKEND_ENV}={backend!r} is not a feedback backend; valid: {', '.join(FEEDBACK_BACKENDS)}"
+            )
+    elif backend not in FEEDBACK_BACKENDS:
+        raise ConfigError(f"feedback_solve: unknown backend {backend!r}; valid: {', '.join(FEEDBACK_BACKENDS)}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "chunked"
     if backend == "reference":
-        return backend, None
+        return Solver("reference", None)
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_SIZE[backend]
     if chunk_size < 1:
-        raise ValueError(f"feedback_solve: chunk_size must be >= 1, got {chunk_size}")
+        raise ConfigError(f"feedback_solve: chunk_size must be >= 1, got {chunk_size}")
     if backend == "triton":
         if chunk_size not in TRITON_BLOCK_SIZES:
-            raise ValueError(
+            raise ConfigError(
                 f"feedback_solve: the triton backend needs chunk_size in {TRITON_BLOCK_SIZES}, got {chunk_size}"
             )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
+            raise ConfigError(
                 f"feedback_solve: the triton backend needs CUDA tensors (got device {device}); "
                 "on CPU use backend 'chunked', or set TRITON_INTERPRET=1 before importing triton"
             )
-    return backend, chunk_size
+    return Solver(backend, chunk_size)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor) -> None:
+class Prefix(NamedTuple):
+    """What rows before a block contribute to each of its rows (see the module docstring)."""
+
+    lse: torch.Tensor  # (N, T)
+    h: torch.Tensor  # (N, T, Dv)
+
+
+class Solved(NamedTuple):
+    """A block's solution and what its adjoint (and later rows' adjoints) need."""
+
+    s: torch.Tensor  # (N, T, Dv)
+    c: torch.Tensor  # (N, T, Dv), c = A s (dgamma = lambda . c)
+    lse: torch.Tensor  # (N, T), every row's log-sum-exp over all its earlier keys
+
+
+def _blockwise(solver: Solver):
+    """(forward, backward) functions of a blockwise backend."""
+    if solver.backend == "triton":
+        from sessa_train.ops import feedback_triton as ft  # imports triton: only when used
+
+        return ft.triton_forward, ft.triton_backward
+    if solver.backend == "chunked":
+        return chunked_forward, chunked_backward
+    raise ConfigError(f"the {solver.backend} feedback backend cannot continue a solve; use chunked or triton")
+
+
+def solve_forward(solver: Solver, q, k, f, gamma, scale: float, prefix: Prefix | None = None) -> Solved:
+    """Blocked forward substitution of one block of rows, continuing from ``prefix``."""
+    return Solved(*_blockwise(solver)[0](q, k, f, gamma, scale, solver.chunk, prefix))
+
+
+def solve_backward(solver: Solver, grad_s, q, k, gamma, solved: Solved, scale: float) -> tuple[torch.Tensor, ...]:
+    """The adjoint of ``solve_forward``: (dq, dk, df, dgamma) for G = ``grad_s``."""
+    return _blockwise(solver)[1](grad_s, q, k, gamma, *solved, scale, solver.chunk)
+
+
+class BlockwiseFeedbackSolve(torch.autograd.Function):
+    """Autograd of a blockwise solver: saves q, k, gamma, s, c and lse (all O(T * D)); no
+    T x T tensor in either pass. Gradients come back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver):  # type: ignore[override]
+        solved = solve_forward(solver, q, k, f, gamma, scale)
+        ctx.save_for_backward(q, k, gamma, *solved)
+        ctx.scale, ctx.solver = scale, solver
+        ctx.dtypes = (q.dtype, k.dtype, f.dtype, gamma.dtype)
+        return solved.s.to(f.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s):  # type: ignore[override]
+        q, k, gamma, *solved = ctx.saved_tensors
+        grads = solve_backward(ctx.solver, grad_s.contiguous(), q, k, gamma, Solved(*solved), ctx.scale)
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, solver: Solver) -> None:
     for name, x, rank in (("q_b", q, 4), ("k_b", k, 4), ("f", f, 4), ("gamma", gamma, 3)):
         if x.dim() != rank:
             raise ValueError(f"feedback_solve: {name} must have rank {rank}, got shape {tuple(x.shape)}")
@@ -78,6 +169,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torc
         raise ValueError(f"feedback_solve: f shape {tuple(f.shape)} must match q_b's (B, H, T) = {tuple(q.shape[:3])}")
     if gamma.shape != q.shape[:3]:
         raise ValueError(f"feedback_solve: gamma shape {tuple(gamma.shape)} must be (B, H, T) = {tuple(q.shape[:3])}")
+    triton_dtypes = (torch.float32, *HALF)
+    if solver.backend == "triton" and (f.dtype not in triton_dtypes or len({q.dtype, k.dtype, f.dtype}) != 1):
+        raise ValueError(
+            f"feedback_solve: the triton backend needs q_b, k_b, f of one dtype among float32/float16/bfloat16, "
+            f"got {q.dtype}, {k.dtype}, {f.dtype}"
+        )
+
+
+def flatten_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, T, ...) -> contiguous (B * H, T, ...) in ``dtype``: the layout of the blockwise solvers."""
+    return x.to(dtype).reshape(-1, *x.shape[2:]).contiguous()
 
 
 def feedback_solve(
@@ -87,25 +189,33 @@ def feedback_solve(
     gamma: torch.Tensor,
     *,
     scale: float | None = None,
-    backend: Backend = "auto",
+    backend: str = "auto",
     chunk_size: int | None = None,
+    solver: Solver | None = None,
 ) -> torch.Tensor:
     """Solve the causal feedback system; see the module docstring for shapes.
 
     ``scale`` defaults to Dk**-0.5 (the reference's 1/sqrt(D) for one head over width D).
-    ``chunk_size`` (rows per block; None = the backend's default) does not apply to ``reference``.
+    ``solver`` (from ``select_solver``) replaces ``backend``/``chunk_size``; ``chunk_size``
+    (rows per block; None = the backend's default) does not apply to ``reference``.
     """
-    _check_inputs(q, k, f, gamma)
+    solver = solver or select_solver(backend, q.device, chunk_size)
+    _check_inputs(q, k, f, gamma, solver)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    backend, chunk_size = resolve_backend(backend, q.device, chunk_size)
-    if backend == "reference":
+    if solver.backend == "reference":
         return feedback_solve_reference(q, k, f, gamma, scale)
-    if backend == "triton":
-        from sessa_train.ops.feedback_triton import feedback_solve_triton  # imports triton: only when used
-
-        return feedback_solve_triton(q, k, f, gamma, scale, chunk_size)
-    return feedback_solve_chunked(q, k, f, gamma, scale, chunk_size)
+    B, H, T, Dv = f.shape
+    dtype = solver.compute_dtype(f.dtype)
+    s = BlockwiseFeedbackSolve.apply(
+        flatten_heads(q, dtype),
+        flatten_heads(k, dtype),
+        flatten_heads(f, dtype),
+        flatten_heads(gamma, dtype),
+        scale,
+        solver,
+    )
+    return s.reshape(B, H, T, Dv).to(f.dtype)
 
 
 def feedback_decode_step(

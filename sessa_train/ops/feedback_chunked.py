@@ -23,7 +23,6 @@ of the GEMMs, not to the strips.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 def _logit_strip(q_rows: torch.Tensor, k_prefix: torch.Tensor, r0: int, scale: float, future: torch.Tensor):
@@ -102,42 +101,3 @@ def chunked_backward(grad_s, q, k, gamma, s, c, lse, scale: float, chunk: int):
         dq[:, r0:r1] = torch.bmm(P, k[:, :r1]).mul_(w)
         dk[:, :r1].baddbmm_(P.transpose(1, 2), q_rows * w)
     return dq, dk, lam, dgamma
-
-
-class ChunkedFeedbackSolve(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, gamma, s, c and lse (all O(T * D)); no T x T tensor."""
-
-    @staticmethod
-    def forward(ctx, q, k, f, gamma, scale: float, chunk: int):  # type: ignore[override]
-        s, c, lse = chunked_forward(q, k, f, gamma, scale, chunk)
-        ctx.save_for_backward(q, k, gamma, s, c, lse)
-        ctx.scale, ctx.chunk = scale, chunk
-        return s
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_s):  # type: ignore[override]
-        q, k, gamma, s, c, lse = ctx.saved_tensors
-        dq, dk, df, dgamma = chunked_backward(grad_s.contiguous(), q, k, gamma, s, c, lse, ctx.scale, ctx.chunk)
-        return dq, dk, df, dgamma, None, None
-
-
-def feedback_solve_chunked(
-    q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float, chunk_size: int
-) -> torch.Tensor:
-    """Chunked solve with the (B, H, T, .) layout of the dispatch function.
-
-    Half-precision inputs are computed in float32 and cast back.
-    """
-    B, H, T, Dk = q.shape
-    Dv = f.shape[-1]
-    compute = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype
-    s = ChunkedFeedbackSolve.apply(
-        q.to(compute).reshape(B * H, T, Dk),
-        k.to(compute).reshape(B * H, T, Dk),
-        f.to(compute).reshape(B * H, T, Dv),
-        gamma.to(compute).reshape(B * H, T),
-        scale,
-        chunk_size,
-    )
-    return s.reshape(B, H, T, Dv).to(f.dtype)

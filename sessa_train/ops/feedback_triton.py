@@ -45,7 +45,6 @@ import torch
 import triton
 import triton.language as tl
 
-SOLVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The autotune set on a GPU (keyed on the block and feature widths); the interpreter runs the
 # first. Feature tiles are chosen on the host (``_tile``): the grids depend on them.
 NUM_WARPS = (4, 8)
@@ -330,6 +329,32 @@ def _precisions(dtype: torch.dtype) -> dict:
     return {"DOT": tl.float32 if interpreting() else tl.bfloat16, "PREC": "tf32"}
 
 
+class _Launch:
+    """The sizes, tiles and precisions every launch of one solve shares."""
+
+    def __init__(self, q: torch.Tensor, dv: int, scale: float, block: int) -> None:
+        self.N, self.T, self.DK = q.shape
+        self.DV, self.scale, self.block, self.device = dv, scale, block, q.device
+        self.nb = triton.cdiv(self.T, block)
+        self.Tp = self.nb * block
+        self.BK, self.BD = _tile(self.DK), _tile(dv)
+        self.prec = _precisions(q.dtype)
+        self.solve = {
+            "LOG2_BLOCK": int(math.log2(block)),
+            "SOLVE_PREC": "tf32x3" if q.dtype == torch.float32 else "tf32",
+        }
+
+    def empty(self, *shape: int, zero: bool = False) -> torch.Tensor:
+        return (torch.zeros if zero else torch.empty)(*shape, dtype=torch.float32, device=self.device)
+
+    def strip(self, grid, chunk, q, k, lse, gamma, lam, s, dgamma, out, mode: int, column: bool) -> None:
+        """One row strip (or, with ``column``, column strip) of A (mode 0) or of dlogits (mode 1)."""
+        _strip_kernel[grid](
+            q, k, lse, gamma, lam, s, dgamma, out, self.T, self.Tp, self.DK, self.DV, self.scale, chunk,
+            MODE=mode, COLUMN=column, BLOCK=self.block, BK=self.BK, BD=self.BD, **self.prec,
+        )  # fmt: skip
+
+
 def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
     """q, k (N, T, Dk); f (N, T, Dv); gamma (N, T), contiguous. Returns float32 s, c (N, T, Dv), lse (N, T).
 
@@ -337,19 +362,10 @@ def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
     ``feedback_chunked.chunked_forward``: the row log-sum-exp joins the earlier keys' lse_p, and
     their normalised contribution gamma * h_p enters the right-hand side (float32 inputs).
     """
-    N, T, DK = q.shape
-    DV = f.shape[-1]
-    nb = triton.cdiv(T, block)
-    Tp = nb * block
-    dev = q.device
-    lse = torch.empty(N, T, dtype=torch.float32, device=dev)
-    s = torch.empty(N, T, DV, dtype=torch.float32, device=dev)
-    c = torch.empty_like(s)
-    W = torch.empty(N, block, Tp, dtype=torch.float32, device=dev)
-    BK, BD = _tile(DK), _tile(DV)
-    prec = _precisions(q.dtype)
-    solve_prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
-    _lse_kernel[(N, nb)](q, k, lse, T, DK, scale, BLOCK=block, BK=BK, **prec)
+    L = _Launch(q, f.shape[-1], scale, block)
+    N, T = L.N, L.T
+    lse, s, c, W = L.empty(N, T), L.empty(N, T, L.DV), L.empty(N, T, L.DV), L.empty(N, block, L.Tp)
+    _lse_kernel[(N, L.nb)](q, k, lse, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
     earlier = None
     if prefix is not None:
         own = lse.clone()
@@ -357,44 +373,10 @@ def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
         lse = torch.logaddexp(own, prefix[0].float()).contiguous()  # every row has earlier keys
         earlier = prefix[1].float() * (prefix[0].float() - lse).exp().unsqueeze(-1)
         f = torch.addcmul(f.float(), gamma.float().unsqueeze(-1), earlier).contiguous()
-    for ch in range(nb):
-        _strip_kernel[(N, ch + 1)](
-            q,
-            k,
-            lse,
-            gamma,
-            s,
-            s,
-            lse,
-            W,
-            T,
-            Tp,
-            DK,
-            DV,
-            scale,
-            ch,
-            MODE=0,
-            COLUMN=False,
-            BLOCK=block,
-            BK=BK,
-            BD=BD,
-            **prec,
-        )
-        _solve_fwd_kernel[(N, triton.cdiv(DV, BD))](
-            W,
-            s,
-            c,
-            f,
-            gamma,
-            T,
-            Tp,
-            DV,
-            ch,
-            BLOCK=block,
-            BD=BD,
-            LOG2_BLOCK=int(math.log2(block)),
-            SOLVE_PREC=solve_prec,
-            **prec,
+    for ch in range(L.nb):
+        L.strip((N, ch + 1), ch, q, k, lse, gamma, s, s, lse, W, mode=0, column=False)
+        _solve_fwd_kernel[(N, triton.cdiv(L.DV, L.BD))](
+            W, s, c, f, gamma, T, L.Tp, L.DV, ch, BLOCK=block, BD=L.BD, **L.solve, **L.prec
         )
     if earlier is not None:
         c += earlier
@@ -403,128 +385,22 @@ def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
 
 def triton_backward(grad_s, q, k, gamma, s, c, lse, scale: float, block: int):
     """Adjoint of ``triton_forward``. Returns float32 dq, dk (N, T, Dk), df (N, T, Dv), dgamma (N, T)."""
-    N, T, DK = q.shape
-    DV = s.shape[-1]
-    nb = triton.cdiv(T, block)
-    Tp = nb * block
-    dev = q.device
-    BK, BD = _tile(DK), _tile(DV)
-    prec = _precisions(q.dtype)
-    solve_prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
-    lam = torch.empty(N, T, DV, dtype=torch.float32, device=dev)
-    Wc = torch.empty(N, Tp, block, dtype=torch.float32, device=dev)
+    L = _Launch(q, s.shape[-1], scale, block)
+    N, T, nb = L.N, L.T, L.nb
+    lam, Wc = L.empty(N, T, L.DV), L.empty(N, L.Tp, block)
     for ch in range(nb - 1, -1, -1):
-        _strip_kernel[(N, nb - ch)](
-            q,
-            k,
-            lse,
-            gamma,
-            s,
-            s,
-            lse,
-            Wc,
-            T,
-            Tp,
-            DK,
-            DV,
-            scale,
-            ch,
-            MODE=0,
-            COLUMN=True,
-            BLOCK=block,
-            BK=BK,
-            BD=BD,
-            **prec,
-        )
-        _solve_bwd_kernel[(N, triton.cdiv(DV, BD))](
-            Wc,
-            lam,
-            grad_s,
-            gamma,
-            T,
-            Tp,
-            DV,
-            ch,
-            nb,
-            BLOCK=block,
-            BD=BD,
-            LOG2_BLOCK=int(math.log2(block)),
-            SOLVE_PREC=solve_prec,
-            **prec,
+        L.strip((N, nb - ch), ch, q, k, lse, gamma, s, s, lse, Wc, mode=0, column=True)
+        _solve_bwd_kernel[(N, triton.cdiv(L.DV, L.BD))](
+            Wc, lam, grad_s, gamma, T, L.Tp, L.DV, ch, nb, BLOCK=block, BD=L.BD, **L.solve, **L.prec
         )
     del Wc
     dgamma = torch.linalg.vecdot(lam, c)
-    dq = torch.empty(N, T, DK, dtype=torch.float32, device=dev)
-    dk = torch.zeros(N, T, DK, dtype=torch.float32, device=dev)
-    W = torch.empty(N, block, Tp, dtype=torch.float32, device=dev)
+    dq, dk, W = L.empty(N, T, L.DK), L.empty(N, T, L.DK, zero=True), L.empty(N, block, L.Tp)
     for ch in range(nb):
-        _strip_kernel[(N, ch + 1)](
-            q,
-            k,
-            lse,
-            gamma,
-            lam,
-            s,
-            dgamma,
-            W,
-            T,
-            Tp,
-            DK,
-            DV,
-            scale,
-            ch,
-            MODE=1,
-            COLUMN=False,
-            BLOCK=block,
-            BK=BK,
-            BD=BD,
-            **prec,
-        )
-        _dq_kernel[(N, triton.cdiv(DK, BK))](W, k, dq, T, Tp, DK, ch, BLOCK=block, BK=BK, **prec)
-        _dk_kernel[(N, ch + 1, triton.cdiv(DK, BK))](W, q, dk, T, Tp, DK, ch, BLOCK=block, BK=BK, **prec)
+        L.strip((N, ch + 1), ch, q, k, lse, gamma, lam, s, dgamma, W, mode=1, column=False)
+        _dq_kernel[(N, triton.cdiv(L.DK, L.BK))](W, k, dq, T, L.Tp, L.DK, ch, BLOCK=block, BK=L.BK, **L.prec)
+        _dk_kernel[(N, ch + 1, triton.cdiv(L.DK, L.BK))](W, q, dk, T, L.Tp, L.DK, ch, BLOCK=block, BK=L.BK, **L.prec)
     return dq, dk, lam, dgamma
-
-
-class TritonFeedbackSolve(torch.autograd.Function):
-    """Saves q, k, gamma and float32 s, c, lse (all O(T * D)); no T x T tensor in either pass."""
-
-    @staticmethod
-    def forward(ctx, q, k, f, gamma, scale: float, block: int):  # type: ignore[override]
-        s, c, lse = triton_forward(q, k, f, gamma, scale, block)
-        ctx.save_for_backward(q, k, gamma, s, c, lse)
-        ctx.scale, ctx.block = scale, block
-        ctx.dtypes = (q.dtype, k.dtype, f.dtype, gamma.dtype)
-        return s.to(f.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_s):  # type: ignore[override]
-        q, k, gamma, s, c, lse = ctx.saved_tensors
-        grads = triton_backward(grad_s.contiguous(), q, k, gamma, s, c, lse, ctx.scale, ctx.block)
-        dq, dk, df, dgamma = (g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True))
-        return dq, dk, df, dgamma, None, None
-
-
-def feedback_solve_triton(
-    q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float, chunk_size: int
-) -> torch.Tensor:
-    """Triton solve with the (B, H, T, .) layout of the dispatch function; ``chunk_size`` is BLOCK
-    (checked with the device by ``feedback.resolve_backend``)."""
-    if f.dtype not in SOLVE_DTYPES or len({q.dtype, k.dtype, f.dtype}) != 1:
-        raise ValueError(
-            f"feedback_solve: the triton backend needs q_b, k_b, f of one dtype among float32/float16/bfloat16, "
-            f"got {q.dtype}, {k.dtype}, {f.dtype}"
-        )
-    B, H, T, Dk = q.shape
-    Dv = f.shape[-1]
-    s = TritonFeedbackSolve.apply(
-        q.reshape(B * H, T, Dk).contiguous(),
-        k.reshape(B * H, T, Dk).contiguous(),
-        f.reshape(B * H, T, Dv).contiguous(),
-        gamma.reshape(B * H, T).contiguous(),
-        scale,
-        chunk_size,
-    )
-    return s.reshape(B, H, T, Dv)
 
 
 def kernel_variants(block: int, dtype: torch.dtype, tile: int = 64) -> list[tuple[str, object, dict, dict]]:

@@ -1,1 +1,1 @@
-"""Model parallelism with megatron-core (tensor parallelism so far; docs/parallelism.md)."""
+"""Tensor, pipeline and context parallelism applied to the one model definition (docs/parallelism.md)."""

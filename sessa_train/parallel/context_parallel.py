@@ -31,17 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from sessa_train.ops.feedback_chunked import chunked_backward, chunked_forward
-
-
-def _local_solve(device: torch.device):
-    """(forward, backward) of the own rows: the Triton kernels on CUDA, the chunked torch solve
-    elsewhere; both continue from an earlier prefix and take the later rows' push in G."""
-    if device.type == "cuda":
-        from sessa_train.ops.feedback_triton import triton_backward, triton_forward
-
-        return triton_forward, triton_backward
-    return chunked_forward, chunked_backward
+from sessa_train.ops.feedback import Prefix, Solved, Solver, flatten_heads, solve_backward, solve_forward
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -125,7 +115,7 @@ def _earlier_blocks(ring: _Ring, q, k, sizes, scale: float, chunk: int, dv: int)
                 m[:, rows] = m_new
     if ring.rank == 0:
         return None
-    return (m + z.log()).squeeze(-1), h.div_(z)
+    return Prefix((m + z.log()).squeeze(-1), h.div_(z))
 
 
 def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int):
@@ -157,34 +147,33 @@ def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int):
 
 
 class ContextParallelFeedbackSolve(torch.autograd.Function):
-    """Local rows of the solve on every rank of ``group``; same layout as ChunkedFeedbackSolve."""
+    """Local rows of the solve on every rank of ``group``, in the blockwise solvers' (N, T, .) layout;
+    the own rows are solved by ``ops.solve_forward``/``solve_backward`` continuing across ranks."""
 
     @staticmethod
-    def forward(ctx, q, k, f, gamma, scale: float, chunk: int, group, sizes: tuple[int, ...]):  # type: ignore[override]
-        ring = _Ring(group)
+    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver, group, sizes: tuple[int, ...]):  # type: ignore[override]
+        ring, chunk = _Ring(group), solver.chunk
         prefix = _earlier_blocks(ring, q, k, sizes, scale, chunk, f.shape[-1])
-        forward, _ = _local_solve(q.device)
-        s, c, lse = forward(q, k, f, gamma, scale, chunk, prefix)
+        s, c, lse = solve_forward(solver, q, k, f, gamma, scale, prefix)
         if ring.rank + 1 < ring.size:
             for rows in _pieces(q.shape[1], chunk):
                 ring.send(torch.cat([k[:, rows], s[:, rows]], dim=-1), ring.rank + 1, tag=ring.rank)
         ring.finish()
         ctx.save_for_backward(q, k, gamma, s, c, lse)
-        ctx.scale, ctx.chunk, ctx.group, ctx.sizes = scale, chunk, group, sizes
+        ctx.scale, ctx.solver, ctx.group, ctx.sizes = scale, solver, group, sizes
         return s
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_s):  # type: ignore[override]
         q, k, gamma, s, c, lse = ctx.saved_tensors
-        ring, sizes, chunk = _Ring(ctx.group), ctx.sizes, ctx.chunk
+        ring, sizes, chunk = _Ring(ctx.group), ctx.sizes, ctx.solver.chunk
         far: list = []  # dq over all earlier columns arrives from rank 0: receive it whenever it comes
         for rows in _pieces(q.shape[1], chunk) if ring.rank > 0 else []:
             buf = q.new_empty(q.shape[0], rows.stop - rows.start, q.shape[2])
             far.append((rows, buf, ring.irecv(buf, 0, ring.size + ring.rank)))
         g_push, dk_cross = _later_blocks(ring, k, s, grad_s, sizes, ctx.scale, chunk)
-        _, backward = _local_solve(q.device)
-        dq, dk, lam, dgamma = backward(g_push, q, k, gamma, s, c, lse, ctx.scale, chunk)
+        dq, dk, lam, dgamma = solve_backward(ctx.solver, g_push, q, k, gamma, Solved(s, c, lse), ctx.scale)
         del g_push
         if ring.rank > 0:  # own row block: q, lam, a zero dq accumulator, lse, gamma, dgamma
             extras = torch.stack([lse, gamma, dgamma], dim=-1)
@@ -205,28 +194,20 @@ def feedback_solve_context_parallel(
     f: torch.Tensor,
     gamma: torch.Tensor,
     scale: float,
-    chunk_size: int,
+    solver: Solver,
     group,
     sizes: tuple[int, ...],
 ) -> torch.Tensor:
     """This rank's rows of the solve. q, k (B, H, T_r, Dk); f (B, H, T_r, Dv); gamma (B, H, T_r);
-    ``sizes``: T_r of every rank of ``group`` in rank order (they sum to the sequence length)."""
-    B, H, T, Dk = q.shape
+    ``solver`` a blockwise one (``ops.select_solver``), its chunk also the size of the pieces that
+    travel; ``sizes``: T_r of every rank of ``group`` in rank order (they sum to the sequence length)."""
+    B, H, T, _ = q.shape
     Dv = f.shape[-1]
-    dtype = f.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # computed in float32, like the chunked solve
-        q, k, f, gamma = (t.float() for t in (q, k, f, gamma))
     rank = dist.get_rank(group)
     if len(sizes) != dist.get_world_size(group) or sizes[rank] != T:
         raise ValueError(f"context-parallel block sizes {sizes} do not match this rank's {T} rows (rank {rank})")
+    dtype = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype  # one dtype on the ring
     s = ContextParallelFeedbackSolve.apply(
-        q.reshape(B * H, T, Dk),
-        k.reshape(B * H, T, Dk),
-        f.reshape(B * H, T, Dv),
-        gamma.reshape(B * H, T),
-        scale,
-        chunk_size,
-        group,
-        tuple(sizes),
+        *(flatten_heads(x, dtype) for x in (q, k, f, gamma)), scale, solver, group, tuple(sizes)
     )
-    return s.reshape(B, H, T, Dv).to(dtype)
+    return s.reshape(B, H, T, Dv).to(f.dtype)

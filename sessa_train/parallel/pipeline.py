@@ -1,97 +1,121 @@
-"""One optimizer step's micro-batches through megatron-core's schedule.
+"""One step's micro-batches through megatron-core's schedule: the runner of every
+tensor/pipeline/context-parallel layout (``trainer/runner.py`` has the interface).
 
-``get_forward_backward_func()`` picks 1F1B (``forward_backward_pipelining_without_interleaving``)
-when PP > 1 and the plain loop when PP = 1; it runs forward and backward of every micro-batch.
-Every rank reads the same micro-batches as the other ranks of its TP x PP x CP group (the loader
-is partitioned by data-parallel rank only); a context-parallel rank keeps its block of each
-sequence; the first stage uses the inputs, the last the targets. The loss of a micro-batch is
-the mean token cross-entropy over the rank's tokens (megatron-core's vocab-parallel one)
-divided by the number of micro-batches; averaging gradients over DP x CP then gives the
-gradient of the 1-process trainer's loss. Data-parallel gradient
-reduction and the optimizer step stay with DeepSpeed (the trainer calls them afterwards).
+``get_forward_backward_func()`` runs 1F1B when PP > 1, the plain loop when PP = 1. The ranks of
+a TP x PP x CP group read the same micro-batches (the loader is split by data-parallel rank);
+a CP rank keeps its block of each sequence. Each micro-batch's loss is the mean over the rank's
+tokens divided by the number of micro-batches, so averaging gradients over DP x CP gives the
+1-process gradient; DeepSpeed reduces them and steps. Activations travel between stages as
+(T, B, D). With tied embeddings and PP > 1 the first stage lends its embedding to the last
+stage's head every step: a broadcast before the micro-batches, the gradient summed back after.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel as tp
+from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from sessa_train.parallel.model import SessaStage
+from sessa_train.models import SessaLM
+
+
+class _ScheduleModel:
+    """What megatron-core's schedule asks of a model: ``config``, ``model_type`` and
+    ``set_input_tensor`` (the activation received from the previous stage)."""
+
+    def __init__(self, model: SessaLM) -> None:
+        self.module = model
+        self.config = model.plan.config
+        self.model_type = ModelType.encoder_or_decoder
+        self.input_tensor: torch.Tensor | None = None
+
+    def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor] | None) -> None:
+        self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
 
 
 class PipelineRunner:
-    def __init__(self, stage: SessaStage, seq_len: int, micro_batch_size: int, device: torch.device) -> None:
-        self.stage, self.seq_len, self.micro_batch_size, self.device = stage, seq_len, micro_batch_size, device
+    def __init__(self, model: SessaLM, engine, seq_len: int, micro_batch_size: int, device: torch.device) -> None:
+        self.model, self.engine, self.device = model, engine, device
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.plan, self.state = model.plan, model.plan.state
         self.schedule = get_forward_backward_func()
-        st = stage.state
-        self.borrows_embedding = stage.cfg.tie_embeddings and st.pp > 1 and (st.first_stage or st.last_stage)
+        self.adapter = _ScheduleModel(model)
+        ends = model.plan.first_stage or model.plan.last_stage
+        self.lends_embedding = model.cfg.tie_embeddings and self.state.pp > 1 and ends
 
-    # -- tied embedding between first and last stage ---------------------------------------
-    def _embedding_source(self) -> int:
-        group = ps.get_embedding_group()
-        return dist.get_global_rank(group, 0)  # the group is [first stage, last stage]
-
-    def share_embedding(self) -> None:
-        """Before the micro-batches: the last stage receives the first stage's embedding rows."""
-        if not self.borrows_embedding:
-            return
-        stage = self.stage
-        buf = stage.embed.weight.data if stage.state.first_stage else torch.empty_like(stage.tied_weight)
-        dist.broadcast(buf, src=self._embedding_source(), group=ps.get_embedding_group())
-        if not stage.state.first_stage:
-            stage.tied_weight = buf.requires_grad_()
-
-    def return_embedding_grad(self) -> None:
-        """After the micro-batches: the head's gradient joins the embedding's on the first stage."""
-        if not self.borrows_embedding:
-            return
-        stage = self.stage
-        if stage.state.first_stage:
-            grad = stage.embed.weight.grad
-        else:
-            grad = stage.tied_weight.grad
-            if grad is None:
-                grad = torch.zeros_like(stage.tied_weight)
-        dist.all_reduce(grad, group=ps.get_embedding_group())
-
-    # -- micro-batches --------------------------------------------------------------------
-    @staticmethod
-    def _loss(targets: torch.Tensor, logits: torch.Tensor):
-        """(sum, count, stats): megatron-core divides the sum by the count and by the number of
-        micro-batches, so each rank's loss is the mean over its own tokens."""
-        per_token = tp.vocab_parallel_cross_entropy(logits.float(), targets)  # (B, T)
-        total, count = per_token.sum(), torch.tensor(per_token.numel(), dtype=torch.int)
-        stats = {"loss": total.detach() / count, "sum": total.detach().clone(), "count": per_token.numel()}
-        return total, count, stats
-
-    def _forward_step(self, batches: Iterator[dict], model: SessaStage):
-        tokens = next(batches)["tokens"].to(self.device)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        st = self.stage.state
-        if st.cp > 1:  # this rank's block of every sequence
-            block = inputs.shape[1] // st.cp
-            rows = slice(st.cp_rank * block, (st.cp_rank + 1) * block)
-            inputs, targets = inputs[:, rows], targets[:, rows]
-        return model(inputs), partial(self._loss, targets)
-
-    def run(self, batches: Iterator[dict], num_microbatches: int, forward_only: bool = False) -> list[dict]:
-        """Forward (and backward) of ``num_microbatches``; per-micro-batch stats on the last stage."""
-        self.share_embedding()
-        out = self.schedule(
+    # -- the runner interface ----------------------------------------------------------------
+    def run(self, batches: Iterator[dict], n: int, forward_only: bool = False) -> torch.Tensor:
+        """Forward (and backward, and the data-parallel gradient reduction) of ``n`` micro-batches.
+        Returns this rank's (loss sum, token count) as float64 (2,): zeros except on TP rank 0 of
+        the last stage, so that a sum over all ranks counts every token once."""
+        self._share_embedding()
+        stats = self.schedule(
             forward_step_func=self._forward_step,
             data_iterator=batches,
-            model=[self.stage],
-            num_microbatches=num_microbatches,
+            model=[self.adapter],
+            num_microbatches=n,
             seq_length=self.seq_len,
             micro_batch_size=self.micro_batch_size,
             forward_only=forward_only,
         )
         if not forward_only:
-            self.return_embedding_grad()
-        return out
+            self._return_embedding_grad()
+            self.engine.allreduce_gradients()  # over megatron's data-parallel group (the mpu's)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.plan.last_stage and self.state.tp_rank == 0:
+            for s in stats:
+                total[0] += s["sum"].double()
+                total[1] += s["count"]
+        return total
+
+    # -- micro-batches -----------------------------------------------------------------------
+    @staticmethod
+    def _loss(per_token: torch.Tensor):
+        """(sum, count, stats): megatron-core divides the sum by the count and the number of
+        micro-batches, so each rank's loss is the mean over its own tokens."""
+        total = per_token.sum()
+        stats = {"sum": total.detach().clone(), "count": per_token.numel()}
+        return total, torch.tensor(per_token.numel(), dtype=torch.int), stats
+
+    def _forward_step(self, batches: Iterator[dict], adapter: _ScheduleModel):
+        tokens = next(batches)["tokens"].to(self.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        st = self.state
+        if st.cp > 1:  # this rank's block of every sequence
+            block = inputs.shape[1] // st.cp
+            rows = slice(st.cp_rank * block, (st.cp_rank + 1) * block)
+            inputs, targets = inputs[:, rows], targets[:, rows]
+        model = adapter.module
+        x = inputs if model.embed is not None else adapter.input_tensor.transpose(0, 1)
+        out = model(x, targets=targets)  # the last stage: per-token loss (B, T); others: (B, T, D)
+        if model.lm_head is None:
+            return out.transpose(0, 1).contiguous(), None
+        return out, self._loss
+
+    # -- tied embedding between first and last stage ---------------------------------------
+    def _share_embedding(self) -> None:
+        """Before the micro-batches: the last stage receives the first stage's embedding rows."""
+        if not self.lends_embedding:
+            return
+        model, group = self.model, ps.get_embedding_group()
+        buf = model.embed.weight.data if model.embed is not None else torch.empty_like(model.lm_head.weight)
+        dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)  # the group is [first, last stage]
+        if model.embed is None:
+            model.lm_head.weight = buf.requires_grad_()
+
+    def _return_embedding_grad(self) -> None:
+        """After the micro-batches: the head's gradient joins the embedding's on the first stage."""
+        if not self.lends_embedding:
+            return
+        model = self.model
+        if model.embed is not None:
+            grad = model.embed.weight.grad
+        else:
+            grad = model.lm_head.weight.grad
+            if grad is None:
+                grad = torch.zeros_like(model.lm_head.weight)
+        dist.all_reduce(grad, group=ps.get_embedding_group())

@@ -1,4 +1,4 @@
-"""Process groups for tensor x pipeline x data parallelism, from megatron-core's parallel_state,
+"""Process groups for tensor x pipeline x context x data parallelism, from megatron-core's parallel_state,
 and the view of them that DeepSpeed takes (``MegatronMPU``).
 
 Rank order is megatron's default (tp fastest, then cp, dp, pp): with TP=2, PP=2, DP=2 the
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state as ps
 
+from sessa_train.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ParallelState:
@@ -26,24 +28,11 @@ class ParallelState:
     cp: int = 1
     cp_rank: int = 0
 
-    @property
-    def first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
-
-    @property
-    def mp_rank(self) -> int:
-        """Rank in the model-parallel (TP x PP) group; names DeepSpeed's per-rank model files."""
-        return self.pp_rank * self.tp + self.tp_rank
-
 
 def check_sizes(tensor: int, pipeline: int, context: int, world_size: int) -> None:
     """One-line errors for parallel sizes that cannot tile ``world_size`` ranks."""
     if world_size % (tensor * pipeline * context):
-        raise ValueError(
+        raise ConfigError(
             f"parallel.tensor={tensor} x parallel.pipeline={pipeline} x parallel.context={context} "
             f"does not divide the {world_size} ranks of this job"
         )

@@ -1,0 +1,79 @@
+"""AdamW with parameter groups, the learning-rate schedule, and DeepSpeed's config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sessa_train.config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of optimizer.lr at optimizer step s: linear warmup, then decay to min_lr."""
+    sch, peak, floor = cfg.schedule, cfg.optimizer.lr, cfg.optimizer.min_lr
+
+    def factor(step: int) -> float:
+        if step < sch.warmup_steps:
+            return (step + 1) / sch.warmup_steps
+        progress = min(1.0, (step - sch.warmup_steps) / max(1, sch.train_steps - sch.warmup_steps))
+        if sch.decay == "cosine":
+            lr = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif sch.decay == "linear":
+            lr = peak - (peak - floor) * progress
+        else:
+            lr = peak
+        return lr / peak
+
+    return factor
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step() can be cancelled: the trainer's way to skip a step with a
+    non-finite loss when DeepSpeed calls the optimizer directly (fp32 without ZeRO)."""
+
+    skip_next = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, the gamma gate or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.dim() < 2 or "gamma" in name or name.startswith("embed.")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    """(SkippableAdamW, LambdaLR) of the config for ``model``'s parameters on this rank."""
+    opt = cfg.optimizer
+    optimizer = SkippableAdamW(
+        parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
+    """DeepSpeed's config. The runners drive the ``gas`` micro-batches of a step themselves (the
+    accumulation boundary set by hand, or megatron-core's schedule) and scale their losses, so
+    DeepSpeed sees one micro-batch of ``gas`` x size per step."""
+    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+    config = {
+        # DeepSpeed counts context-parallel ranks as data-parallel replicas (they average gradients)
+        "train_batch_size": cfg.schedule.global_batch_size * cfg.parallel.context,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size * gas,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+    if cfg.optimizer.grad_clip > 0:
+        config["gradient_clipping"] = cfg.optimizer.grad_clip
+    return config
