@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from sessa_train import distributed as comm
 from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError
 
@@ -103,7 +103,7 @@ class CheckpointManager:
         if self.rank == 0:
             (partial / "layout.json").write_text(json.dumps(self.layout))
             (partial / "config.json").write_text(json.dumps(client_state["config"], indent=1))
-        dist.barrier()
+        comm.barrier()
         final = self.root / name
         if self.rank == 0:
             if final.exists():  # saved again at the same step (e.g. at exit right after a periodic save)
@@ -114,7 +114,7 @@ class CheckpointManager:
             os.replace(tmp, self.root / "latest")
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        comm.barrier()
         return final
 
     @staticmethod

@@ -47,3 +47,94 @@ def init_distributed() -> DistInfo:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+# -- the one rule for collectives ----------------------------------------------------------
+# Every tensor handed to a collective or point-to-point call lives on its group's communication
+# device: the current CUDA device for NCCL, the CPU for gloo. NCCL refuses CPU tensors ("No
+# backend type associated with device type cpu"), so the package calls torch.distributed only
+# through the functions below: those that reduce values create their tensors on that device,
+# those that take tensors check them. Point-to-point calls do not rely on tags (NCCL ignores
+# them) and are posted as batches that progress together (``exchange``).
+
+
+def comm_device(group=None) -> torch.device:
+    """The device collectives on ``group`` take their tensors on."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check(tensors, group) -> None:
+    device = comm_device(group)
+    for t in tensors:
+        if t.device != device:
+            raise RuntimeError(f"a collective on a {device.type} group was handed a tensor on {t.device}")
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
+    """In place over ``group`` (sum unless ``op``); ``tensor`` must be on ``comm_device(group)``."""
+    import torch.distributed as dist
+
+    _check([tensor], group)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def sum_values(values, group=None) -> torch.Tensor:
+    """Sum of a sequence of numbers (or a float64 tensor, on any device) over ``group``, as a
+    float64 tensor on ``comm_device(group)``."""
+    t = torch.as_tensor(values, dtype=torch.float64).to(comm_device(group))
+    return all_reduce(t, group)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """In place from global rank ``src``; ``tensor`` must be on ``comm_device(group)``."""
+    import torch.distributed as dist
+
+    _check([tensor], group)
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape), in group-rank order."""
+    import torch.distributed as dist
+
+    _check([tensor], group)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj`` (torch stages it on the group's device itself)."""
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group=None) -> None:
+    import torch.distributed as dist
+
+    dist.barrier(group=group)
+
+
+def exchange(ops: list[tuple[str, torch.Tensor, int]], group) -> None:
+    """One batch of point-to-point operations, ("send" | "recv", tensor, peer's rank in
+    ``group``), that progress together (NCCL: one group call), then waits for all of them. Peers
+    must post their matching operations in the same batch order; tags are not used."""
+    import torch.distributed as dist
+
+    _check([t for _, t, _ in ops], group)
+    p2p = [
+        dist.P2POp(dist.isend if kind == "send" else dist.irecv, t.contiguous() if kind == "send" else t,
+                   dist.get_global_rank(group, peer), group)
+        for kind, t, peer in ops
+    ]  # fmt: skip
+    for work in dist.batch_isend_irecv(p2p):
+        work.wait()

@@ -1,5 +1,6 @@
 """Context-parallel feedback solve (gloo): one sequence split over 2 or 4 ranks against the
-single-process solve, forward and every gradient."""
+single-process solve, forward and every gradient; on plain gloo and under NCCL's rules
+(tests/nccl_rules.py: tags ignored, one operation at a time per peer pair or per rank)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ def _reference(dtype):
     return {"s": s.detach(), "dq": q.grad, "dk": k.grad, "df": f.grad, "dgamma": gamma.grad}
 
 
-def _worker(rank: int, world: int, port: int, out) -> None:
+def _worker(rank: int, world: int, port: int, out, rules: str | None) -> None:
     import torch.distributed as dist
+
+    if rules:
+        from tests.nccl_rules import install
+
+        install(rules)
 
     from sessa_train.ops import Solver
     from sessa_train.parallel.context_parallel import feedback_solve_context_parallel
@@ -57,10 +63,12 @@ def _worker(rank: int, world: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("rules", [None, "pair", "rank"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_solve_equals_one_process_in_output_and_every_gradient(world):
+def test_context_parallel_solve_equals_one_process_in_output_and_every_gradient(world, rules):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, 29700 + os.getpid() % 200 + world, results), nprocs=world, join=True)
+    port = 29700 + os.getpid() % 150 + world + 2 * (rules is not None) + (rules == "rank")
+    mp.spawn(_worker, args=(world, port, results, rules), nprocs=world, join=True)
     want = _reference(torch.float64)
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
         got = results[str(dtype)]

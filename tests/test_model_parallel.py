@@ -142,6 +142,9 @@ def _worker(rank: int, port: int, out) -> None:
         WORLD_SIZE=str(WORLD),
         DS_ACCELERATOR="cpu",
     )
+    from tests.nccl_rules import install
+
+    install("rank")  # NCCL's rules for point-to-point calls and collectives (tests/nccl_rules.py)
     import deepspeed
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

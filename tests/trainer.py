@@ -28,14 +28,18 @@ logging: {{dir: "{run}/tb", every_steps: 1, eval_every_steps: 4, eval_batches: 2
     return path
 
 
-def command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
+TRAINER = ["-m", "sessa_train.train"]
+UNDER_NCCL_RULES = [str(REPO / "tests" / "rules_train.py")]  # the trainer with tests/nccl_rules.py installed
+
+
+def command(config: Path, *overrides: str, nproc: int = 1, entry: list[str] = TRAINER) -> list[str]:
     """The trainer's command line: plain python for one rank, torchrun for more."""
     if nproc == 1:
-        launcher = [sys.executable, "-m", "sessa_train.train"]
+        launcher = [sys.executable, *entry]
     else:
         port = str(29500 + os.getpid() % 1000)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-        launcher += ["--master-port", port, "-m", "sessa_train.train"]
+        launcher += ["--master-port", port, *entry]
     return [*launcher, "--config", str(config), *overrides]
 
 
@@ -47,10 +51,10 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
 
 
 def train(
-    config: Path, *overrides: str, nproc: int = 1, check: bool = True, threads: int = 1
+    config: Path, *overrides: str, nproc: int = 1, check: bool = True, threads: int = 1, entry: list[str] = TRAINER
 ) -> subprocess.CompletedProcess:
     """``threads``: intra-op threads per rank (one rank alone may use both cores of CI)."""
-    cmd = command(config, *overrides, nproc=nproc)
+    cmd = command(config, *overrides, nproc=nproc, entry=entry)
     env = ENV | {"OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     if check and out.returncode != 0:

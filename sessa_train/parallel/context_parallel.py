@@ -5,32 +5,42 @@ The system (I - diag(gamma) A) s = f couples every row to all earlier ones, so e
 substitution is a chain over ranks: ring forward substitution (docs/parallelism.md weighs it
 against block-Jacobi and head/channel all-to-all).
 
-Forward, rank r (blocks travel r-1 -> r, forwarded on to r+1 as they arrive):
-    for each earlier block j = 0..r-1, received as (k_j, s_j):
+Forward, rank r (pieces of earlier blocks travel r-1 -> r and are relayed on to r+1):
+    for each piece (k_j, s_j) of an earlier block j = 0..r-1:
         online softmax over its logits L = scale q_r k_j^T:   (m, z, h) += (max, sum e^L, e^L s_j)
     lse_p = m + log z,  h_p = h / z                        (earlier keys only)
-    s_r, c_r, lse_r = chunked solve of own rows, continuing from (lse_p, h_p)
-    send (k_r, s_r) to r+1
-Backward, rank r (row blocks travel r+1 -> r, forwarded on to r-1):
-    for each later block b = P-1..r+1, received as (q_b, lse_b, gamma_b, lam_b, dgamma_b, dq_b):
+    s_r, c_r, lse_r = ops.solve_forward of own rows, continuing from (lse_p, h_p)
+    send its own (k_r, s_r) pieces to r+1
+Backward, rank r (row pieces of later blocks travel r+1 -> r and are relayed on to r-1):
+    for each piece (q_b, lse_b, gamma_b, lam_b, dgamma_b, dq_b) of a later block b:
         A = exp(scale q_b k_r^T - lse_b)                   (rows of b, own columns)
         push  += A^T (gamma_b lam_b)                       (what later rows feed back to ours)
         dL    =  gamma_b A (lam_b s_r^T - dgamma_b)        (dlogits of that block)
-        dk_r  += scale dL^T q_b;  dq_b += scale dL k_r     (dq_b returns home from rank 0)
-    lam_r, own dq/dk, dgamma_r = chunked adjoint solve of own rows with G + push
-    send (q_r, lse_r, gamma_r, lam_r, dgamma_r, dq_r = 0) to r-1
-Blocks travel in pieces of ``chunk`` rows, so each rank holds O(T_r D) plus a few pieces in
-flight: memory per rank falls like 1/P. The dependency is a (P-1)-step chain each way; a rank
-works on the pieces that already arrived while its predecessor finishes (sends are
-asynchronous, one piece in flight per rank).
+        dk_r  += scale dL^T q_b;  dq_b += scale dL k_r     (rank 0 sends the finished dq_b home)
+    lam_r, own dq/dk, dgamma_r = ops.solve_backward of own rows with G + push
+    send its own row pieces (dq accumulator 0) to r-1
+
+Communication follows NCCL's rules, not only gloo's: every rank derives the same lock-step
+schedule from the block sizes (``schedule``). At each step a rank posts the sends and receives
+the schedule gives it as one batch (``distributed.exchange``) and waits; the peer posts the
+matching half in its batch of the same step. So the ring completes whether the backend runs a
+rank's point-to-point operations per peer pair or all in one order, one batch at a time, and
+no tag is needed. Each link carries one piece of ``chunk`` rows per step: a rank holds O(T_r D)
+plus a few pieces, so memory per rank falls like 1/P. The chain of dependencies is P-1 steps
+long each way; compute is not overlapped with the transfers of the same rank.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from sessa_train import distributed as comm
 from sessa_train.ops.feedback import Prefix, Solved, Solver, flatten_heads, solve_backward, solve_forward
 
 
@@ -41,14 +51,11 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim: int):  # type: ignore[override]
         ctx.group, ctx.dim = group, dim
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group)
-        return torch.cat(parts, dim)
+        return torch.cat(comm.all_gather(x.contiguous(), group), dim)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        grad = comm.all_reduce(grad.contiguous(), ctx.group)
         return grad.chunk(dist.get_world_size(ctx.group), ctx.dim)[dist.get_rank(ctx.group)], None, None
 
 
@@ -57,53 +64,116 @@ def gather_sequence(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return _GatherSequence.apply(x, group, dim)
 
 
-class _Ring:
-    """Point-to-point over one group with global ranks; keeps async sends alive until done."""
+# -- the schedule --------------------------------------------------------------------------
 
-    def __init__(self, group) -> None:
-        self.group = group
-        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.pending: list = []
 
-    def send(self, t: torch.Tensor, to: int, tag: int, in_flight: int = 1) -> None:
-        """Asynchronous send; at most ``in_flight`` blocks stay alive waiting for their receiver."""
-        t = t.contiguous()
-        self.pending.append((dist.isend(t, dist.get_global_rank(self.group, to), self.group, tag), t))
-        while len(self.pending) > in_flight:
-            self.pending.pop(0)[0].wait()
+class Msg(NamedTuple):
+    """A piece of ``chunk`` rows of ``block`` travelling the ring: forward (k, s) pieces ("ks"),
+    backward row pieces ("row") and finished dq pieces going home from rank 0 ("dq")."""
 
-    def irecv(self, into: torch.Tensor, src: int, tag: int):
-        """Asynchronous receive straight into a (contiguous) view; returns the request."""
-        return dist.irecv(into, dist.get_global_rank(self.group, src), self.group, tag)
-
-    def recv(self, shape, dtype, device, src: int, tag: int) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(t, dist.get_global_rank(self.group, src), self.group, tag)
-        return t
-
-    def finish(self) -> None:
-        for req, _ in self.pending:
-            req.wait()
-        self.pending.clear()
+    kind: str
+    block: int
+    piece: int
 
 
 def _pieces(n: int, chunk: int) -> list[slice]:
-    """Blocks travel in pieces of ``chunk`` rows: one piece in flight, never a whole block."""
+    """Blocks travel in pieces of ``chunk`` rows: one piece per link and step, never a whole block."""
     return [slice(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
 
-def _earlier_blocks(ring: _Ring, q, k, sizes, scale: float, chunk: int, dv: int):
-    """Receive (k_j, s_j) of every earlier block piece by piece, forward each piece, and fold
-    it into the online softmax (m, z, h) of every own row. Returns (lse_p, h_p) or None."""
-    N, T, dk = q.shape
-    m = torch.full((N, T, 1), float("-inf"), dtype=q.dtype, device=q.device)
-    z = torch.zeros(N, T, 1, dtype=q.dtype, device=q.device)
-    h = torch.zeros(N, T, dv, dtype=q.dtype, device=q.device)
-    for j in range(ring.rank):
-        for cols in _pieces(sizes[j], chunk):
-            piece = ring.recv((N, cols.stop - cols.start, dk + dv), q.dtype, q.device, ring.rank - 1, tag=j)
-            if ring.rank + 1 < ring.size:
-                ring.send(piece, ring.rank + 1, tag=j)
+def _rows(n: int, chunk: int, piece: int) -> int:
+    return min(chunk, n - piece * chunk)
+
+
+@lru_cache(maxsize=32)
+def schedule(sizes: tuple[int, ...], chunk: int, backward: bool) -> list[list[tuple[int, int, Msg]]]:
+    """Steps of (source rank, destination rank, message), the same on every rank.
+
+    A rank relays a piece one step after receiving it; it sends its own pieces from the step
+    after it has received every piece its solve needs (forward: those of earlier blocks,
+    backward: those of later blocks); each link (r -> r+1 forward, r -> r-1 backward, 0 -> b for
+    the dq going home) carries one message per step, first come first served.
+    """
+    P = len(sizes)
+    count = [len(_pieces(n, chunk)) for n in sizes]
+    step_dir = -1 if backward else 1
+    need = [sum(count[r + 1 :]) if backward else sum(count[:r]) for r in range(P)]
+    links: dict[tuple[int, int], deque] = {}
+
+    def queue(src: int, dst: int, when: int, msg: Msg) -> None:
+        links.setdefault((src, dst), deque()).append((when, msg))
+
+    def own(rank: int, when: int) -> None:
+        if 0 <= rank + step_dir < P:
+            for i in range(count[rank]):
+                queue(rank, rank + step_dir, when, Msg("row" if backward else "ks", rank, i))
+
+    got = [0] * P
+    for rank in range(P):
+        if need[rank] == 0:
+            own(rank, 0)
+    steps, t = [], 0
+    while any(links.values()):
+        sends = [(src, dst, q.popleft()[1]) for (src, dst), q in links.items() if q and q[0][0] <= t]
+        for _, dst, msg in sends:
+            if msg.kind == "dq":
+                continue
+            got[dst] += 1
+            if 0 <= dst + step_dir < P:  # relay
+                queue(dst, dst + step_dir, t + 1, msg)
+            elif backward:  # rank 0: the row piece's dq goes home
+                queue(0, msg.block, t + 1, Msg("dq", msg.block, msg.piece))
+            if got[dst] == need[dst]:
+                own(dst, t + 1)
+        if sends:
+            steps.append(sends)
+        t += 1
+    return steps
+
+
+def _run(steps, rank: int, group, message, shape, received) -> None:
+    """Execute this rank's part of ``steps``: at each step one batch of its sends (``message(msg)``)
+    and receives (into buffers of ``shape(msg)``, handed to ``received(msg, buffer)`` after)."""
+    for step in steps:
+        ops, arrivals = [], []
+        for src, dst, msg in step:
+            if src == rank:
+                ops.append(("send", message(msg), dst))
+            elif dst == rank:
+                buf = shape(msg)
+                ops.append(("recv", buf, src))
+                arrivals.append((msg, buf))
+        if ops:
+            comm.exchange(ops, group)
+            for msg, buf in arrivals:
+                received(msg, buf)
+
+
+# -- the solve -----------------------------------------------------------------------------
+
+
+class ContextParallelFeedbackSolve(torch.autograd.Function):
+    """Local rows of the solve on every rank of ``group``, in the blockwise solvers' (N, T, .) layout;
+    the own rows are solved by ``ops.solve_forward``/``solve_backward`` continuing across ranks."""
+
+    @staticmethod
+    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver, group, sizes: tuple[int, ...]):  # type: ignore[override]
+        rank, chunk = dist.get_rank(group), solver.chunk
+        N, T, dk = q.shape
+        dv = f.shape[-1]
+        m = torch.full((N, T, 1), float("-inf"), dtype=q.dtype, device=q.device)
+        z, h = torch.zeros(N, T, 1, dtype=q.dtype, device=q.device), torch.zeros_like(f)
+        relay: dict[Msg, torch.Tensor] = {}  # received pieces waiting to go on to rank + 1
+        solved: list[Solved] = []
+        seen: list[Msg] = []
+
+        def solve() -> None:
+            prefix = Prefix((m + z.log()).squeeze(-1), h / z) if rank > 0 else None
+            solved.append(solve_forward(solver, q, k, f, gamma, scale, prefix))
+
+        def received(msg: Msg, piece: torch.Tensor) -> None:  # an earlier block's (k_j, s_j) rows
+            if rank + 1 < len(sizes):
+                relay[msg] = piece
             kj, sj = piece[..., :dk], piece[..., dk:]
             for rows in _pieces(T, chunk):
                 L = torch.matmul(q[:, rows], kj.transpose(1, 2)).mul_(scale)
@@ -113,52 +183,24 @@ def _earlier_blocks(ring: _Ring, q, k, sizes, scale: float, chunk: int, dv: int)
                 z[:, rows] = z[:, rows] * decay + e.sum(dim=-1, keepdim=True)
                 h[:, rows] = h[:, rows] * decay + torch.bmm(e, sj)
                 m[:, rows] = m_new
-    if ring.rank == 0:
-        return None
-    return Prefix((m + z.log()).squeeze(-1), h.div_(z))
+            seen.append(msg)
+            if len(seen) == need:
+                solve()
 
+        def message(msg: Msg) -> torch.Tensor:
+            if msg.block == rank:  # own rows, made when sent
+                rows = _pieces(T, chunk)[msg.piece]
+                return torch.cat([k[:, rows], solved[0].s[:, rows]], dim=-1)
+            return relay.pop(msg)
 
-def _later_blocks(ring: _Ring, k, s, grad_s, sizes, scale: float, chunk: int):
-    """Receive every later row block piece by piece; fold each into the push and dk of the own
-    columns, add its dq over the own columns and pass it on (rank 0 sends the finished dq home).
-    Returns (G + push, dk from later rows or None)."""
-    N, _, dk = k.shape
-    dv = s.shape[-1]
-    if ring.rank + 1 == ring.size:  # the last rank: nothing comes back
-        return grad_s, None
-    push, dk_cross = grad_s.clone(), torch.zeros_like(k)
-    width = 2 * dk + dv + 3
-    for b in range(ring.size - 1, ring.rank, -1):
-        for rows in _pieces(sizes[b], chunk):
-            piece = ring.recv((N, rows.stop - rows.start, width), k.dtype, k.device, ring.rank + 1, tag=b)
-            qb, lamb, dqb = piece[..., :dk], piece[..., dk : dk + dv], piece[..., dk + dv : 2 * dk + dv]
-            lse_b, g_b, dg_b = (piece[..., 2 * dk + dv + i, None] for i in range(3))
-            A = torch.matmul(qb, k.transpose(1, 2)).mul_(scale).sub_(lse_b).exp_()  # (N, C, T_r)
-            push.baddbmm_(A.transpose(1, 2), g_b * lamb)
-            P = torch.bmm(lamb, s.transpose(1, 2)).sub_(dg_b).mul_(A)
-            w = g_b * scale
-            dk_cross.baddbmm_(P.transpose(1, 2), qb * w)
-            dqb += torch.bmm(P, k).mul_(w)
-            if ring.rank > 0:
-                ring.send(piece, ring.rank - 1, tag=b)
-            else:
-                ring.send(dqb, b, tag=ring.size + b)
-    return push, dk_cross
+        def shape(msg: Msg) -> torch.Tensor:
+            return q.new_empty(N, _rows(sizes[msg.block], chunk, msg.piece), dk + dv)
 
-
-class ContextParallelFeedbackSolve(torch.autograd.Function):
-    """Local rows of the solve on every rank of ``group``, in the blockwise solvers' (N, T, .) layout;
-    the own rows are solved by ``ops.solve_forward``/``solve_backward`` continuing across ranks."""
-
-    @staticmethod
-    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver, group, sizes: tuple[int, ...]):  # type: ignore[override]
-        ring, chunk = _Ring(group), solver.chunk
-        prefix = _earlier_blocks(ring, q, k, sizes, scale, chunk, f.shape[-1])
-        s, c, lse = solve_forward(solver, q, k, f, gamma, scale, prefix)
-        if ring.rank + 1 < ring.size:
-            for rows in _pieces(q.shape[1], chunk):
-                ring.send(torch.cat([k[:, rows], s[:, rows]], dim=-1), ring.rank + 1, tag=ring.rank)
-        ring.finish()
+        need = sum(len(_pieces(n, chunk)) for n in sizes[:rank])
+        if need == 0:
+            solve()
+        _run(schedule(tuple(sizes), chunk, backward=False), rank, group, message, shape, received)
+        s, c, lse = solved[0]
         ctx.save_for_backward(q, k, gamma, s, c, lse)
         ctx.scale, ctx.solver, ctx.group, ctx.sizes = scale, solver, group, sizes
         return s
@@ -167,25 +209,56 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_s):  # type: ignore[override]
         q, k, gamma, s, c, lse = ctx.saved_tensors
-        ring, sizes, chunk = _Ring(ctx.group), ctx.sizes, ctx.solver.chunk
-        far: list = []  # dq over all earlier columns arrives from rank 0: receive it whenever it comes
-        for rows in _pieces(q.shape[1], chunk) if ring.rank > 0 else []:
-            buf = q.new_empty(q.shape[0], rows.stop - rows.start, q.shape[2])
-            far.append((rows, buf, ring.irecv(buf, 0, ring.size + ring.rank)))
-        g_push, dk_cross = _later_blocks(ring, k, s, grad_s, sizes, ctx.scale, chunk)
-        dq, dk, lam, dgamma = solve_backward(ctx.solver, g_push, q, k, gamma, Solved(s, c, lse), ctx.scale)
-        del g_push
-        if ring.rank > 0:  # own row block: q, lam, a zero dq accumulator, lse, gamma, dgamma
-            extras = torch.stack([lse, gamma, dgamma], dim=-1)
-            for rows in _pieces(q.shape[1], chunk):
-                zeros = torch.zeros_like(q[:, rows])
-                piece = torch.cat([q[:, rows], lam[:, rows], zeros, extras[:, rows]], dim=-1)
-                ring.send(piece, ring.rank - 1, tag=ring.rank)
-            for rows, buf, req in far:
-                req.wait()
-                dq[:, rows] += buf
-        ring.finish()
-        return dq, dk if dk_cross is None else dk.add_(dk_cross), lam, dgamma, None, None, None, None
+        group, sizes, chunk, scale = ctx.group, ctx.sizes, ctx.solver.chunk, ctx.scale
+        rank = dist.get_rank(group)
+        N, T, dk = q.shape
+        dv = s.shape[-1]
+        width = 2 * dk + dv + 3  # q, lam, dq accumulator, lse, gamma, dgamma
+        push, dk_cross = grad_s.clone(), torch.zeros_like(k)
+        relay: dict[Msg, torch.Tensor] = {}  # received pieces waiting to go on (rank 0: their dq, home)
+        done: list = []  # [dq, dk, lam, dgamma] of the own rows
+        dq_home = torch.zeros_like(q)  # dq of the own rows over earlier ranks' columns
+
+        def solve() -> None:
+            done.extend(solve_backward(ctx.solver, push, q, k, gamma, Solved(s, c, lse), scale))
+
+        def received(msg: Msg, piece: torch.Tensor) -> None:
+            if msg.kind == "dq":  # the own rows' dq over all earlier columns, home from rank 0
+                dq_home[:, _pieces(T, chunk)[msg.piece]] = piece
+                return
+            qb, lamb, dqb = piece[..., :dk], piece[..., dk : dk + dv], piece[..., dk + dv : 2 * dk + dv]
+            lse_b, g_b, dg_b = (piece[..., 2 * dk + dv + i, None] for i in range(3))
+            A = torch.matmul(qb, k.transpose(1, 2)).mul_(scale).sub_(lse_b).exp_()  # (N, C, T_r)
+            push.baddbmm_(A.transpose(1, 2), g_b * lamb)
+            P_ = torch.bmm(lamb, s.transpose(1, 2)).sub_(dg_b).mul_(A)
+            w = g_b * scale
+            dk_cross.baddbmm_(P_.transpose(1, 2), qb * w)
+            dqb += torch.bmm(P_, k).mul_(w)
+            relay[msg] = piece
+            seen.append(msg)
+            if len(seen) == need:
+                solve()
+
+        def message(msg: Msg) -> torch.Tensor:
+            if msg.kind == "dq":  # rank 0: the finished dq of a later block's rows
+                return relay.pop(Msg("row", msg.block, msg.piece))[..., dk + dv : 2 * dk + dv]
+            if msg.block == rank:  # own rows, made when sent: q, lam, a zero dq accumulator, lse, gamma, dgamma
+                rows = _pieces(T, chunk)[msg.piece]
+                lam, dgamma = done[2], done[3]
+                extras = torch.stack([lse[:, rows], gamma[:, rows], dgamma[:, rows]], dim=-1)
+                return torch.cat([q[:, rows], lam[:, rows], torch.zeros_like(q[:, rows]), extras], dim=-1)
+            return relay.pop(msg)
+
+        def shape(msg: Msg) -> torch.Tensor:
+            return q.new_empty(N, _rows(sizes[msg.block], chunk, msg.piece), dk if msg.kind == "dq" else width)
+
+        seen: list[Msg] = []
+        need = sum(len(_pieces(n, chunk)) for n in sizes[rank + 1 :])
+        if need == 0:
+            solve()
+        _run(schedule(tuple(sizes), chunk, backward=True), rank, group, message, shape, received)
+        dq, dk_own, lam, dgamma = done
+        return dq.add_(dq_home), dk_own.add_(dk_cross), lam, dgamma, None, None, None, None
 
 
 def feedback_solve_context_parallel(

@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from sessa_train import distributed as comm
 from sessa_train.models import SessaLM
 
 
@@ -103,7 +104,7 @@ class PipelineRunner:
             return
         model, group = self.model, ps.get_embedding_group()
         buf = model.embed.weight.data if model.embed is not None else torch.empty_like(model.lm_head.weight)
-        dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)  # the group is [first, last stage]
+        comm.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)  # the group is [first, last stage]
         if model.embed is None:
             model.lm_head.weight = buf.requires_grad_()
 
@@ -118,4 +119,4 @@ class PipelineRunner:
             grad = model.lm_head.weight.grad
             if grad is None:
                 grad = torch.zeros_like(model.lm_head.weight)
-        dist.all_reduce(grad, group=ps.get_embedding_group())
+        comm.all_reduce(grad, group=ps.get_embedding_group())

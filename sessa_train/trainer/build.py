@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from sessa_train import distributed as comm
 from sessa_train.config import TrainConfig, architecture_difference
 from sessa_train.data import PackedTokenLoader
 from sessa_train.distributed import DistInfo
@@ -123,7 +123,7 @@ class Engine:
 
     def global_mean(self, total: torch.Tensor) -> float:
         """Mean token loss over the job from every rank's (loss sum, token count)."""
-        dist.all_reduce(total)
+        total = comm.sum_values(total)
         return (total[0] / total[1]).item()
 
     def forward_backward(self, batches) -> float:

@@ -8,8 +8,8 @@ import signal
 import time
 
 import torch
-import torch.distributed as dist
 
+from sessa_train import distributed as comm
 from sessa_train.checkpoint import CheckpointManager
 from sessa_train.config import TrainConfig, architecture_difference
 from sessa_train.data import PackedTokenLoader, merge_states
@@ -41,7 +41,7 @@ class Trainer:
     # -- state -------------------------------------------------------------------------
     def resume(self) -> None:
         self.checkpoints.clear_partial()
-        dist.barrier()
+        comm.barrier()
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
@@ -55,12 +55,11 @@ class Trainer:
         self.metrics.print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
-        states: list[dict | None] = [None] * self.dist.world_size
-        dist.all_gather_object(states, self.train_loader.state_dict())
+        states = comm.all_gather_objects(self.train_loader.state_dict())
         client = {
             "step": self.step,
             "tokens": self.tokens,
-            "loader": merge_states(states),  # type: ignore[arg-type]
+            "loader": merge_states(states),
             "config": self.cfg.to_dict(),
         }
         path = self.checkpoints.save(self.engine.ds, self.step, client)
