@@ -26,6 +26,9 @@ from pathlib import Path
 
 from sessa_train.errors import LaunchError
 
+# DeepSpeed's launcher (its ``deepspeed`` script) run by this very interpreter: no PATH or
+# activated environment needed, and its ranks run that interpreter too
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 ENVIRONMENT = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed collective ends the job instead of hanging it
     "NCCL_DEBUG": "WARN",
@@ -84,11 +87,11 @@ def node_commands(args: argparse.Namespace, hosts: dict[str, int]) -> list[NodeC
             argv += ["--nproc-per-node", str(per_node), "--node-rank", str(i)]
             argv += ["--master-addr", master, "--master-port", str(args.master_port), *trainer]
         elif args.no_ssh:
-            argv = ["deepspeed", "--hostfile", args.hostfile, "--no_ssh", f"--node_rank={i}"]
+            argv = [*DEEPSPEED, "--hostfile", args.hostfile, "--no_ssh", f"--node_rank={i}"]
             argv += [f"--master_addr={master}", f"--master_port={args.master_port}", "--module", "sessa_train.train"]
             argv += args.trainer_args
         elif i == 0:
-            argv = ["deepspeed", "--hostfile", args.hostfile, f"--master_addr={master}"]
+            argv = [*DEEPSPEED, "--hostfile", args.hostfile, f"--master_addr={master}"]
             argv += [f"--master_port={args.master_port}", "--module", "sessa_train.train", *args.trainer_args]
         else:
             argv = None
@@ -120,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--master-port must be in 1..65535, got {args.master_port}")
     if args.omp_threads < 1:
         p.error(f"--omp-threads must be >= 1, got {args.omp_threads}")
+    configs = [trainer_args[i + 1] for i, a in enumerate(trainer_args[:-1]) if a == "--config"]
+    if missing := [c for c in configs if not Path(c).is_file()]:
+        p.error(f"--config {missing[0]}: no such file (paths are relative to {Path.cwd()})")
     return args
 
 
@@ -132,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(args.omp_threads)}
     world = sum(len(c.ranks) for c in commands)
+    if args.node_rank is not None and not 0 <= args.node_rank < len(commands):
+        print(f"sessa-launch: error: --node-rank {args.node_rank} is not in 0..{len(commands) - 1}", file=sys.stderr)
+        return 2
     if args.dry_run:
         master = args.master_addr or commands[0].host
         print(f"# {args.launcher}: {len(commands)} nodes, {world} ranks, master {master}:{args.master_port}")
@@ -140,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
             print(c.shell(env, args.log_dir))
         return 0
     rank = args.node_rank if args.node_rank is not None else 0
-    if not 0 <= rank < len(commands):
-        print(f"sessa-launch: error: --node-rank {rank} is not in 0..{len(commands) - 1}", file=sys.stderr)
-        return 2
     if commands[rank].argv is None:
         print(
             f"sessa-launch: error: node {rank} is started by DeepSpeed's runner from node 0 over pdsh; "

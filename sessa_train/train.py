@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a YAML file; repeat to merge several, later ones win",
     )
     p.add_argument("--resume", help="none | auto | a checkpoint folder (sets checkpoint.resume)")
+    # DeepSpeed's launcher passes it; the rank's device comes from LOCAL_RANK, which it sets too
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value, e.g. schedule.train_steps=500")
     return p.parse_args(argv)
 

@@ -1,9 +1,11 @@
-"""sessa-launch: per-node commands for a 2-node x 8-GPU hostfile, a real 2-rank run, Slurm."""
+"""sessa-launch: per-node commands for a 2-node x 8-GPU hostfile, and real runs of two "nodes" on
+this machine (node ranks 0 and 1 over loopback, one rank each) through each launcher path:
+DeepSpeed's launcher without ssh, torchrun, and launch/slurm.sbatch with stub srun/scontrol that
+start real processes. Each checkpoints and gives the losses of a 2-process torchrun run."""
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sessa_train.launch import main
-from tests.trainer import ENV, REPO, losses, write_config
+from tests.trainer import ENV, REPO, losses, train, write_config
 
 TRAINER = ["--config", "configs/350m.yaml", "--resume", "auto", "schedule.train_steps=10"]
 
@@ -46,8 +48,8 @@ def test_torchrun_dry_run_for_two_nodes(capsys, hostfile):
 def test_deepspeed_dry_runs_for_two_nodes(capsys, hostfile):
     pdsh = dry_run(capsys, "deepspeed", "--hostfile", str(hostfile))
     assert (
-        f"deepspeed --hostfile {hostfile} --master_addr=node-a --master_port=29500 --module sessa_train.train"
-        in (pdsh[0][1])
+        f"{sys.executable} -m deepspeed.launcher.runner --hostfile {hostfile} --master_addr=node-a "
+        "--master_port=29500 --module sessa_train.train" in (pdsh[0][1])
     )
     assert pdsh[1] == ("# node 1 (node-b): ranks 8-15", "(started over pdsh by the DeepSpeed runner on node 0)")
     no_ssh = dry_run(capsys, "deepspeed", "--hostfile", str(hostfile), "--no-ssh", "--master-addr", "10.0.0.1")
@@ -70,48 +72,81 @@ def test_bad_hostfile_is_a_one_line_error(capsys, tmp_path, content, message):
     assert len(err) == 1 and err[0].startswith("sessa-launch: error: --hostfile") and message in err[0], err
 
 
+def test_launch_arguments_are_checked_before_anything_runs(capsys, hostfile):
+    assert main(["torchrun", "--hostfile", str(hostfile), "--node-rank", "2", "--dry-run", "--", *TRAINER]) == 2
+    assert capsys.readouterr().err.strip() == "sessa-launch: error: --node-rank 2 is not in 0..1"
+    with pytest.raises(SystemExit):
+        main(["torchrun", "--hostfile", str(hostfile), "--dry-run", "--", "--config", "configs/nope.yaml"])
+    assert "--config configs/nope.yaml: no such file" in capsys.readouterr().err
+
+
+# -- two nodes on this machine ----------------------------------------------------------------
+
+STEPS = ["schedule.train_steps=4", "schedule.warmup_steps=1", "checkpoint.every_steps=2", "logging.eval_every_steps=2"]
+VENV_BIN = str(Path(sys.executable).parent)
+# no activated environment: the venv's scripts are not on PATH, the launcher is found from the interpreter
+PLAIN_ENV = ENV | {"PATH": ":".join(p for p in os.environ["PATH"].split(":") if p != VENV_BIN)}
+
+
+@pytest.fixture(scope="module")
+def two_processes(shards, tmp_path_factory) -> list:
+    """The reference: the same run as 2 processes of one torchrun."""
+    root = tmp_path_factory.mktemp("two_processes")
+    train(write_config(root / "c.yaml", shards, root / "run"), *STEPS, nproc=2)
+    return losses(root / "run")
+
+
+def _node(launcher: list[str], node: int, tmp_path: Path, cfg: Path, port: int) -> subprocess.Popen:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    cmd = [sys.executable, "-m", "sessa_train.launch", *launcher, "--hostfile", str(hosts), "--node-rank", str(node)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), "--omp-threads", "1"]
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--", "--config", str(cfg), *STEPS]
+    return subprocess.Popen(cmd, env=PLAIN_ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.slow
-def test_torchrun_launch_trains_two_ranks_and_logs_per_node(shards, tmp_path):
-    (tmp_path / "hosts").write_text("localhost slots=2\n")
+@pytest.mark.parametrize("launcher", [["deepspeed", "--no-ssh"], ["torchrun"]])
+def test_two_nodes_through_the_launcher_train_like_two_processes(launcher, shards, tmp_path, two_processes):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
-    cmd = [sys.executable, "-m", "sessa_train.launch", "torchrun", "--hostfile", str(tmp_path / "hosts")]
-    cmd += ["--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(29700 + os.getpid() % 200)]
-    cmd += ["--omp-threads", "1", "--log-dir", str(tmp_path / "logs"), "--", "--config", str(cfg)]
-    out = subprocess.run(
-        [*cmd, "schedule.train_steps=3"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600
-    )
-    assert out.returncode == 0, out.stdout[-3000:]
-    log = (tmp_path / "logs" / "node0.log").read_text()
-    assert "2 ranks" in log and "step 3/3" in log
-    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
+    port = 29100 + os.getpid() % 300 + len(launcher)
+    nodes = [_node(launcher, node, tmp_path, cfg, port) for node in (0, 1)]
+    codes = [n.wait(timeout=600) for n in nodes]
+    logs = "\n".join(f.read_text()[-2000:] for f in sorted((tmp_path / "logs").glob("node*.log")))
+    assert codes == [0, 0], logs
+    assert "2 ranks" in (tmp_path / "logs" / "node0.log").read_text()
+    assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == "step_00000004"
+    assert losses(tmp_path / "run") == two_processes
 
 
-def test_slurm_script_writes_the_hostfile_and_starts_one_launcher_per_node(tmp_path):
-    """scontrol and srun are stubs: the job's node list, and srun showing what each node runs."""
+@pytest.mark.slow
+def test_slurm_script_runs_two_nodes(shards, tmp_path, two_processes):
+    """scontrol and srun are stubs: the job's node list, and one real task per node."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stubs = {
-        "scontrol": "#!/bin/bash\nprintf 'gpu-01\\ngpu-02\\n'\n",
-        # srun --kill-on-bad-exit=1 bash -c "sessa-launch ...": echo what each node would run
-        "srun": '#!/bin/bash\nshift\nfor id in 0 1; do SLURM_NODEID=$id "$1" "$2" "echo ${3#sessa-launch }"; done\n',
+        "scontrol": "#!/bin/bash\nprintf 'localhost\\n127.0.0.1\\n'\n",
+        # srun --kill-on-bad-exit=1 bash -c CMD: CMD once per node, concurrently, as Slurm does
+        "srun": '#!/bin/bash\nshift\nfor id in 0 1; do SLURM_NODEID=$id "$@" & done\nfail=0\n'
+        "for job in $(jobs -p); do wait $job || fail=1; done\nexit $fail\n",
     }
     for name, text in stubs.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
-    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu-[01-02]"}
-    env |= {"SLURM_CPUS_PER_TASK": "64", "LOG_DIR": str(tmp_path / "logs")}
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
+    env = PLAIN_ENV | {"PATH": f"{bin_dir}:{PLAIN_ENV['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]"}
+    env |= {"SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "1", "LOG_DIR": str(tmp_path / "logs")}
+    env |= {"PYTHON": sys.executable, "MASTER_PORT": str(29500 + os.getpid() % 300)}
     out = subprocess.run(
-        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", "configs/1.3b.yaml", "--resume", "auto"],
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", str(cfg), *STEPS],
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp_path,
-        timeout=60,
+        cwd=REPO,
+        timeout=600,
     )
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "logs" / "hostfile").read_text() == "gpu-01 slots=8\ngpu-02 slots=8\n"
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2
-    for node_id, line in enumerate(lines):
-        assert re.search(rf"torchrun --hostfile \S+/logs/hostfile --node-rank {node_id} --omp-threads 8 ", line), line
-        assert line.endswith("-- --config configs/1.3b.yaml --resume auto"), line
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "logs" / "hostfile").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
+    assert "2 ranks" in (tmp_path / "logs" / "node0.log").read_text()
+    assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == "step_00000004"
+    assert losses(tmp_path / "run") == two_processes
