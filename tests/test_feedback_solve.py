@@ -99,3 +99,40 @@ def test_bad_inputs_raise_value_error(kwargs, message):
     q, k, f, gamma = (args.pop(n) for n in ("q", "k", "f", "gamma"))
     with pytest.raises(ValueError, match=re.escape(message)):
         feedback_solve(q, k, f, gamma, **args)
+
+
+@pytest.mark.parametrize(("backend", "inner"), [("chunked", torch.float32), ("triton", torch.bfloat16)])
+def test_bf16_model_hands_the_solve_bf16_and_it_accumulates_in_fp32(monkeypatch, backend, inner):
+    """A bf16 model: the solve receives bf16 q_b, k_b, f, gamma; the blockwise solver runs on fp32
+    copies (chunked) or on the bf16 tensors themselves (Triton, fp32 accumulators), and its state
+    s, c, lse is fp32 either way; s returns as bf16, the loss is fp32, the parameter gradients bf16."""
+    from sessa_train.config import ComputeConfig, ModelConfig
+    from sessa_train.models import ModelPlan, SessaLM
+    from sessa_train.ops import feedback
+
+    cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=2)
+    real, seen = feedback.solve_forward, []
+
+    def spy(solver, q, k, f, gamma, scale, prefix=None):
+        out = real(solver, q, k, f, gamma, scale, prefix)
+        seen.append(([x.dtype for x in (q, k, f, gamma)], [x.dtype for x in out]))
+        return out
+
+    monkeypatch.setattr(feedback, "solve_forward", spy)
+    torch.manual_seed(0)
+    model = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_backend=backend, feedback_chunk_size=16))).bfloat16()
+    handed = []
+    solve = model.plan.solve
+    model.plan.solve = lambda q, k, f, gamma, scale: (
+        handed.append([x.dtype for x in (q, k, f, gamma)]) or solve(q, k, f, gamma, scale)
+    )
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    loss.mean().backward()
+    assert handed == [[torch.bfloat16] * 4]
+    assert seen == [([inner] * 4, [torch.float32] * 3)]
+    assert loss.dtype == torch.float32
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():  # and the bf16 model computes what the fp32 one does, to bf16's precision
+        reference = model.float()(ids[:, :-1], targets=ids[:, 1:])
+    assert ((loss.float() - reference).abs().mean() / reference.mean()).item() < 2e-2
