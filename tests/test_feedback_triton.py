@@ -206,3 +206,37 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     for r in rows:
         assert r["ok"] and 0 < r["shared_bytes"] <= report["shared_limit"][str(r["capability"])], r
         assert r["cubin_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_compile_check_fails_when_a_default_half_precision_variant_spills(tmp_path):
+    """With 4 warps as the default launch again, bf16 strip_mode1 spills 168 bytes (sm_90): refused."""
+    code = (
+        "import sys; sys.path.insert(0, 'tools'); import compile_kernels as ck\n"
+        "import sessa_train.ops.feedback_triton as ft\n"
+        "ft.NUM_WARPS = (4, 8)\n"
+        "print(ck.compile_one((90, 'bfloat16', 64, 'strip_mode1', 4)))\n"
+        "print(ck.compile_one((90, 'bfloat16', 64, 'strip_mode1', 8)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    default, other = (eval(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert not default["ok"] and default["error"] == f"default launch spills {default['stack_bytes']} bytes per thread"
+    assert default["stack_bytes"] > 0 and default["registers"] == 255
+    assert other["ok"] and not other["default"]  # a non-default autotune config may spill; it is reported only
+
+
+def test_gpu_check_says_it_needs_cuda_and_exits_0_on_a_cpu_machine(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would really run")
+    out = subprocess.run(
+        ["bash", str(REPO / "tools" / "gpu_check.sh"), "--out", str(tmp_path / "g.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = out.stdout.strip()
+    assert out.returncode == 0 and len(line.splitlines()) == 1
+    assert line.startswith("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False") and line.endswith("run")
+    assert not (tmp_path / "g.json").exists()

@@ -1,12 +1,17 @@
-"""Ahead-of-time compile every Triton feedback-kernel variant for A100 (sm_80) and H100 (sm_90).
+"""Ahead-of-time compile every Triton feedback-kernel variant for A100 (sm_80) and H100 (sm_90),
+and read each cubin's resources: registers per thread, stack bytes (spills) and occupancy.
 
 No GPU is needed: ``triton.compile`` with a ``GPUTarget`` runs the whole pipeline down to a
-cubin (ptxas included). Prints one row per variant with its static shared memory and writes
-JSON; exits 1 if a variant fails to compile or needs more shared memory than the target has.
+cubin (ptxas included), and ``cuobjdump -res-usage`` (shipped with Triton) reads its registers
+and stack frame. Prints one row per variant and writes JSON; exits 1 if a variant fails to
+compile, needs more shared memory than the target has, or is a default launch configuration
+(the first autotune config, used without autotuning) of a bf16/fp16 kernel that spills.
 
-    python tools/compile_kernels.py [--json out.json] [--jobs 2]
+    python tools/compile_kernels.py [--json out.json] [--jobs 2] [--triton 3.4.0]
 
-Run it without ``TRITON_INTERPRET`` (the interpreter never compiles).
+``--triton VERSION`` runs the same check with that Triton release (installed once into
+~/.cache/sessa-train/triton-VERSION with pip), e.g. the oldest one pyproject.toml allows. Run
+it without ``TRITON_INTERPRET`` (the interpreter never compiles).
 """
 
 from __future__ import annotations
@@ -14,26 +19,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-# Largest shared memory one block may use (opt-in), bytes: CUDA C Programming Guide, compute capabilities.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 DTYPES = ("float32", "bfloat16", "float16")
+# per streaming multiprocessor (CUDA C Programming Guide, compute capabilities 8.0 and 9.0)
+SM = {
+    80: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 164 * 1024, "shared_block": 163 * 1024},
+    90: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024, "shared_block": 227 * 1024},
+}
+SHARED_LIMIT = {cc: s["shared_block"] for cc, s in SM.items()}
+
+
+def occupancy(cc: int, registers: int, warps: int, shared: int) -> dict:
+    """Resident blocks per SM and the fraction of the SM's warp slots they fill. Registers are
+    allocated per warp in units of 256 (8 per thread); each block reserves 1 KiB of shared memory."""
+    sm = SM[cc]
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    limits = {
+        "registers": sm["registers"] // per_warp // warps,
+        "threads": sm["threads"] // (32 * warps),
+        "shared": sm["shared"] // (shared + 1024),
+        "blocks": sm["blocks"],
+    }
+    blocks = min(limits.values())
+    return {
+        "blocks_per_sm": blocks,
+        "limited_by": min(limits, key=limits.get),
+        "occupancy": blocks * warps * 32 / sm["threads"],
+    }
 
 
 def variants() -> list[tuple[int, str, int, str, int]]:
     """(capability, dtype, block, kernel name, num_warps): every kernel for every dtype and block
-    with the first autotune config, and every further autotune config at the default block."""
+    with the default (first autotune) config, and every further autotune config at the default block."""
     from sessa_train.ops.feedback import DEFAULT_CHUNK_SIZE, TRITON_BLOCK_SIZES
     from sessa_train.ops.feedback_triton import NUM_WARPS, kernel_variants
 
     out = []
-    for cc in SHARED_LIMIT:
+    for cc in SM:
         for dtype in DTYPES:
             for block in TRITON_BLOCK_SIZES:
-                warps = NUM_WARPS if block == DEFAULT_CHUNK_SIZE["triton"] and dtype != "float16" else NUM_WARPS[:1]
+                warps = NUM_WARPS if block == DEFAULT_CHUNK_SIZE["triton"] else NUM_WARPS[:1]
                 for name, *_ in kernel_variants(block, _torch_dtype(dtype)):
                     out.extend((cc, dtype, block, name, w) for w in warps)
     return out
@@ -45,14 +79,29 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def _resources(cubin: bytes) -> dict:
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"cuobjdump -res-usage printed no resources: {text[:200]!r}")
+    return {"registers": int(found[1]), "stack_bytes": int(found[2])}
+
+
 def compile_one(job: tuple[int, str, int, str, int]) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from sessa_train.ops.feedback_triton import kernel_variants
+    from sessa_train.ops.feedback_triton import NUM_WARPS, kernel_variants
 
     cc, dtype, block, name, num_warps = job
     row = {"capability": cc, "dtype": dtype, "block": block, "kernel": name, "num_warps": num_warps}
+    row["default"] = num_warps == NUM_WARPS[0]
     (kernel, signature, constexprs) = next(v[1:] for v in kernel_variants(block, _torch_dtype(dtype)) if v[0] == name)
     start = time.perf_counter()
     try:
@@ -60,42 +109,62 @@ def compile_one(job: tuple[int, str, int, str, int]) -> dict:
         compiled = triton.compile(
             source, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": 2}
         )
+        shared = int(compiled.metadata.shared)
+        row |= {"shared_bytes": shared, "cubin_bytes": len(compiled.asm["cubin"])}
+        row |= _resources(compiled.asm["cubin"])
+        row |= occupancy(cc, row["registers"], num_warps, shared)
     except Exception as exc:  # reported per variant, the run fails below
         return row | {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    shared = int(compiled.metadata.shared)
-    return row | {
-        "ok": shared <= SHARED_LIMIT[cc],
-        "shared_bytes": shared,
-        "cubin_bytes": len(compiled.asm["cubin"]),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    row["ok"], row["error"] = True, ""
+    if shared > SHARED_LIMIT[cc]:
+        row["ok"], row["error"] = False, "over the shared-memory limit"
+    elif row["default"] and dtype != "float32" and row["stack_bytes"]:
+        row["ok"], row["error"] = False, f"default launch spills {row['stack_bytes']} bytes per thread"
+    return row
+
+
+def _with_triton(version: str, argv: list[str]) -> int:
+    """Run this check again in a subprocess whose Triton is ``version``."""
+    target = Path.home() / ".cache" / "sessa-train" / f"triton-{version}"
+    if not (target / "triton" / "__init__.py").is_file():
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
+        subprocess.run([*cmd, f"triton=={version}"], check=True)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(target), str(REPO)])}
+    return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--triton", help="check with this Triton release instead of the installed one")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
+    if args.triton:
+        return _with_triton(args.triton, [*(["--json", args.json] if args.json else []), "--jobs", str(args.jobs)])
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+
     jobs = variants()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_one, jobs))
-    print(f"{'sm':>3} {'dtype':>9} {'block':>5} {'kernel':<20} {'warps':>5} {'shared (B)':>10} {'limit (B)':>9}  ok")
+    print(f"Triton {triton.__version__}")
+    head = f"{'sm':>3} {'dtype':>9} {'block':>5} {'kernel':<19} {'warps':>5} {'regs':>4} {'stack':>5}"
+    print(f"{head} {'shared (B)':>10} {'blocks/SM':>9} {'occupancy':>9}  ok")
     for r in rows:
-        shared = r.get("shared_bytes", "-")
-        line = (
-            f"{r['capability']:>3} {r['dtype']:>9} {r['block']:>5} {r['kernel']:<20} {r['num_warps']:>5} {shared:>10}"
-        )
-        verdict = "yes" if r["ok"] else "NO " + r.get("error", "over limit")
-        print(f"{line} {SHARED_LIMIT[r['capability']]:>9}  {verdict}")
+        line = f"{r['capability']:>3} {r['dtype']:>9} {r['block']:>5} {r['kernel']:<19} {r['num_warps']:>5}"
+        if "registers" in r:
+            line += f" {r['registers']:>4} {r['stack_bytes']:>5} {r['shared_bytes']:>10}"
+            line += f" {r['blocks_per_sm']:>9} {r['occupancy']:>9.0%}"
+        print(f"{line}  {'yes' if r['ok'] else 'NO ' + r['error']}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"shared_limit": SHARED_LIMIT, "variants": rows}, fh, indent=1)
+            json.dump({"triton": triton.__version__, "shared_limit": SHARED_LIMIT, "variants": rows}, fh, indent=1)
     failed = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)}/{len(rows)} variants compiled within the shared-memory limit")
+    print(f"{len(rows) - len(failed)}/{len(rows)} variants: compiled, in shared memory, default bf16/fp16 not spilling")
     return 1 if failed else 0
 
 
