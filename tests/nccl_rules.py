@@ -42,6 +42,7 @@ COLLECTIVES = (
     "reduce", "barrier", "all_gather_object", "broadcast_object_list",
 )  # fmt: skip
 _REAL: dict = {}
+_RULES: list = []
 violations: list[str] = []
 
 
@@ -69,8 +70,8 @@ class _Lane(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        while True:
-            ops, done, errors = self.jobs.get()
+        while (job := self.jobs.get()) is not None:
+            ops, done, errors = job
             try:
                 _execute(ops)
             except Exception as e:  # surfaced by _Work.wait
@@ -83,10 +84,11 @@ def _execute(ops: list[tuple[str, torch.Tensor, int, object]]) -> None:
     works = [_REAL[kind](t, peer, group=group, tag=DATA) for kind, t, peer, group in ops]
     for w in works:
         w.wait()
-    acks = []
-    for kind, _, peer, group in ops:
-        flag = torch.zeros(1)
-        acks.append(_REAL["isend" if kind == "irecv" else "irecv"](flag, peer, group=group, tag=ACK))
+    flags = [torch.zeros(1) for _ in ops]  # referenced until every acknowledgement completed
+    acks = [
+        _REAL["isend" if kind == "irecv" else "irecv"](flag, peer, group=group, tag=ACK)
+        for flag, (kind, _, peer, group) in zip(flags, ops, strict=True)
+    ]
     for w in acks:
         w.wait()
 
@@ -143,6 +145,7 @@ def install(mode: str = "rank", timeout: float = 60.0) -> None:
     if _REAL:
         return
     rules = _Rules(mode, timeout)
+    _RULES.append(rules)
     for name in ("isend", "irecv", "send", "recv", "batch_isend_irecv", *COLLECTIVES):
         _REAL[name] = getattr(c10d, name)
 
@@ -179,8 +182,20 @@ def install(mode: str = "rank", timeout: float = 60.0) -> None:
         setattr(dist, name, fn)
 
 
+def shutdown() -> None:
+    """Finish and join every lane (call before destroying the process group)."""
+    for rules in _RULES:
+        for lane in rules.lanes.values():
+            lane.jobs.put(None)
+        for lane in rules.lanes.values():
+            lane.join()
+        rules.lanes.clear()
+
+
 def uninstall() -> None:
-    """Give torch.distributed its own functions back."""
+    """Join the lanes and give torch.distributed its own functions back."""
+    shutdown()
+    _RULES.clear()
     for name, fn in _REAL.items():
         setattr(c10d, name, fn)
         setattr(dist, name, fn)

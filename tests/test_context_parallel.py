@@ -60,6 +60,10 @@ def _worker(rank: int, world: int, port: int, out, rules: str | None) -> None:
         dist.all_gather_object(every, mine)
         if rank == 0:
             out[str(dtype)] = {name: torch.cat([e[name] for e in every], dim=2) for name in mine}
+    if rules:
+        from tests.nccl_rules import shutdown
+
+        shutdown()
     dist.destroy_process_group()
 
 

@@ -178,6 +178,9 @@ def _worker(rank: int, port: int, out) -> None:
         os.environ.pop("SESSA_FEEDBACK_BACKEND", None)
     if rank == 0:
         out.update(results)
+    from tests.nccl_rules import shutdown
+
+    shutdown()
     dist.destroy_process_group()
 
 
