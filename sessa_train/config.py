@@ -104,6 +104,7 @@ class ComputeConfig:
 
     feedback_backend: str = "auto"  # auto | reference | chunked | triton (SESSA_FEEDBACK_BACKEND replaces auto)
     feedback_chunk_size: int = 0  # rows per block of the solve; 0 = the backend's default
+    feedback_cuda_graphs: bool = True  # Triton on CUDA: replay each shape's chunk loop from a CUDA graph
 
     def __post_init__(self) -> None:
         if self.feedback_backend not in FEEDBACK_BACKENDS:

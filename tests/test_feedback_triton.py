@@ -72,6 +72,67 @@ def test_triton_equals_reference_float32(T, Dk, Dv, block, B, H, gamma_regime):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize(
+    ("T", "block", "splits"),
+    [(200, 16, 64), (131, 32, 3), (300, 128, 8), (129, 128, 1)],
+)
+def test_split_k_and_block_128_equal_reference_float32(monkeypatch, T, block, splits):
+    """Split-K over many programs (each reduction shared by up to ``splits`` programs, whose last
+    one sums the parts), and 128-row blocks, with unchanged tolerances."""
+    monkeypatch.setattr(ft, "SPLIT_TARGET", splits)
+    inputs = on_device(feedback_inputs(1, 1, T, 32, 48, "near_max", dtype=torch.float32, seed=T + block))
+    got = output_and_grads(triton_solve(block), inputs)
+    errors = relative_errors(got, reference_at(inputs))
+    assert max(errors.values()) < 1e-5, errors
+
+
+def _count_launches(monkeypatch, block: int, T: int):
+    """(forward launches, backward launches, ops run between the first and the last launch of a
+    chunk loop that allocate or synchronise with the host)."""
+    counts = {"forward": [], "backward": []}
+    phase, inside, seen = ["forward"], [False], []
+    real_launch = ft.launch
+
+    def counting(kernel, grid, *args, **kwargs):
+        counts[phase[0]].append(getattr(kernel, "fn", kernel).__name__)
+        inside[0] = len(counts[phase[0]]) > 1  # the chunk loop starts after the first launch
+        real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "launch", counting)
+    for name in ("empty", "zeros", "empty_like", "zeros_like", "full"):
+        real = getattr(torch, name)
+
+        def watched(*a, _real=real, _name=name, **kw):
+            if inside[0]:
+                seen.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(torch, name, watched)
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: seen.append("item") or real_item(self))
+    q, k, f, gamma = (
+        x.detach().reshape(1, *x.shape[2:]) for x in feedback_inputs(1, 1, T, 16, 16, dtype=torch.float32)
+    )
+    s, c, lse = ft.triton_forward(q, k, f, gamma, 0.25, block)
+    inside[0], phase[0] = False, "backward"
+    ft.triton_backward(torch.ones_like(s), q, k, gamma, s, c, lse, 0.25, block)
+    inside[0] = False
+    return counts["forward"], counts["backward"], seen
+
+
+@pytest.mark.parametrize(("T", "block"), [(100, 16), (256, 64)])
+def test_launches_per_chunk_step_and_a_loop_fit_for_cuda_graphs(monkeypatch, T, block):
+    """At most 2 launches per chunk step forward (after one lse pass) and 3 backward (after one pass
+    over the diagonal blocks), and no allocation or host synchronisation inside the chunk loops (so
+    a CUDA graph can capture them)."""
+    forward, backward, seen = _count_launches(monkeypatch, block, T)
+    steps = -(-T // block)
+    assert forward[0] == "_lse_kernel" and len(forward) - 1 <= 2 * steps, forward
+    assert backward[0] == "_diag_kernel" and len(backward) - 1 <= 3 * steps, backward
+    assert forward.count("_fwd_step_kernel") == steps and backward.count("_dq_kernel") == steps
+    assert seen == [], seen
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision_inputs(dtype):
     """Half inputs: half GEMM operands (fp16; bf16 is upcast in the interpreter), fp32 accumulation."""
@@ -155,6 +216,9 @@ def test_auto_backend_and_environment_switch(monkeypatch, env, device, expected)
         monkeypatch.setenv(BACKEND_ENV, env)
     assert select_solver("auto", torch.device(device)).backend == expected
     assert select_solver("chunked", torch.device(device)) == Solver("chunked", 128)  # an explicit choice stays
+    # CUDA graphs: only the Triton kernels on CUDA replay their chunk loops from a graph
+    assert select_solver("triton", torch.device("cuda"), 64, graphs=True) == Solver("triton", 64, True)
+    assert not select_solver("chunked", torch.device("cuda"), graphs=True).graphs
 
 
 def test_bad_backend_requests_are_one_line_errors(monkeypatch):
@@ -165,7 +229,7 @@ def test_bad_backend_requests_are_one_line_errors(monkeypatch):
     with pytest.raises(ValueError, match="SESSA_FEEDBACK_BACKEND='cuda-fast' is not a feedback backend; valid: auto"):
         feedback_solve(*inputs)
     monkeypatch.delenv(BACKEND_ENV)
-    with pytest.raises(ValueError, match=r"chunk_size in \(16, 32, 64\), got 24"):
+    with pytest.raises(ValueError, match=r"chunk_size in \(16, 32, 64, 128\), got 24"):
         feedback_solve(*inputs, backend="triton", chunk_size=24)
     with pytest.raises(ValueError, match="one dtype among"):
         feedback_solve(inputs[0].double(), *inputs[1:], backend="triton", chunk_size=16)
@@ -200,8 +264,10 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
         for cc in (80, 90)
         for dt in ("float32", "bfloat16", "float16")
         for b in TRITON_BLOCK_SIZES
+        if ft.block_fits(b, getattr(torch, dt), cc)
         for name, *_ in ft.kernel_variants(b, getattr(torch, dt))
     }
+    assert {(r["dtype"], r["block"]) for r in rows if r["capability"] == 80 and r["block"] == 128} == set()
     assert {(r["capability"], r["dtype"], r["block"], r["kernel"], r["num_warps"]) for r in rows} == expected
     for r in rows:
         assert r["ok"] and 0 < r["shared_bytes"] <= report["shared_limit"][str(r["capability"])], r
@@ -210,13 +276,13 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
 
 @pytest.mark.slow
 def test_compile_check_fails_when_a_default_half_precision_variant_spills(tmp_path):
-    """With 4 warps as the default launch again, bf16 strip_mode1 spills 168 bytes (sm_90): refused."""
+    """With 4 warps as the default launch, bf16 bwd_strips spills (sm_90, block 64): refused."""
     code = (
         "import sys; sys.path.insert(0, 'tools'); import compile_kernels as ck\n"
         "import sessa_train.ops.feedback_triton as ft\n"
         "ft.NUM_WARPS = (4, 8)\n"
-        "print(ck.compile_one((90, 'bfloat16', 64, 'strip_mode1', 4)))\n"
-        "print(ck.compile_one((90, 'bfloat16', 64, 'strip_mode1', 8)))\n"
+        "print(ck.compile_one((90, 'bfloat16', 64, 'bwd_strips', 4)))\n"
+        "print(ck.compile_one((90, 'bfloat16', 64, 'bwd_strips', 8)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -240,3 +306,26 @@ def test_gpu_check_says_it_needs_cuda_and_exits_0_on_a_cpu_machine(tmp_path):
     assert out.returncode == 0 and len(line.splitlines()) == 1
     assert line.startswith("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False") and line.endswith("run")
     assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_with_the_oldest_triton_allowed(tmp_path):
+    """pyproject.toml allows triton>=X.Y: the same check with Triton X.Y.0 (pip-installed into a
+    cache folder on first use), so the kernels also build on the machines that have it."""
+    import re
+
+    oldest = re.search(r'"triton>=([0-9.]+)"', (REPO / "pyproject.toml").read_text())[1]
+    version = oldest if oldest.count(".") == 2 else f"{oldest}.0"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "tools/compile_kernels.py", "--triton", version, "--json", str(tmp_path / "k.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "k.json").read_text())
+    assert report["triton"] == version and len(report["variants"]) > 100
+    assert all(r["ok"] for r in report["variants"])

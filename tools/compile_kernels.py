@@ -58,16 +58,17 @@ def occupancy(cc: int, registers: int, warps: int, shared: int) -> dict:
 
 
 def variants() -> list[tuple[int, str, int, str, int]]:
-    """(capability, dtype, block, kernel name, num_warps): every kernel for every dtype and block
-    with the default (first autotune) config, and every further autotune config at the default block."""
+    """(capability, dtype, block, kernel name, num_warps): every kernel for every dtype and block the
+    target takes (``block_fits``) with the default (first autotune) config, and every further
+    autotune config at the default block."""
     from sessa_train.ops.feedback import DEFAULT_CHUNK_SIZE, TRITON_BLOCK_SIZES
-    from sessa_train.ops.feedback_triton import NUM_WARPS, kernel_variants
+    from sessa_train.ops.feedback_triton import block_fits, kernel_variants, num_warps
 
     out = []
     for cc in SM:
         for dtype in DTYPES:
-            for block in TRITON_BLOCK_SIZES:
-                warps = NUM_WARPS if block == DEFAULT_CHUNK_SIZE["triton"] else NUM_WARPS[:1]
+            for block in (b for b in TRITON_BLOCK_SIZES if block_fits(b, _torch_dtype(dtype), cc)):
+                warps = num_warps(block) if block == DEFAULT_CHUNK_SIZE["triton"] else num_warps(block)[:1]
                 for name, *_ in kernel_variants(block, _torch_dtype(dtype)):
                     out.extend((cc, dtype, block, name, w) for w in warps)
     return out
@@ -97,22 +98,22 @@ def compile_one(job: tuple[int, str, int, str, int]) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from sessa_train.ops.feedback_triton import NUM_WARPS, kernel_variants
+    from sessa_train.ops.feedback_triton import kernel_variants, num_warps
 
-    cc, dtype, block, name, num_warps = job
-    row = {"capability": cc, "dtype": dtype, "block": block, "kernel": name, "num_warps": num_warps}
-    row["default"] = num_warps == NUM_WARPS[0]
+    cc, dtype, block, name, warps = job
+    row = {"capability": cc, "dtype": dtype, "block": block, "kernel": name, "num_warps": warps}
+    row["default"] = warps == num_warps(block)[0]
     (kernel, signature, constexprs) = next(v[1:] for v in kernel_variants(block, _torch_dtype(dtype)) if v[0] == name)
     start = time.perf_counter()
     try:
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(
-            source, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": 2}
+            source, target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": 2}
         )
         shared = int(compiled.metadata.shared)
         row |= {"shared_bytes": shared, "cubin_bytes": len(compiled.asm["cubin"])}
         row |= _resources(compiled.asm["cubin"])
-        row |= occupancy(cc, row["registers"], num_warps, shared)
+        row |= occupancy(cc, row["registers"], warps, shared)
     except Exception as exc:  # reported per variant, the run fails below
         return row | {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     row["seconds"] = round(time.perf_counter() - start, 2)

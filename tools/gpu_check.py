@@ -5,7 +5,8 @@
 Checks (each a section of the summary, with its numbers and ``ok``):
   kernels   the Triton solve against the chunked torch solve on CUDA, fp32 and bf16,
             T from 64 to 16384: the output and every gradient (q_b, k_b, f, gamma); and both
-            against the float64 reference up to T = 2048
+            against the float64 reference up to T = 2048; the CUDA-graph replay equals the
+            eager launches bit for bit
   nan_guard non-finite feedback inputs give non-finite outputs, not a hang or a crash
   model     SessaLM on CUDA: Triton vs chunked logits and parameter gradients (fp32, bf16);
             prefill + token-by-token decode against the parallel forward
@@ -75,7 +76,13 @@ def check_kernels(quick: bool) -> dict:
             worst = max(max(row[k].values()) for k in ("vs_chunked", "vs_reference") if k in row)
             row["ok"] = worst < bound[row["dtype"]]
             rows.append(row)
-    return {"rows": rows, "bounds": bound, "ok": all(r["ok"] for r in rows)}
+    from sessa_train.ops import Solver
+
+    inputs, w = _solve_inputs(4096, 64, torch.bfloat16, seed=5)  # the CUDA-graph replay = the eager launches
+    eager = _solve_and_grads(inputs, w, solver=Solver("triton", 64, False))
+    replayed = [_solve_and_grads(inputs, w, solver=Solver("triton", 64, True)) for _ in range(2)]
+    same = all(torch.equal(a, b) for r in replayed for a, b in zip(eager, r, strict=True))
+    return {"rows": rows, "bounds": bound, "graph_equals_eager": same, "ok": same and all(r["ok"] for r in rows)}
 
 
 def check_nan_guard() -> dict:

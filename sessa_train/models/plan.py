@@ -120,7 +120,7 @@ class ModelPlan:
 
     def solver(self, device: torch.device) -> Solver:
         c = self.compute
-        return select_solver(c.feedback_backend, device, c.feedback_chunk_size or None)
+        return select_solver(c.feedback_backend, device, c.feedback_chunk_size or None, c.feedback_cuda_graphs)
 
     def solve(self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float):
         """The feedback solve of this rank's heads and channels (``ops.feedback_solve`` shapes)."""

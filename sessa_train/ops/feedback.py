@@ -46,7 +46,7 @@ from sessa_train.ops.feedback_reference import feedback_solve_reference
 
 BACKEND_ENV = "SESSA_FEEDBACK_BACKEND"
 DEFAULT_CHUNK_SIZE = {"chunked": 128, "triton": 64}  # chunked: measured on CPU (docs/benchmarks.md)
-TRITON_BLOCK_SIZES = (16, 32, 64)
+TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -57,6 +57,7 @@ class Solver:
 
     backend: str
     chunk: int | None
+    graphs: bool = False  # Triton on CUDA: replay each shape's chunk loop from a CUDA graph
 
     @property
     def blockwise(self) -> bool:
@@ -69,10 +70,12 @@ class Solver:
         return dtype if self.backend == "triton" or dtype not in HALF else torch.float32
 
 
-def select_solver(backend: str = "auto", device: torch.device | str = "cpu", chunk_size: int | None = None) -> Solver:
+def select_solver(
+    backend: str = "auto", device: torch.device | str = "cpu", chunk_size: int | None = None, graphs: bool = False
+) -> Solver:
     """The solver for ``backend`` (possibly ``auto``) on ``device``; ``chunk_size`` None = the
-    backend's default. Raises a one-line ConfigError for a request that cannot run: call it at
-    set-up time."""
+    backend's default; ``graphs``: capture the Triton kernels' chunk loops in CUDA graphs (on CUDA).
+    Raises a one-line ConfigError for a request that cannot run: call it at set-up time."""
     device = torch.device(device)
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
@@ -100,7 +103,7 @@ def select_solver(backend: str = "auto", device: torch.device | str = "cpu", chu
                 f"feedback_solve: the triton backend needs CUDA tensors (got device {device}); "
                 "on CPU use backend 'chunked', or set TRITON_INTERPRET=1 before importing triton"
             )
-    return Solver(backend, chunk_size)
+    return Solver(backend, chunk_size, graphs and backend == "triton" and device.type == "cuda")
 
 
 class Prefix(NamedTuple):
@@ -131,12 +134,22 @@ def _blockwise(solver: Solver):
 
 def solve_forward(solver: Solver, q, k, f, gamma, scale: float, prefix: Prefix | None = None) -> Solved:
     """Blocked forward substitution of one block of rows, continuing from ``prefix``."""
-    return Solved(*_blockwise(solver)[0](q, k, f, gamma, scale, solver.chunk, prefix))
+    forward = _blockwise(solver)[0]
+    if solver.graphs and prefix is None:
+        from sessa_train.ops.feedback_triton import graphed
+
+        return Solved(*graphed(forward, (q, k, f, gamma), scale, solver.chunk))
+    return Solved(*forward(q, k, f, gamma, scale, solver.chunk, prefix))
 
 
 def solve_backward(solver: Solver, grad_s, q, k, gamma, solved: Solved, scale: float) -> tuple[torch.Tensor, ...]:
     """The adjoint of ``solve_forward``: (dq, dk, df, dgamma) for G = ``grad_s``."""
-    return _blockwise(solver)[1](grad_s, q, k, gamma, *solved, scale, solver.chunk)
+    backward = _blockwise(solver)[1]
+    if solver.graphs:
+        from sessa_train.ops.feedback_triton import graphed
+
+        return graphed(backward, (grad_s, q, k, gamma, *solved), scale, solver.chunk)
+    return backward(grad_s, q, k, gamma, *solved, scale, solver.chunk)
 
 
 class BlockwiseFeedbackSolve(torch.autograd.Function):
@@ -175,6 +188,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torc
             f"feedback_solve: the triton backend needs q_b, k_b, f of one dtype among float32/float16/bfloat16, "
             f"got {q.dtype}, {k.dtype}, {f.dtype}"
         )
+    if solver.backend == "triton" and f.is_cuda:
+        from sessa_train.ops.feedback_triton import block_fits
+
+        major, minor = torch.cuda.get_device_capability(f.device)
+        if not block_fits(solver.chunk, f.dtype, 10 * major + minor):
+            raise ConfigError(
+                f"feedback_solve: the triton backend's {solver.chunk}-row blocks need bf16/fp16 inputs on sm_90 or "
+                f"later and Triton >= 3.6; got {f.dtype} on sm_{major}{minor}: use compute.feedback_chunk_size=64"
+            )
 
 
 def flatten_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

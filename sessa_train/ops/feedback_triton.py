@@ -1,39 +1,52 @@
 """Triton feedback solve: the blocked algorithm of ``feedback_chunked`` as fused kernels.
 
 Per sequence n (N = B * H feedback heads), rows and keys are cut into blocks of C = BLOCK
-tokens (C in {16, 32, 64}); chunk c holds rows R = [cC, cC + C). Inputs are contiguous
-q, k (N, T, Dk), f (N, T, Dv), gamma (N, T); internal state s, c = A s, lambda (N, T, Dv),
-lse (N, T) is float32.
+tokens (C in {16, 32, 64, 128}); chunk c holds rows R = [cC, cC + C). Inputs are contiguous
+q, k (N, T, Dk), f (N, T, Dv), gamma (N, T); the state s, c = A s, lambda (N, T, Dv) and
+lse (N, T) is float32. A[t, j] = exp(scale q_t . k_j - lse_t) for j < t.
 
-Forward
-    _lse_kernel        grid (N, T/C)        per-row log-sum-exp of the strictly causal logits
-                                            (online max/sum over key blocks; fully parallel)
+Forward (2 launches per chunk step)
+    _lse_kernel          grid (N, T/C)          once: per-row log-sum-exp (online over key blocks), then
+                                                each row block's diagonal block A_RR in float32 (Dg)
     for each chunk c in order:
-      _strip_kernel    grid (N, c+1)        W[:, j-block] = A[R, j-block] for j <= c from lse
-                                            (the row strip, C x (c+1)C; never T x T)
-      _solve_fwd_kernel grid (N, Dv/BD)     h = W[:, <cC] @ s[<cC]; s_R = (I - g A_RR)^-1 (f_R + g h);
-                                            c_R = h + A_RR s_R
-Backward (lambda = (I - M)^-T G, reverse chunk order; df = lambda)
+      _strip_kernel      grid (N, c)            W[:, j-block] = A[R, j-block], j < c: the prefix strip
+                                                (C x cC, in the GEMM operand dtype; never T x T)
+      _fwd_step_kernel   grid (N, S, Dv/BD)     split-K: h_part = W[:, split's blocks] @ s[those blocks];
+                                                the last program of a Dv tile (atomic ticket) sums the S
+                                                parts and, with A_RR from Dg, solves
+                                                s_R = (I - g A_RR)^-1 (f_R + g h);  c_R = h + A_RR s_R
+Backward (3 launches per chunk step; lambda = (I - M)^-T G, reverse chunk order; df = lambda)
+    _diag_kernel         grid (N, T/C)          once: every diagonal block A_RR (Dg) from the final lse
     for each chunk c from the last:
-      _strip_kernel    grid (N, T/C - c)    Wc[t-block, :] = A[t-block, R] for t-blocks >= c (column strip)
-      _solve_bwd_kernel grid (N, Dv/BD)     acc = sum_{t >= (c+1)C} A[t, R]^T g_t lam_t  (pull, not push);
-                                            lam_R = (I - g A_RR)^-T (G_R + acc)
-    dgamma = rowsum(lam * c)                (O(T * D) elementwise, in torch)
-    for each chunk c:                       (independent of each other)
-      _strip_kernel    grid (N, c+1)        W = dlogits[R, <(c+1)C] = scale g A (lam_R s^T - dgamma_R)
-      _dq_kernel       grid (N, Dk/BK)      dq_R = W @ k[<(c+1)C]
-      _dk_kernel       grid (N, c+1, Dk/BK) dk[j-block] += W[:, j-block]^T @ q_R
+      _bwd_step_kernel   grid (N, S, Dv/BD)     split-K pull over later row blocks:
+                                                acc = sum_{t >= (c+1)C} A[t, R]^T g_t lam_t (from the
+                                                column strip); last program: lam_R = (I - g A_RR)^-T (G_R + acc)
+                                                and its Dv tile's part of dgamma_R = lam_R . c_R
+      _bwd_strips_kernel grid (N, c + 1 + c')   two roles: the dlogits strip of row block R,
+                                                L[R, j] = scale g A (lam_R s_j^T - dgamma_R) for j <= c, with
+                                                dk[j-block] += L[R, j]^T q_R (each key block one program);
+                                                and the column strip Wc[t, :] = A[t, R'] of the next chunk
+                                                R' = c - 1 for its later rows t (c' = its count)
+      _dq_kernel         grid (N, S, Dk/BK)     split-K dq_R = L[R, <=R] @ k[<=R], last program sums the parts
 
 The C x C unit-triangular solves run inside the kernels as a product of Neumann factors:
 with N = g A_RR strictly lower (N^C = 0), (I - N)^-1 = (I + N)(I + N^2)(I + N^4)...(I + N^(C/2)),
 log2(C) rounds of two tl.dot each, and the same with N^T for the adjoint. Rows of N sum to at
-most gamma_max < 1, so the factors are well conditioned. Accumulators are float32; on a GPU
-the large GEMM operands are cast to the input dtype (bf16/fp16 tensor cores) while the
-triangular solve stays in float32 ("ieee" for float32 inputs, tf32 otherwise).
+most gamma_max < 1, so the factors are well conditioned. A_RR is computed once per pass in
+float32 (the values a float32 strip held before). Accumulators are float32; on a GPU the large
+GEMM operands are in the input dtype (bf16/fp16 tensor cores) while the triangular solve stays
+in float32 (tf32x3 for float32 inputs, tf32 otherwise).
 
-Under ``TRITON_INTERPRET=1`` (CPU) the kernels run in numpy; the interpreter computes bf16
-wrongly, so tiles are upcast to float32 right after every load and, when interpreting,
-bf16 GEMM operands stay float32.
+Split-K: S programs share one product's reduction (key blocks) so that a batch of one fills the
+GPU from the first few chunks on (``_splits``). Each writes its partial tile, then takes a
+ticket from a per-(chunk, sequence, tile) counter; the program that draws the last ticket sums
+the partials and finishes. Every buffer is allocated before the chunk loop, which has no host
+synchronisation, so on CUDA the whole forward or backward can be captured in a CUDA graph and
+replayed (``graphed``, keyed by shape). All launches go through ``launch``.
+
+Under ``TRITON_INTERPRET=1`` (CPU) the kernels run in numpy, one program after the other; the
+interpreter computes bf16 wrongly, so tiles are upcast to float32 right after every load and,
+when interpreting, bf16 GEMM operands (and strips) stay float32.
 """
 
 from __future__ import annotations
@@ -46,9 +59,25 @@ import triton
 import triton.language as tl
 
 # The autotune set on a GPU (keyed on the block and feature widths); the first is the default
-# launch (the interpreter runs it): 8 warps, at which no bf16/fp16 kernel spills registers
+# launch (the interpreter runs it), at which no bf16/fp16 kernel spills registers
 # (tools/compile_kernels.py checks it). Feature tiles are chosen on the host (``_tile``).
 NUM_WARPS = (8, 4)
+
+
+def num_warps(block: int) -> tuple[int, ...]:
+    """The autotune set for a block size: 128-row tiles take 16 warps first."""
+    return (16, 8) if block == 128 else NUM_WARPS
+
+
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+def block_fits(block: int, dtype: torch.dtype, capability: int) -> bool:
+    """Whether compiled kernels of ``block`` rows fit a GPU of compute ``capability`` (e.g. 90):
+    128-row blocks need 16-bit inputs (float32 tiles exceed shared memory), sm_90 (sm_80 spills
+    registers) and Triton 3.6 or later (3.4 spills; 3.6 and 3.9 checked). tools/compile_kernels.py
+    checks every variant this allows."""
+    return block < 128 or (dtype != torch.float32 and capability >= 90 and TRITON_VERSION >= (3, 6))
 
 
 def interpreting() -> bool:
@@ -56,16 +85,24 @@ def interpreting() -> bool:
 
 
 def _tuned(key: list[str], restore: tuple[str, ...] = ()):
-    """triton.autotune over NUM_WARPS on a GPU; the kernel as is under the interpreter.
-    ``restore`` names outputs that a kernel updates in place (autotuning reruns it)."""
+    """triton.autotune over the warps of ``num_warps(BLOCK)`` on a GPU; the kernel as is under
+    the interpreter. ``restore`` names buffers a kernel updates in place (autotuning reruns it)."""
 
     def wrap(kernel):
         if interpreting():
             return kernel
-        configs = [triton.Config({}, num_warps=w, num_stages=2) for w in NUM_WARPS]
-        return triton.autotune(configs=configs, key=key, restore_value=list(restore))(kernel)
+        configs = [triton.Config({}, num_warps=w, num_stages=2, pre_hook=None) for w in sorted(set(NUM_WARPS) | {16})]
+        return triton.autotune(
+            configs=configs, key=key, restore_value=list(restore), prune_configs_by={"early_config_prune": _prune}
+        )(kernel)
 
     return wrap
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the warps that ``num_warps`` names for this block, in its order."""
+    wanted = num_warps(named_args.get("BLOCK", kwargs.get("BLOCK", 64)))
+    return sorted((c for c in configs if c.num_warps in wanted), key=lambda c: wanted.index(c.num_warps))
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,6 +128,17 @@ def _rows_dot_rows(
 
 
 @triton.jit
+def _probs(
+    q, k, lse, n, rows, cols, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+):
+    """A[rows, cols] = exp(scale q k^T - lse) where cols < rows < T, else 0; (BLOCK, BLOCK) float32."""
+    S = _rows_dot_rows(q + n * T * DK, k + n * T * DK, rows, cols, T, DK, BLOCK, BK, DOT, PREC) * scale
+    row_lse = tl.load(lse + n * T + rows, mask=rows < T, other=0.0)
+    valid = (cols[None, :] < rows[:, None]) & (rows[:, None] < T)
+    return tl.exp(tl.where(valid, S - row_lse[:, None], float("-inf")))
+
+
+@triton.jit
 def _neumann_solve(Nm, x, LOG2_BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr, PREC: tl.constexpr):
     """(I - Nm)^-1 x, or (I - Nm^T)^-1 x, for strictly lower (BLOCK, BLOCK) Nm; x (BLOCK, BD)."""
     P = tl.trans(Nm) if TRANSPOSE else Nm
@@ -100,14 +148,56 @@ def _neumann_solve(Nm, x, LOG2_BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr, PRE
     return x
 
 
+@triton.jit
+def _split_range(blocks, sp, nsplit):
+    """Split ``sp`` of ``nsplit``: its share [lo, hi) of ``blocks`` key (or row) blocks."""
+    return blocks * sp // nsplit, blocks * (sp + 1) // nsplit
+
+
+@triton.jit
+def _reduce_parts(part, counts, acc, n, sp, tile, chunk, nsplit, width, BLOCK: tl.constexpr, BW: tl.constexpr):
+    """Store this split's partial (BLOCK, BW) tile ``acc`` of columns ``tile`` (of ``width``), take a
+    ticket, and, for the program that draws the last one, return (True, the sum over the splits).
+    part (N, nsplit, BLOCK, width) float32; counts one int32 per (chunk, n, tile), zeroed."""
+    ar = tl.arange(0, BLOCK)
+    d = tile * BW + tl.arange(0, BW)
+    dmask = d[None, :] < width
+    base = part + (n * nsplit) * BLOCK * width
+    tl.store(base + (sp * BLOCK + ar[:, None]) * width + d[None, :], acc, mask=dmask)
+    tl.debug_barrier()  # every thread's partial is written before the ticket (release)
+    counter = counts + (chunk * tl.num_programs(0) + n) * tl.cdiv(width, BW) + tile
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == nsplit - 1
+    total = tl.zeros((BLOCK, BW), dtype=tl.float32)
+    if last:
+        for j in range(0, nsplit):
+            total += tl.load(
+                base + (j * BLOCK + ar[:, None]) * width + d[None, :], mask=dmask, other=0.0, cache_modifier=".cg"
+            )
+    return last, total
+
+
 # ---------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _store_diag(
+    q, k, lse, Dg, n, rb, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+):
+    """The diagonal block A[R, R] of row block rb in float32: Dg (N, T/C, BLOCK, BLOCK)."""
+    ar = tl.arange(0, BLOCK)
+    rows = rb * BLOCK + ar
+    A = _probs(q, k, lse, n, rows, rows, T, DK, scale, BLOCK, BK, DOT, PREC)
+    tl.store(Dg + ((n * tl.num_programs(1) + rb) * BLOCK + ar[:, None]) * BLOCK + ar[None, :], A)
+
+
 @_tuned(key=["DK", "BLOCK"])
 @triton.jit
-def _lse_kernel(q, k, lse, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _lse_kernel(
+    q, k, lse, Dg, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+):
+    """Per-row log-sum-exp over every earlier key, then the row block's diagonal block of A."""
     n = tl.program_id(0)
     rb = tl.program_id(1)
     ar = tl.arange(0, BLOCK)
@@ -124,191 +214,189 @@ def _lse_kernel(q, k, lse, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, 
         m = m_new
     out = tl.where(z > 0, m + tl.log(tl.where(z > 0, z, 1.0)), 0.0)
     tl.store(lse + n * T + rows, out, mask=rows < T)
-
-
-@_tuned(key=["DK", "DV", "BLOCK", "MODE"])
-@triton.jit
-def _strip_kernel(
-    q,
-    k,
-    lse,
-    gamma,
-    lam,
-    s,
-    dgamma,
-    out,
-    T,
-    Tp,
-    DK,
-    DV,
-    scale,
-    chunk,
-    MODE: tl.constexpr,
-    COLUMN: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BK: tl.constexpr,
-    BD: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """One (BLOCK, BLOCK) tile of a strip.
-
-    MODE 0: A[t, j] = exp(scale q_t . k_j - lse_t) for j < t, else 0.
-    MODE 1: dlogits[t, j] = scale g_t A[t, j] (lam_t . s_j - dgamma_t).
-    Row strip (COLUMN=False): rows = chunk's block, keys = block p; out (N, BLOCK, Tp).
-    Column strip (COLUMN=True): rows = block chunk + p, keys = chunk's block; out (N, Tp, BLOCK).
-    """
-    n = tl.program_id(0)
-    p = tl.program_id(1)
-    if COLUMN:
-        rb = chunk + p
-        kb = chunk
-    else:
-        rb = chunk
-        kb = p
-    ar = tl.arange(0, BLOCK)
-    rows = rb * BLOCK + ar
-    cols = kb * BLOCK + ar
-    rmask = rows < T
-    S = _rows_dot_rows(q + n * T * DK, k + n * T * DK, rows, cols, T, DK, BLOCK, BK, DOT, PREC) * scale
-    row_lse = tl.load(lse + n * T + rows, mask=rmask, other=0.0)
-    valid = (cols[None, :] < rows[:, None]) & rmask[:, None]
-    P = tl.exp(tl.where(valid, S - row_lse[:, None], float("-inf")))
-    if MODE == 1:
-        dP = _rows_dot_rows(lam + n * T * DV, s + n * T * DV, rows, cols, T, DV, BLOCK, BD, DOT, PREC)
-        g = tl.load(gamma + n * T + rows, mask=rmask, other=0.0).to(tl.float32)
-        dg = tl.load(dgamma + n * T + rows, mask=rmask, other=0.0)
-        P = P * (dP - dg[:, None]) * (g * scale)[:, None]
-    if COLUMN:
-        ptrs = out + n * Tp * BLOCK + rows[:, None] * BLOCK + ar[None, :]
-    else:
-        ptrs = out + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :]
-    tl.store(ptrs, P)
-
-
-@_tuned(key=["DV", "BLOCK"])
-@triton.jit
-def _solve_fwd_kernel(
-    W,
-    s,
-    c,
-    f,
-    gamma,
-    T,
-    Tp,
-    DV,
-    chunk,
-    BLOCK: tl.constexpr,
-    BD: tl.constexpr,
-    LOG2_BLOCK: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-    SOLVE_PREC: tl.constexpr,
-):
-    n = tl.program_id(0)
-    dt = tl.program_id(1)
-    ar = tl.arange(0, BLOCK)
-    d = dt * BD + tl.arange(0, BD)
-    dmask = d[None, :] < DV
-    rows = chunk * BLOCK + ar
-    rmask = rows[:, None] < T
-    Wn = W + n * BLOCK * Tp
-    sn = s + n * T * DV
-    h = tl.zeros((BLOCK, BD), dtype=tl.float32)
-    for kb in range(0, chunk):  # earlier chunks: every row is < T
-        a = tl.load(Wn + ar[:, None] * Tp + (kb * BLOCK + ar)[None, :]).to(DOT)
-        sb = tl.load(sn + (kb * BLOCK + ar)[:, None] * DV + d[None, :], mask=dmask, other=0.0).to(DOT)
-        h += tl.dot(a, sb, input_precision=PREC)
-    A_rr = tl.load(Wn + ar[:, None] * Tp + (chunk * BLOCK + ar)[None, :])
-    g = tl.load(gamma + n * T + rows, mask=rows < T, other=0.0).to(tl.float32)
-    rhs = tl.load(f + n * T * DV + rows[:, None] * DV + d[None, :], mask=rmask & dmask, other=0.0).to(tl.float32)
-    x = _neumann_solve(g[:, None] * A_rr, rhs + g[:, None] * h, LOG2_BLOCK, False, SOLVE_PREC)
-    tl.store(sn + rows[:, None] * DV + d[None, :], x, mask=rmask & dmask)
-    cx = h + tl.dot(A_rr, x, input_precision=SOLVE_PREC)
-    tl.store(c + n * T * DV + rows[:, None] * DV + d[None, :], cx, mask=rmask & dmask)
-
-
-@_tuned(key=["DV", "BLOCK"])
-@triton.jit
-def _solve_bwd_kernel(
-    Wc,
-    lam,
-    G,
-    gamma,
-    T,
-    Tp,
-    DV,
-    chunk,
-    n_blocks,
-    BLOCK: tl.constexpr,
-    BD: tl.constexpr,
-    LOG2_BLOCK: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-    SOLVE_PREC: tl.constexpr,
-):
-    n = tl.program_id(0)
-    dt = tl.program_id(1)
-    ar = tl.arange(0, BLOCK)
-    d = dt * BD + tl.arange(0, BD)
-    dmask = d[None, :] < DV
-    rows = chunk * BLOCK + ar
-    rmask = rows[:, None] < T
-    Wn = Wc + n * Tp * BLOCK
-    ln = lam + n * T * DV
-    acc = tl.zeros((BLOCK, BD), dtype=tl.float32)
-    for rb in range(chunk + 1, n_blocks):  # later chunks: lambda is final there
-        t = rb * BLOCK + ar
-        a = tl.load(Wn + t[:, None] * BLOCK + ar[None, :]).to(DOT)
-        g_t = tl.load(gamma + n * T + t, mask=t < T, other=0.0).to(tl.float32)
-        lt = tl.load(ln + t[:, None] * DV + d[None, :], mask=(t[:, None] < T) & dmask, other=0.0)
-        acc += tl.dot(tl.trans(a), (g_t[:, None] * lt).to(DOT), input_precision=PREC)
-    A_rr = tl.load(Wn + rows[:, None] * BLOCK + ar[None, :])
-    g = tl.load(gamma + n * T + rows, mask=rows < T, other=0.0).to(tl.float32)
-    rhs = tl.load(G + n * T * DV + rows[:, None] * DV + d[None, :], mask=rmask & dmask, other=0.0).to(tl.float32)
-    x = _neumann_solve(g[:, None] * A_rr, rhs + acc, LOG2_BLOCK, True, SOLVE_PREC)
-    tl.store(ln + rows[:, None] * DV + d[None, :], x, mask=rmask & dmask)
+    tl.debug_barrier()
+    _store_diag(q, k, lse, Dg, n, rb, T, DK, scale, BLOCK, BK, DOT, PREC)
 
 
 @_tuned(key=["DK", "BLOCK"])
 @triton.jit
-def _dq_kernel(
-    W, k, dq, T, Tp, DK, chunk, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+def _diag_kernel(
+    q, k, lse, Dg, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
 ):
-    n = tl.program_id(0)
-    kt = tl.program_id(1)
+    """Every row block's diagonal block of A (the backward's; lse is final)."""
+    _store_diag(q, k, lse, Dg, tl.program_id(0), tl.program_id(1), T, DK, scale, BLOCK, BK, DOT, PREC)
+
+
+@triton.jit
+def _store_strip(
+    q,
+    k,
+    lse,
+    out,
+    n,
+    rb,
+    kb,
+    T,
+    Tp,
+    DK,
+    scale,
+    COLUMN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BK: tl.constexpr,
+    DOT: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """A[row block rb, key block kb] into a row strip out (N, BLOCK, Tp) at column kb, or a column
+    strip out (N, Tp, BLOCK) at row rb, in the strip's dtype."""
     ar = tl.arange(0, BLOCK)
-    e = kt * BK + tl.arange(0, BK)
+    P = _probs(q, k, lse, n, rb * BLOCK + ar, kb * BLOCK + ar, T, DK, scale, BLOCK, BK, DOT, PREC)
+    if COLUMN:
+        ptrs = out + n * Tp * BLOCK + (rb * BLOCK + ar)[:, None] * BLOCK + ar[None, :]
+    else:
+        ptrs = out + n * BLOCK * Tp + ar[:, None] * Tp + (kb * BLOCK + ar)[None, :]
+    tl.store(ptrs, P.to(out.dtype.element_ty))
+
+
+@_tuned(key=["DK", "BLOCK"])
+@triton.jit
+def _strip_kernel(
+    q, k, lse, W, T, Tp, DK, scale, chunk, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
+):
+    """The forward's prefix strip W[:, kb-block] = A[R, kb-block] for key blocks kb < chunk."""
+    _store_strip(q, k, lse, W, tl.program_id(0), chunk, tl.program_id(1), T, Tp, DK, scale, False, BLOCK, BK, DOT, PREC)
+
+
+@_tuned(key=["DV", "BLOCK"], restore=("counts",))
+@triton.jit
+def _fwd_step_kernel(
+    W, s, c, f, Dg, gamma, part, counts, T, Tp, DV, chunk, nsplit,
+    BLOCK: tl.constexpr, BD: tl.constexpr, LOG2_BLOCK: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    sp = tl.program_id(1)
+    dt = tl.program_id(2)
+    ar = tl.arange(0, BLOCK)
+    d = dt * BD + tl.arange(0, BD)
+    dmask = d[None, :] < DV
+    Wn = W + n * BLOCK * Tp
+    sn = s + n * T * DV
+    lo, hi = _split_range(chunk, sp, nsplit)
+    h = tl.zeros((BLOCK, BD), dtype=tl.float32)
+    for kb in range(lo, hi):  # this split's earlier key blocks: every row is < T
+        a = tl.load(Wn + ar[:, None] * Tp + (kb * BLOCK + ar)[None, :]).to(tl.float32).to(DOT)
+        sb = tl.load(sn + (kb * BLOCK + ar)[:, None] * DV + d[None, :], mask=dmask, other=0.0).to(DOT)
+        h += tl.dot(a, sb, input_precision=PREC)
+    last, h = _reduce_parts(part, counts, h, n, sp, dt, chunk, nsplit, DV, BLOCK, BD)
+    if last:
+        rows = chunk * BLOCK + ar
+        rmask = rows[:, None] < T
+        A_rr = tl.load(Dg + ((n * (Tp // BLOCK) + chunk) * BLOCK + ar[:, None]) * BLOCK + ar[None, :])
+        g = tl.load(gamma + n * T + rows, mask=rows < T, other=0.0).to(tl.float32)
+        rhs = tl.load(f + n * T * DV + rows[:, None] * DV + d[None, :], mask=rmask & dmask, other=0.0).to(tl.float32)
+        x = _neumann_solve(g[:, None] * A_rr, rhs + g[:, None] * h, LOG2_BLOCK, False, SOLVE_PREC)
+        tl.store(sn + rows[:, None] * DV + d[None, :], x, mask=rmask & dmask)
+        cx = h + tl.dot(A_rr, x, input_precision=SOLVE_PREC)
+        tl.store(c + n * T * DV + rows[:, None] * DV + d[None, :], cx, mask=rmask & dmask)
+
+
+@_tuned(key=["DV", "BLOCK"], restore=("counts",))
+@triton.jit
+def _bwd_step_kernel(
+    Wc, lam, G, c, Dg, gamma, part, counts, dgp, T, Tp, DV, chunk, n_blocks, nsplit,
+    BLOCK: tl.constexpr, BD: tl.constexpr, LOG2_BLOCK: tl.constexpr, DOT: tl.constexpr,
+    PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    sp = tl.program_id(1)
+    dt = tl.program_id(2)
+    ar = tl.arange(0, BLOCK)
+    d = dt * BD + tl.arange(0, BD)
+    dmask = d[None, :] < DV
+    Wn = Wc + n * Tp * BLOCK
+    ln = lam + n * T * DV
+    lo, hi = _split_range(n_blocks - chunk - 1, sp, nsplit)
+    acc = tl.zeros((BLOCK, BD), dtype=tl.float32)
+    for rb in range(chunk + 1 + lo, chunk + 1 + hi):  # this split's later row blocks: lambda is final there
+        t = rb * BLOCK + ar
+        a = tl.load(Wn + t[:, None] * BLOCK + ar[None, :]).to(tl.float32).to(DOT)
+        g_t = tl.load(gamma + n * T + t, mask=t < T, other=0.0).to(tl.float32)
+        lt = tl.load(ln + t[:, None] * DV + d[None, :], mask=(t[:, None] < T) & dmask, other=0.0)
+        acc += tl.dot(tl.trans(a), (g_t[:, None] * lt).to(DOT), input_precision=PREC)
+    last, acc = _reduce_parts(part, counts, acc, n, sp, dt, chunk, nsplit, DV, BLOCK, BD)
+    if last:
+        rows = chunk * BLOCK + ar
+        rmask = rows[:, None] < T
+        A_rr = tl.load(Dg + ((n * n_blocks + chunk) * BLOCK + ar[:, None]) * BLOCK + ar[None, :])
+        g = tl.load(gamma + n * T + rows, mask=rows < T, other=0.0).to(tl.float32)
+        rhs = tl.load(G + n * T * DV + rows[:, None] * DV + d[None, :], mask=rmask & dmask, other=0.0).to(tl.float32)
+        x = _neumann_solve(g[:, None] * A_rr, rhs + acc, LOG2_BLOCK, True, SOLVE_PREC)
+        tl.store(ln + rows[:, None] * DV + d[None, :], x, mask=rmask & dmask)
+        cr = tl.load(c + n * T * DV + rows[:, None] * DV + d[None, :], mask=rmask & dmask, other=0.0)
+        tl.store(dgp + (n * tl.num_programs(2) + dt) * Tp + rows, tl.sum(x * cr, axis=1))  # this tile's dgamma part
+
+
+@_tuned(key=["DK", "DV", "BLOCK"], restore=("dk",))
+@triton.jit
+def _bwd_strips_kernel(
+    q, k, lse, gamma, lam, s, dgp, dgamma, L, dk, Wc, T, Tp, DK, DV, scale, chunk, n_dtiles,
+    BLOCK: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Programs 0..chunk: dlogits L[R, j] for key block j and dk[j] += L^T q_R. Programs after
+    them: the column strip Wc of chunk - 1 for its later row blocks (none for chunk 0)."""
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    ar = tl.arange(0, BLOCK)
+    if p > chunk:  # column strip of the next chunk (chunk - 1): later row block chunk + (p - chunk - 1)
+        _store_strip(q, k, lse, Wc, n, p - 1, chunk - 1, T, Tp, DK, scale, True, BLOCK, BK, DOT, PREC)
+    else:
+        rows = chunk * BLOCK + ar
+        cols = p * BLOCK + ar
+        rmask = rows < T
+        dg = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, n_dtiles):
+            dg += tl.load(dgp + (n * n_dtiles + t) * Tp + rows)
+        if p == 0:
+            tl.store(dgamma + n * T + rows, dg, mask=rmask)
+        A = _probs(q, k, lse, n, rows, cols, T, DK, scale, BLOCK, BK, DOT, PREC)
+        dP = _rows_dot_rows(lam + n * T * DV, s + n * T * DV, rows, cols, T, DV, BLOCK, BD, DOT, PREC)
+        g = tl.load(gamma + n * T + rows, mask=rmask, other=0.0).to(tl.float32)
+        dL = A * (dP - dg[:, None]) * (g * scale)[:, None]
+        tl.store(L + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :], dL.to(L.dtype.element_ty))
+        dLt = tl.trans(dL.to(tl.float32).to(DOT))
+        for e0 in range(0, DK, BK):  # dk of this key block: this program alone writes it
+            e = e0 + tl.arange(0, BK)
+            emask = e[None, :] < DK
+            qq = tl.load(q + n * T * DK + rows[:, None] * DK + e[None, :], mask=rmask[:, None] & emask, other=0.0)
+            ptrs = dk + n * T * DK + cols[:, None] * DK + e[None, :]
+            mask = (cols[:, None] < T) & emask
+            update = tl.dot(dLt, qq.to(tl.float32).to(DOT), input_precision=PREC)
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + update, mask=mask)
+
+
+@_tuned(key=["DK", "BLOCK"], restore=("counts",))
+@triton.jit
+def _dq_kernel(
+    L, k, dq, part, counts, T, Tp, DK, chunk, nsplit,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    sp = tl.program_id(1)
+    et = tl.program_id(2)
+    ar = tl.arange(0, BLOCK)
+    e = et * BK + tl.arange(0, BK)
     emask = e[None, :] < DK
+    lo, hi = _split_range(chunk + 1, sp, nsplit)
     acc = tl.zeros((BLOCK, BK), dtype=tl.float32)
-    for kb in range(0, chunk + 1):
+    for kb in range(lo, hi):
         cols = kb * BLOCK + ar
-        a = tl.load(W + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :]).to(DOT)
+        a = tl.load(L + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :]).to(tl.float32).to(DOT)
         kk = tl.load(k + n * T * DK + cols[:, None] * DK + e[None, :], mask=(cols[:, None] < T) & emask, other=0.0)
         acc += tl.dot(a, kk.to(tl.float32).to(DOT), input_precision=PREC)
-    rows = chunk * BLOCK + ar
-    tl.store(dq + n * T * DK + rows[:, None] * DK + e[None, :], acc, mask=(rows[:, None] < T) & emask)
-
-
-@_tuned(key=["DK", "BLOCK"], restore=("dk",))
-@triton.jit
-def _dk_kernel(
-    W, q, dk, T, Tp, DK, chunk, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
-    n = tl.program_id(0)
-    kb = tl.program_id(1)
-    kt = tl.program_id(2)
-    ar = tl.arange(0, BLOCK)
-    e = kt * BK + tl.arange(0, BK)
-    emask = e[None, :] < DK
-    rows = chunk * BLOCK + ar
-    cols = kb * BLOCK + ar
-    a = tl.load(W + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :]).to(DOT)
-    qq = tl.load(q + n * T * DK + rows[:, None] * DK + e[None, :], mask=(rows[:, None] < T) & emask, other=0.0)
-    update = tl.dot(tl.trans(a), qq.to(tl.float32).to(DOT), input_precision=PREC)
-    ptrs = dk + n * T * DK + cols[:, None] * DK + e[None, :]
-    mask = (cols[:, None] < T) & emask
-    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + update, mask=mask)
+    last, acc = _reduce_parts(part, counts, acc, n, sp, et, chunk, nsplit, DK, BLOCK, BK)
+    if last:
+        rows = chunk * BLOCK + ar
+        tl.store(dq + n * T * DK + rows[:, None] * DK + e[None, :], acc, mask=(rows[:, None] < T) & emask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,9 +404,15 @@ def _dk_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _tile(width: int) -> int:
-    """Feature-dimension tile: a power of two in [16, 64] (tl.dot needs >= 16)."""
-    return max(16, min(64, triton.next_power_of_2(width)))
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """Every kernel launch of the solve (tests count them here)."""
+    kernel[grid](*args, **kwargs)
+
+
+def _tile(width: int, block: int) -> int:
+    """Feature-dimension tile: a power of two in [16, 64] (tl.dot needs >= 16); 16 with 128-row
+    blocks, whose 128 x 128 float32 tiles leave no registers for wider ones."""
+    return 16 if block == 128 else max(16, min(64, triton.next_power_of_2(width)))
 
 
 def _precisions(dtype: torch.dtype) -> dict:
@@ -330,30 +424,46 @@ def _precisions(dtype: torch.dtype) -> dict:
     return {"DOT": tl.float32 if interpreting() else tl.bfloat16, "PREC": "tf32"}
 
 
+STRIP_DTYPE = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
+# split-K aims at this many programs per product; on CUDA twice the multiprocessors (``_splits``)
+SPLIT_TARGET: int | None = None
+
+
+def _splits(device: torch.device, programs: int) -> int:
+    """Splits of a reduction so that ``programs`` (per split) times the splits fill the GPU."""
+    target = SPLIT_TARGET
+    if target is None:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, -(-target // programs))
+
+
 class _Launch:
-    """The sizes, tiles and precisions every launch of one solve shares."""
+    """The sizes, tiles, precisions and buffers every launch of one solve shares."""
 
     def __init__(self, q: torch.Tensor, dv: int, scale: float, block: int) -> None:
         self.N, self.T, self.DK = q.shape
         self.DV, self.scale, self.block, self.device = dv, scale, block, q.device
         self.nb = triton.cdiv(self.T, block)
         self.Tp = self.nb * block
-        self.BK, self.BD = _tile(self.DK), _tile(dv)
+        self.BK, self.BD = _tile(self.DK, block), _tile(dv, block)
         self.prec = _precisions(q.dtype)
+        self.strip_dtype = STRIP_DTYPE[self.prec["DOT"]]
         self.solve = {
             "LOG2_BLOCK": int(math.log2(block)),
             "SOLVE_PREC": "tf32x3" if q.dtype == torch.float32 else "tf32",
         }
+        self.dv_tiles, self.dk_tiles = triton.cdiv(dv, self.BD), triton.cdiv(self.DK, self.BK)
+        self.split_v = _splits(q.device, self.N * self.dv_tiles)  # at most; per chunk: the blocks there are
+        self.split_k = _splits(q.device, self.N * self.dk_tiles)
 
-    def empty(self, *shape: int, zero: bool = False) -> torch.Tensor:
-        return (torch.zeros if zero else torch.empty)(*shape, dtype=torch.float32, device=self.device)
+    def empty(self, *shape: int, zero: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (torch.zeros if zero else torch.empty)(*shape, dtype=dtype, device=self.device)
 
-    def strip(self, grid, chunk, q, k, lse, gamma, lam, s, dgamma, out, mode: int, column: bool) -> None:
-        """One row strip (or, with ``column``, column strip) of A (mode 0) or of dlogits (mode 1)."""
-        _strip_kernel[grid](
-            q, k, lse, gamma, lam, s, dgamma, out, self.T, self.Tp, self.DK, self.DV, self.scale, chunk,
-            MODE=mode, COLUMN=column, BLOCK=self.block, BK=self.BK, BD=self.BD, **self.prec,
-        )  # fmt: skip
+    def counters(self, tiles: int) -> torch.Tensor:
+        return self.empty(self.nb, self.N, tiles, zero=True, dtype=torch.int32)
+
+    def parts(self, splits: int, width: int) -> torch.Tensor:
+        return self.empty(self.N, splits, self.block, width)
 
 
 def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
@@ -364,21 +474,28 @@ def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
     their normalised contribution gamma * h_p enters the right-hand side (float32 inputs).
     """
     L = _Launch(q, f.shape[-1], scale, block)
-    N, T = L.N, L.T
-    lse, s, c, W = L.empty(N, T), L.empty(N, T, L.DV), L.empty(N, T, L.DV), L.empty(N, block, L.Tp)
-    _lse_kernel[(N, L.nb)](q, k, lse, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
+    N, T, nb = L.N, L.T, L.nb
+    lse, s, c = L.empty(N, T), L.empty(N, T, L.DV), L.empty(N, T, L.DV)
+    W, Dg = L.empty(N, block, L.Tp, dtype=L.strip_dtype), L.empty(N, nb, block, block)
+    part, counts = L.parts(L.split_v, L.DV), L.counters(L.dv_tiles)
+    launch(_lse_kernel, (N, nb), q, k, lse, Dg, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
     earlier = None
     if prefix is not None:
         own = lse.clone()
         own[:, 0] = float("-inf")  # the kernel writes 0 for the one row without an own earlier key
         lse = torch.logaddexp(own, prefix[0].float()).contiguous()  # every row has earlier keys
+        launch(_diag_kernel, (N, nb), q, k, lse, Dg, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
         earlier = prefix[1].float() * (prefix[0].float() - lse).exp().unsqueeze(-1)
         f = torch.addcmul(f.float(), gamma.float().unsqueeze(-1), earlier).contiguous()
-    for ch in range(L.nb):
-        L.strip((N, ch + 1), ch, q, k, lse, gamma, s, s, lse, W, mode=0, column=False)
-        _solve_fwd_kernel[(N, triton.cdiv(L.DV, L.BD))](
-            W, s, c, f, gamma, T, L.Tp, L.DV, ch, BLOCK=block, BD=L.BD, **L.solve, **L.prec
-        )
+    for ch in range(nb):
+        if ch:
+            launch(_strip_kernel, (N, ch), q, k, lse, W, T, L.Tp, L.DK, scale, ch, BLOCK=block, BK=L.BK, **L.prec)
+        splits = max(1, min(L.split_v, ch))
+        launch(
+            _fwd_step_kernel, (N, splits, L.dv_tiles),
+            W, s, c, f, Dg, gamma, part, counts, T, L.Tp, L.DV, ch, splits,
+            BLOCK=block, BD=L.BD, **L.solve, **L.prec,
+        )  # fmt: skip
     if earlier is not None:
         c += earlier
     return s, c, lse
@@ -388,68 +505,91 @@ def triton_backward(grad_s, q, k, gamma, s, c, lse, scale: float, block: int):
     """Adjoint of ``triton_forward``. Returns float32 dq, dk (N, T, Dk), df (N, T, Dv), dgamma (N, T)."""
     L = _Launch(q, s.shape[-1], scale, block)
     N, T, nb = L.N, L.T, L.nb
-    lam, Wc = L.empty(N, T, L.DV), L.empty(N, L.Tp, block)
+    lam, dgamma = L.empty(N, T, L.DV), L.empty(N, T)
+    dq, dk = L.empty(N, T, L.DK), L.empty(N, T, L.DK, zero=True)
+    Wc, dL = L.empty(N, L.Tp, block, dtype=L.strip_dtype), L.empty(N, block, L.Tp, dtype=L.strip_dtype)
+    dgp, Dg = L.empty(N, L.dv_tiles, L.Tp), L.empty(N, nb, block, block)
+    part_v, counts_v = L.parts(L.split_v, L.DV), L.counters(L.dv_tiles)
+    part_k, counts_k = L.parts(L.split_k, L.DK), L.counters(L.dk_tiles)
+    launch(_diag_kernel, (N, nb), q, k, lse, Dg, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
     for ch in range(nb - 1, -1, -1):
-        L.strip((N, nb - ch), ch, q, k, lse, gamma, s, s, lse, Wc, mode=0, column=True)
-        _solve_bwd_kernel[(N, triton.cdiv(L.DV, L.BD))](
-            Wc, lam, grad_s, gamma, T, L.Tp, L.DV, ch, nb, BLOCK=block, BD=L.BD, **L.solve, **L.prec
-        )
-    del Wc
-    dgamma = torch.linalg.vecdot(lam, c)
-    dq, dk, W = L.empty(N, T, L.DK), L.empty(N, T, L.DK, zero=True), L.empty(N, block, L.Tp)
-    for ch in range(nb):
-        L.strip((N, ch + 1), ch, q, k, lse, gamma, lam, s, dgamma, W, mode=1, column=False)
-        _dq_kernel[(N, triton.cdiv(L.DK, L.BK))](W, k, dq, T, L.Tp, L.DK, ch, BLOCK=block, BK=L.BK, **L.prec)
-        _dk_kernel[(N, ch + 1, triton.cdiv(L.DK, L.BK))](W, q, dk, T, L.Tp, L.DK, ch, BLOCK=block, BK=L.BK, **L.prec)
+        splits = max(1, min(L.split_v, nb - ch - 1))
+        launch(
+            _bwd_step_kernel, (N, splits, L.dv_tiles),
+            Wc, lam, grad_s, c, Dg, gamma, part_v, counts_v, dgp, T, L.Tp, L.DV, ch, nb, splits,
+            BLOCK=block, BD=L.BD, **L.solve, **L.prec,
+        )  # fmt: skip
+        column = nb - ch if ch else 0  # the next chunk's later row blocks
+        launch(
+            _bwd_strips_kernel, (N, ch + 1 + column),
+            q, k, lse, gamma, lam, s, dgp, dgamma, dL, dk, Wc, T, L.Tp, L.DK, L.DV, scale, ch, L.dv_tiles,
+            BLOCK=block, BK=L.BK, BD=L.BD, **L.prec,
+        )  # fmt: skip
+        splits = max(1, min(L.split_k, ch + 1))
+        launch(
+            _dq_kernel, (N, splits, L.dk_tiles),
+            dL, k, dq, part_k, counts_k, T, L.Tp, L.DK, ch, splits, BLOCK=block, BK=L.BK, **L.prec,
+        )  # fmt: skip
     return dq, dk, lam, dgamma
 
 
-def kernel_variants(block: int, dtype: torch.dtype, tile: int = 64) -> list[tuple[str, object, dict, dict]]:
+def kernel_variants(block: int, dtype: torch.dtype, width: int = 1024) -> list[tuple[str, object, dict, dict]]:
     """Every (name, kernel, signature, constexprs) the host side launches for one BLOCK and input
-    dtype, with feature tiles of ``tile``: what an ahead-of-time compile must cover."""
+    dtype, with the feature tiles it takes for heads ``width`` wide: what an AOT compile must cover."""
+    tile = _tile(width, block)
     io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    f32 = "*fp32"
-    prec = {"DOT": {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]}
-    prec["PREC"] = "tf32x3" if dtype == torch.float32 else "tf32"
+    dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    strip = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    prec = {"DOT": dot, "PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
     solve = {"LOG2_BLOCK": int(math.log2(block)), "SOLVE_PREC": prec["PREC"]}
-    ints = {"T": "i32", "Tp": "i32", "DK": "i32", "DV": "i32", "chunk": "i32", "n_blocks": "i32"}
-    strip = {"q": io, "k": io, "lse": f32, "gamma": io, "lam": f32, "s": f32, "dgamma": f32, "out": f32}
-    strip |= {"T": "i32", "Tp": "i32", "DK": "i32", "DV": "i32", "scale": "fp32", "chunk": "i32"}
-
-    def sig(kernel, types: dict) -> dict:
-        return {name: types.get(name, ints.get(name, "constexpr")) for name in kernel.arg_names}
-
-    jitted = {
-        k: getattr(k, "fn", k)
-        for k in (_lse_kernel, _strip_kernel, _solve_fwd_kernel, _solve_bwd_kernel, _dq_kernel, _dk_kernel)
-    }
-
+    f32, i32 = "*fp32", "*i32"
+    types = {"q": io, "k": io, "f": io, "gamma": io, "G": io, "lse": f32, "s": f32, "c": f32, "lam": f32}
+    types |= {"W": strip, "Wc": strip, "L": strip, "part": f32, "counts": i32, "dgp": f32, "dgamma": f32}
+    types |= {"dq": f32, "dk": f32, "Dg": f32, "scale": "fp32"}
     tiles = {"BLOCK": block, "BK": tile, "BD": tile}
-    out = [("lse", _lse_kernel, sig(_lse_kernel, {"q": io, "k": io, "lse": f32, "scale": "fp32"}), {})]
-    for mode, column in ((0, False), (0, True), (1, False)):
-        out.append(
-            (
-                f"strip_mode{mode}{'_column' if column else ''}",
-                _strip_kernel,
-                sig(_strip_kernel, strip),
-                {"MODE": mode, "COLUMN": column},
-            )
-        )
-    out.append(
-        (
-            "solve_fwd",
-            _solve_fwd_kernel,
-            sig(_solve_fwd_kernel, {"W": f32, "s": f32, "c": f32, "f": io, "gamma": io}),
-            solve,
-        )
-    )
-    out.append(
-        ("solve_bwd", _solve_bwd_kernel, sig(_solve_bwd_kernel, {"Wc": f32, "lam": f32, "G": io, "gamma": io}), solve)
-    )
-    out.append(("dq", _dq_kernel, sig(_dq_kernel, {"W": f32, "k": io, "dq": f32}), {}))
-    out.append(("dk", _dk_kernel, sig(_dk_kernel, {"W": f32, "q": io, "dk": f32}), {}))
-    result = []
-    for name, kernel, signature, extra in out:
-        consts = {key: val for key, val in {**tiles, **prec, **extra}.items() if key in kernel.arg_names}
-        result.append((name, jitted[kernel], signature, consts))
-    return result
+
+    def variant(name: str, kernel, extra: dict) -> tuple[str, object, dict, dict]:
+        names = kernel.arg_names  # an autotuner, a JIT function or (interpreting) its stand-in all have them
+        signature = {a: types.get(a, "i32") if a not in (tiles | prec | solve) else "constexpr" for a in names}
+        consts = {key: val for key, val in (tiles | prec | extra).items() if key in names}
+        return name, getattr(kernel, "fn", kernel), signature, consts
+
+    return [
+        variant("lse", _lse_kernel, {}),
+        variant("diag", _diag_kernel, {}),
+        variant("strip", _strip_kernel, {}),
+        variant("fwd_step", _fwd_step_kernel, solve),
+        variant("bwd_step", _bwd_step_kernel, solve),
+        variant("bwd_strips", _bwd_strips_kernel, {}),
+        variant("dq", _dq_kernel, {}),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------
+
+_GRAPHS: dict[tuple, tuple] = {}
+
+
+def graphed(fn, tensors: tuple[torch.Tensor, ...], *args):
+    """``fn(*tensors, *args)`` replayed from a CUDA graph captured once per key (the tensors' shapes,
+    dtypes and device, and ``args``): one launch of the whole chunk loop instead of one per kernel.
+    The first call runs ``fn`` eagerly (Triton compiles and autotunes there), then captures it on
+    copies of the inputs; each call copies its inputs in, replays, and returns copies of the
+    outputs (the graph's own are overwritten by the next replay)."""
+    key = (fn.__name__, *((t.shape, t.dtype, t.device) for t in tensors), *args)
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        fn(*tensors, *args)
+        torch.cuda.synchronize()
+        static = tuple(t.clone() for t in tensors)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*static, *args)
+        entry = _GRAPHS[key] = (graph, static, out)
+    graph, static, out = entry
+    for dst, src in zip(static, tensors, strict=True):
+        dst.copy_(src)
+    graph.replay()
+    return tuple(o.clone() for o in out)
