@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,18 @@ import sentencepiece as spm
 import torch
 import webdataset as wds
 
-from sessa_train.data import PackedTokenLoader, ShardError, Tokenizer, merge_states, train_tokenizer, write_shards
+from sessa_train.data import (
+    PackedTokenLoader,
+    ShardError,
+    StopRequestedError,
+    Tokenizer,
+    merge_states,
+    train_tokenizer,
+    write_shards,
+)
 from sessa_train.data.cli import train_tokenizer_main, write_shards_main
 from sessa_train.data.documents import iter_documents
+from sessa_train.errors import DataError
 
 SEQ_LEN = 31  # samples hold 32 tokens
 
@@ -74,7 +85,7 @@ def _is_val(doc: str) -> bool:
 def test_shards_and_tokenizer_load_with_the_plain_libraries(corpus):
     shard = corpus["index"]["splits"]["train"]["shards"][1]
     plain = list(wds.WebDataset(str(corpus["dir"] / shard["name"]), shardshuffle=False).decode())
-    ours = loader(corpus, shuffle=False, max_epochs=1).read(1)
+    ours = loader(corpus, shuffle=False, max_epochs=1).read(1, set())
     assert len(plain) == len(ours) == shard["samples"]
     assert all(
         np.array_equal(p["tokens.npy"], o) and p["tokens.npy"].dtype == np.uint16
@@ -109,42 +120,93 @@ def test_shard_bytes_limit_is_respected(corpus, tmp_path):
     assert sorted(sizes)[-2] > limit - 10240  # shards are filled, not just split small
 
 
-def test_two_ranks_two_workers_cover_one_epoch_exactly_once(corpus):
+def test_two_ranks_cover_one_epoch_exactly_once(corpus):
     n = corpus["index"]["splits"]["train"]["samples"]
     runs = []
     for _ in range(2):
-        per_rank = [ids_of(loader(corpus, rank=r, world_size=2, num_workers=2, max_epochs=1)) for r in range(2)]
+        per_rank = [ids_of(loader(corpus, rank=r, world_size=2, max_epochs=1)) for r in range(2)]
         runs.append(per_rank)
         everything = per_rank[0] + per_rank[1]
         assert sorted(everything) == list(range(n))
     assert runs[0] == runs[1]  # same seed, same order
-    other_seed = ids_of(loader(corpus, rank=0, world_size=2, num_workers=2, max_epochs=1, seed=8))
+    other_seed = ids_of(loader(corpus, rank=0, world_size=2, max_epochs=1, seed=8))
     assert other_seed != runs[0][0]
 
 
-def run_ranks(corpus, world, workers, steps, state=None):
-    """Lock-step data-parallel consumption; returns (batches per rank, merged state)."""
-    loaders = [loader(corpus, rank=r, world_size=world, num_workers=workers) for r in range(world)]
+G, SLOTS = 16, 8  # the loader tests' global batch and reader slots
+
+
+def run_ranks(corpus, world, workers, steps, state=None, slots=SLOTS):
+    """``steps`` steps of lock-step data-parallel training on ``world`` ranks: (per step, every
+    rank's micro-batches in rank order), and the job's loader state after them."""
+    micro = G // world if world > 2 else 4
+    loaders = [
+        loader(corpus, micro_batch_size=micro, global_batch_size=G, slots=slots, rank=r, world_size=world,
+               num_workers=workers)
+        for r in range(world)
+    ]  # fmt: skip
     if state is not None:
         for ld in loaders:
             ld.load_state_dict(state)
     iters = [iter(ld) for ld in loaders]
-    batches = [[next(it) for it in iters] for _ in range(steps)]
-    return batches, merge_states([ld.state_dict() for ld in loaders])
+    steps_out = []
+    for _ in range(steps):
+        step = []
+        for ld, it in zip(loaders, iters, strict=True):
+            step += [next(it) for _ in range(ld.micro_per_step)]
+            ld.advance()
+        steps_out.append(step)
+    return steps_out, merge_states([ld.state_dict() for ld in loaders])
+
+
+def global_batches(steps) -> list[list[int]]:
+    """Each step's sample ids, as a sorted list (the global batch as a set)."""
+    return [sorted(ids_of(step)) for step in steps]
+
+
+STEPS = 2 * 913 // G + 3  # past the second epoch boundary
+
+
+@pytest.fixture(scope="module")
+def reference_batches(corpus):
+    assert corpus["index"]["splits"]["train"]["samples"] == 913
+    return global_batches(run_ranks(corpus, 1, 0, STEPS)[0])
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 2), (2, 0), (2, 2), (4, 1), (8, 0)])
+def test_global_batches_do_not_depend_on_data_parallel_size_or_workers(corpus, reference_batches, world, workers):
+    steps, _ = run_ranks(corpus, world, workers, STEPS)
+    assert global_batches(steps) == reference_batches
+    seen = collections.Counter(i for b in reference_batches for i in b)
+    assert len(seen) == 913 and max(seen.values()) <= 3  # 2.05 epochs: every sample, none far ahead
+
+
+def test_each_rank_reads_only_its_share(corpus, monkeypatch):
+    """Four ranks together read each shard as often as one rank alone (no shard is read by two
+    ranks for the same samples), a quarter each."""
+    reads = collections.Counter()
+    real = PackedTokenLoader.read
+
+    def spy(self, shard, skipped):
+        reads[self.world_size, self.rank] += 1
+        return real(self, shard, skipped)
+
+    monkeypatch.setattr(PackedTokenLoader, "read", spy)
+    run_ranks(corpus, 1, 0, STEPS)
+    run_ranks(corpus, 4, 0, STEPS)
+    alone, each = reads[1, 0], [reads[4, r] for r in range(4)]
+    assert sum(each) == alone > 2 * 23
+    assert max(each) - min(each) <= 2
 
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 0), (1, 2), (2, 2)])
 def test_resume_continues_with_exactly_the_next_batches(corpus, world, workers):
-    n = corpus["index"]["splits"]["train"]["samples"]
-    total = (2 * n) // (8 * world) + 3  # runs past the first epoch boundary
-    full, _ = run_ranks(corpus, world, workers, total)
-    for k in (1, 5, total - 4):
+    full, _ = run_ranks(corpus, world, workers, STEPS)
+    for k in (1, 5, STEPS - 4):
         head, state = run_ranks(corpus, world, workers, k)
         state = json.loads(json.dumps(state))  # as stored in a checkpoint
-        tail, _ = run_ranks(corpus, world, workers, total - k, state)
-        assert [[b["sample_ids"].tolist() for b in step] for step in head + tail] == [
-            [b["sample_ids"].tolist() for b in step] for step in full
-        ]
+        tail, _ = run_ranks(corpus, world, workers, STEPS - k, state)
+        assert [ids_of(step) for step in head + tail] == [ids_of(step) for step in full]
         assert all(
             torch.equal(a["tokens"], b["tokens"])
             for sa, sb in zip(head + tail, full, strict=True)
@@ -152,27 +214,46 @@ def test_resume_continues_with_exactly_the_next_batches(corpus, world, workers):
         )
 
 
-@pytest.mark.parametrize(("before", "after"), [((2, 2), (3, 1)), ((1, 2), (2, 0)), ((3, 1), (1, 0))])
-def test_resharding_to_another_layout_neither_repeats_nor_skips(corpus, before, after):
-    n = corpus["index"]["splits"]["train"]["samples"]
-    head, state = run_ranks(corpus, *before, steps=3)
-    seen = [i for step in head for b in step for i in b["sample_ids"].tolist()]
-    world, workers = after
-    rest = []
-    for r in range(world):
-        ld = loader(corpus, rank=r, world_size=world, num_workers=workers, max_epochs=1)
-        ld.load_state_dict(state)
-        rest += ids_of(ld)
-    assert sorted(seen + rest) == list(range(n))
+@pytest.mark.parametrize(("before", "after"), [((2, 2), (4, 0)), ((1, 2), (2, 0)), ((4, 1), (1, 0)), ((8, 0), (2, 1))])
+def test_resume_under_another_layout_gives_the_same_global_batches(corpus, reference_batches, before, after):
+    head, state = run_ranks(corpus, *before, steps=7)
+    tail, _ = run_ranks(corpus, *after, steps=STEPS - 7, state=json.loads(json.dumps(state)))
+    assert global_batches(head + tail) == reference_batches
 
 
-def test_state_from_another_run_or_missing_ranks_is_refused(corpus):
+def test_state_of_another_run_or_data_is_refused(corpus, tmp_path):
     _, state = run_ranks(corpus, 2, 0, steps=2)
-    with pytest.raises(ValueError, match="seed=7, this loader has seed=9"):
-        loader(corpus, seed=9).load_state_dict(state)
-    one_rank = loader(corpus, rank=0, world_size=2)
-    with pytest.raises(ValueError, match="holds 1 of 2 ranks"):
-        loader(corpus).load_state_dict(one_rank.state_dict())
+    with pytest.raises(ValueError, match="seed=7; this loader has seed=9"):
+        loader(corpus, seed=9, global_batch_size=G, slots=SLOTS).load_state_dict(state)
+    with pytest.raises(ValueError, match="slots=8; this loader has slots=4"):
+        loader(corpus, global_batch_size=G, slots=4).load_state_dict(state)
+    other = copy_shards(corpus, tmp_path)
+    index = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps(index, indent=2))  # the same shards, another index file
+    with pytest.raises(ValueError, match=r"index_sha256=.*the data \(index.json\) differs"):
+        PackedTokenLoader(other, micro_batch_size=8, global_batch_size=G, slots=SLOTS, seed=7).load_state_dict(state)
+
+
+def test_slots_that_do_not_split_over_the_ranks_name_the_valid_sizes(corpus):
+    with pytest.raises(
+        ValueError, match=r"8 reader slots .* over 3 data-parallel ranks; valid data-parallel sizes: 1, 2, 4, 8"
+    ):
+        loader(corpus, micro_batch_size=2, global_batch_size=24, slots=8, world_size=3)
+
+
+def test_default_slots_fit_the_batch_the_ranks_and_the_shards():
+    from sessa_train.data import default_slots
+
+    assert default_slots(512, 10_000, 16) == 64  # at most 64 shards in memory per job...
+    assert default_slots(512, 10_000, 128) == 128  # ...unless there are more ranks
+    assert default_slots(12, 5, 2) == 4  # divides 12, multiple of 2, at most one per shard
+    with pytest.raises(ValueError, match="write at least 4 shards"):
+        default_slots(8, 3, 4)
+
+
+def test_more_slots_than_shards_for_an_endless_stream_is_refused(corpus):
+    with pytest.raises(ValueError, match="has 23 shards, fewer than the 32 reader slots"):
+        loader(corpus, global_batch_size=32, slots=32)
 
 
 def copy_shards(corpus, tmp_path) -> Path:
@@ -191,18 +272,162 @@ def test_corrupt_or_truncated_shard_names_the_file(corpus, tmp_path):
             list(PackedTokenLoader(data, micro_batch_size=4, shuffle=False, max_epochs=1))
 
 
+def flip_bit(path: Path, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_token_data_is_caught_by_the_checksum(corpus, tmp_path):
+    """#15.1: one bit of one token changed: the shard is still a valid tar of valid arrays."""
+    data = copy_shards(corpus, tmp_path)
+    bad = data / corpus["index"]["splits"]["train"]["shards"][2]["name"]
+    raw = bad.read_bytes()
+    at = raw.index(b"\x93NUMPY") + 128 + 10  # inside the first sample's token array
+    flip_bit(bad, 8 * at)
+    with pytest.raises(ShardError, match=f"{bad}: checksum .* differs from index.json"):
+        list(PackedTokenLoader(data, micro_batch_size=4, shuffle=False, max_epochs=1))
+
+
+def test_a_token_beyond_the_vocabulary_is_named_even_with_a_matching_checksum(corpus, tmp_path):
+    """A shard written wrongly (its checksum recorded after the damage) still cannot feed a token
+    the embedding does not have: the sample and file are named."""
+    from sessa_train.files import file_sha256
+
+    data = copy_shards(corpus, tmp_path)
+    entry = corpus["index"]["splits"]["train"]["shards"][2]
+    bad = data / entry["name"]
+    raw = bytearray(bad.read_bytes())
+    at = raw.index(b"\x93NUMPY") + 128 + 10
+    raw[at : at + 2] = b"\xff\xff"  # token 65535 in a uint16 array
+    bad.write_bytes(bytes(raw))
+    index = json.loads((data / "index.json").read_text())
+    index["splits"]["train"]["shards"][2]["sha256"] = file_sha256(bad)
+    (data / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=f"{bad}: sample .* holds token 65535 >= vocab_size 400"):
+        list(PackedTokenLoader(data, micro_batch_size=4, shuffle=False, max_epochs=1))
+
+
+def test_fuzz_single_bit_flips_are_detected_or_harmless(corpus, tmp_path):
+    """50 random single-bit flips over a small shard set (3 train shards): each is detected and
+    the damaged file named, or the loader gives exactly the clean samples (then training, a
+    deterministic function of them, is bitwise the clean run's). Never a silent difference."""
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    index = json.loads((corpus["dir"] / "index.json").read_text())
+    shards = index["splits"]["train"]["shards"][:3]
+    index["splits"] = {"train": {**index["splits"]["train"], "shards": shards,
+                                 "samples": sum(s["samples"] for s in shards),
+                                 "tokens": sum(s["tokens"] for s in shards)}}  # fmt: skip
+    for s in shards:
+        shutil.copy(corpus["dir"] / s["name"], clean_dir / s["name"])
+    (clean_dir / "index.json").write_text(json.dumps(index))
+
+    def stream(folder: Path) -> list:
+        ld = PackedTokenLoader(folder, micro_batch_size=4, shuffle=False, max_epochs=1)
+        return [(b["sample_ids"].tolist(), b["tokens"].tolist()) for b in ld]
+
+    clean = stream(clean_dir)
+    rng = np.random.default_rng(15)
+    outcomes = {"detected": 0, "identical": 0}
+    for trial in range(50):
+        work = tmp_path / f"t{trial}"
+        shutil.copytree(clean_dir, work)
+        victim = work / shards[rng.integers(len(shards))]["name"]
+        flip_bit(victim, int(rng.integers(victim.stat().st_size * 8)))
+        try:
+            got = stream(work)
+        except ShardError as e:
+            assert str(victim) in str(e)
+            outcomes["detected"] += 1
+        else:
+            assert got == clean
+            outcomes["identical"] += 1
+        shutil.rmtree(work)
+    assert sum(outcomes.values()) == 50 and outcomes["detected"] > 0
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_shard_can_be_skipped_on_request(corpus, tmp_path, caplog, workers):
     data = copy_shards(corpus, tmp_path)
     entry = corpus["index"]["splits"]["train"]["shards"][2]
     (data / entry["name"]).write_bytes(b"not a tar file" * 100)
-    ld = PackedTokenLoader(data, micro_batch_size=4, max_epochs=1, skip_corrupt=True, num_workers=workers)
+    ld = PackedTokenLoader(data, micro_batch_size=4, max_epochs=1, skip_corrupt=True)
     with caplog.at_level(logging.WARNING):
         ids = ids_of(ld)
     n = corpus["index"]["splits"]["train"]["samples"]
-    assert len(ids) == n - entry["samples"] and ld.skipped_shards == [entry["name"]]
-    if workers == 0:  # records logged in worker processes do not reach caplog
-        assert entry["name"] in caplog.text
+    assert len(ids) == n - entry["samples"] and ld.skipped == {entry["name"]}
+    assert entry["name"] in caplog.text
+    # training (an endless stream, here through DataLoader workers): counted in the loader state
+    steps, state = run_ranks_on(data, workers, steps=60)
+    assert state["skipped"] == [entry["name"]]
+    assert all(len(ids_of(step)) == G for step in steps)
+
+
+def run_ranks_on(data: Path, workers: int, steps: int, **kwargs):
+    ld = PackedTokenLoader(data, micro_batch_size=8, global_batch_size=G, slots=SLOTS, seed=7, skip_corrupt=True,
+                           num_workers=workers, **kwargs)  # fmt: skip
+    it, out = iter(ld), []
+    for _ in range(steps):
+        out.append([next(it) for _ in range(ld.micro_per_step)])
+        ld.advance()
+    return out, ld.state_dict()
+
+
+def test_skipping_stops_once_too_much_data_is_unreadable(corpus, tmp_path):
+    """#15.2: with every shard corrupt, skip_corrupt ends with one error instead of looping over
+    epochs: past data.max_skipped_fraction, or when an epoch of a slot yields nothing."""
+    data = copy_shards(corpus, tmp_path)
+    for entry in corpus["index"]["splits"]["train"]["shards"]:
+        (data / entry["name"]).write_bytes(b"not a tar file" * 100)
+
+    def endless(signum, frame):
+        raise AssertionError("the loader kept looking for readable data")
+
+    signal.signal(signal.SIGALRM, endless)
+    signal.alarm(120)  # a loop fails the test rather than hanging the suite
+    try:
+        too_many = r"2 unreadable shards .* hold \d+ of 913 samples, more than data.max_skipped_fraction=0.05"
+        with pytest.raises(DataError, match=too_many):
+            run_ranks_on(data, 0, steps=5)
+        with pytest.raises(DataError, match=r"reader slot 0 .* found no readable shard in 23 shards in a row"):
+            run_ranks_on(data, 0, steps=5, max_skipped_fraction=0.999)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_a_stop_request_ends_the_stream_between_samples(corpus):
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 20
+
+    ld = loader(corpus, global_batch_size=G, slots=SLOTS, stop=stop)
+    with pytest.raises(StopRequestedError):
+        for _ in ld:
+            pass
+    assert len(calls) == 21
+
+
+def test_index_counts_are_checked(corpus, tmp_path):
+    """A sample count in index.json that the intact shard contradicts is an error naming the
+    index (the shard is not dropped); token counts are checked when the index is read."""
+    data = copy_shards(corpus, tmp_path)
+    index = json.loads((data / "index.json").read_text())
+    entry = index["splits"]["train"]["shards"][2]
+    entry["samples"] -= 1
+    entry["tokens"] -= SEQ_LEN + 1
+    index["splits"]["train"]["samples"] -= 1
+    index["splits"]["train"]["tokens"] -= SEQ_LEN + 1
+    (data / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=f"index.json says {entry['name']} holds samples=39, the shard .* holds 40"):
+        list(PackedTokenLoader(data, micro_batch_size=4, shuffle=False, max_epochs=1, skip_corrupt=True))
+    entry["tokens"] += 1
+    (data / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=f"{entry['name']} has tokens=1249, but 39 samples of 32 tokens make 1248"):
+        PackedTokenLoader(data, micro_batch_size=4)
 
 
 def test_missing_shard_and_wrong_tokenizer_are_named(corpus, tmp_path):
@@ -215,12 +440,10 @@ def test_missing_shard_and_wrong_tokenizer_are_named(corpus, tmp_path):
     with pytest.raises(ShardError, match=f"tokenizer {other}"):
         PackedTokenLoader(corpus["dir"], micro_batch_size=4, tokenizer_path=other)
     PackedTokenLoader(corpus["dir"], micro_batch_size=4, tokenizer_path=corpus["model"])  # the right one is fine
-
-
-def test_too_many_readers_for_an_endless_stream_is_refused(corpus):
-    n_shards = len(corpus["index"]["splits"]["train"]["shards"])
-    with pytest.raises(ValueError, match=f"has {n_shards} shards, fewer than"):
-        loader(corpus, world_size=n_shards, num_workers=2)
+    not_sp = tmp_path / "tokenizer.json"
+    not_sp.write_text('{"model": {"type": "BPE"}}')
+    with pytest.raises(DataError, match=f"tokenizer {not_sp} is not a sentencepiece model"):
+        PackedTokenLoader(corpus["dir"], micro_batch_size=4, tokenizer_path=not_sp)
 
 
 def test_cli_tokenizer_and_shards_round_trip(corpus, tmp_path, capsys):

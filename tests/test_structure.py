@@ -1,4 +1,4 @@
-"""The package's structure: imports run downward (errors/config/distributed -> ops -> models ->
+"""The package's structure: imports run downward (errors/files/config/distributed -> ops -> models ->
 parallel -> trainer, checkpoint, export, tools) and light entry points do not import torch."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sessa_train"
 # a module of a layer may import its own layer and the ones before it, never a later one
-LAYERS = ["errors", "config", "distributed", "ops", "models", "parallel"]
+LAYERS = ["errors", "files", "config", "distributed", "ops", "models", "parallel"]
 DATA = "data"  # beside the model stack: errors and config only
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -102,6 +103,10 @@ def _summary(index: dict, out: Path, seconds: float) -> None:
     print(f"wrote {out / INDEX_NAME}: {total} tokens in {seconds:.1f}s ({total / max(seconds, 1e-9):,.0f} tokens/s)")
 
 
+def _has_checksums(index: dict) -> bool:
+    return all("sha256" in shard for split in index["splits"].values() for shard in split["shards"])
+
+
 def prepare_default_data_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="sessa-prepare-default-data",
@@ -122,6 +127,8 @@ def prepare_default_data_main(argv: list[str] | None = None) -> int:
         if not model.exists():
             train_tokenizer(iter_documents([corpus]), model, vocab_size=a.vocab_size)
             print(f"wrote {model} (bpe, vocab {a.vocab_size})")
+        if (shards / INDEX_NAME).exists() and not _has_checksums(json.loads((shards / INDEX_NAME).read_text())):
+            shutil.rmtree(shards)  # written by an earlier version, without shard checksums
         if not (shards / INDEX_NAME).exists():
             start = time.perf_counter()
             index = write_shards(

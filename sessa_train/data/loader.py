@@ -1,125 +1,133 @@
-"""A streaming, exactly resumable loader of packed token shards (built on webdataset).
+"""A streaming loader of packed token shards (webdataset) whose global batches do not depend on
+the parallel layout, and whose state is one position.
 
-Order. For epoch e the shards of a split are permuted by (seed, e); the samples inside a
-shard by (seed, e, shard). Reader slots - one per (data-parallel rank, dataloader worker),
-``slot = worker * world_size + rank`` - take every ``n_slots``-th shard of that order.
-Each slot reads its shards one after another, runs on into the next epoch when its share
-of this one is done, and groups samples into micro-batches. A DataLoader interleaves its
-workers' batches round-robin.
+Order. A run has S reader slots (``slots``), fixed for its lifetime. The shard sequence is the
+split's shards permuted by (seed, epoch), epoch after epoch; slot s reads its items s, s + S,
+s + 2S, ... one after the other, each shard's samples permuted by (seed, epoch, shard). All slots
+move through the sequence at the same pace, so each epoch reads every shard once and no shard
+gets ahead of the others by more than S items. Every global batch takes G / S consecutive
+samples from every slot (G = the global batch size), so its samples are the same whatever the
+number of data-parallel ranks or loader workers. Rank r of d serves slots r, r + d, ... (S / d of them:
+each rank reads only its share), its DataLoader workers split those, and its G / d samples of a
+step (for j < G/S, for each of its slots in order) are cut into micro-batches.
 
-State. Progress is kept as *consumed samples per (epoch, shard)* plus the first epoch not
-yet finished. A slot's position follows from it (its shards are consumed in order), and it
-does not depend on the number of ranks or workers, so:
+State. Every slot has consumed the same number of samples, steps x G / S: that position, the
+shards found unreadable (with ``skip_corrupt``; they count as empty in every epoch) and the
+identity of the data (seed, slots, index digest) are the whole state, the same on every rank.
+Resuming under any layout gives the batches an uninterrupted run would have had.
 
-* resuming with the same layout continues with exactly the batches the uninterrupted run
-  would have produced (the round-robin position of each rank's workers is saved too);
-* resuming with another data-parallel size or worker count reshards exactly: every sample
-  is still seen once per epoch, in a different order. Nothing is repeated or skipped.
-
-Each batch carries the progress it completes; only batches handed to the caller count,
-so prefetching workers never advance the saved state. Ranks save their own
-``state_dict()``; ``merge_states`` combines them for the checkpoint.
+Integrity. Every shard is checked against index.json (sha256 of the file, sample and token
+counts) and every token against the vocabulary when it is read; a bad shard is named in one
+line. With ``skip_corrupt`` it is skipped and counted, and the loader stops with an error once
+the skipped shards hold more than ``max_skipped_fraction`` of the split's samples or a slot
+meets as many unreadable shards in a row as the split has. ``stop()`` (e.g. a signal received)
+ends the stream between samples.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sessa_train.data.shards import ShardError, load_index, read_shard
+from sessa_train.data.shards import INDEX_NAME, ShardError, load_index, read_shard
 from sessa_train.errors import DataError
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
-Progress = dict[int, dict[int, int]]  # epoch -> shard -> consumed samples
+STATE_VERSION = 2
+
+
+class StopRequestedError(Exception):
+    """The loader's ``stop()`` said to end the stream."""
 
 
 def _permutation(n: int, *key: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key)))).permutation(n)
 
 
-class _SlotStream(IterableDataset):
-    """The micro-batches of the slots a process (or each of its DataLoader workers) reads."""
+def default_slots(global_batch_size: int, shards: int, data_parallel: int) -> int:
+    """The reader slots of a run that does not set ``data.reader_slots``: the most that divide
+    the global batch, are a multiple of the data-parallel size, are at most one per shard and at
+    most max(64, data-parallel size) (each slot holds one shard in memory)."""
+    cap = min(shards, max(64, data_parallel))
+    fits = [s for s in range(data_parallel, cap + 1, data_parallel) if global_batch_size % s == 0]
+    if not fits:
+        raise DataError(
+            f"no reader-slot count fits {data_parallel} data-parallel ranks, a global batch of {global_batch_size} "
+            f"and {shards} shards: write at least {data_parallel} shards"
+        )
+    return max(fits)
 
-    def __init__(self, loader: PackedTokenLoader, progress: Progress, start_epoch: int, rotation: int) -> None:
-        self.loader, self.progress, self.start_epoch, self.rotation = loader, progress, start_epoch, rotation
+
+class _Slots(IterableDataset):
+    """Per step, ``per_slot`` samples of each of the slots a process (or each of its DataLoader
+    workers) reads: one bundle per step."""
+
+    def __init__(self, loader: PackedTokenLoader, position: int, skipped: set[str]) -> None:
+        self.loader, self.position, self.skipped = loader, position, set(skipped)
 
     def __iter__(self) -> Iterator[dict]:
+        ld = self.loader
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        logical = (physical + self.rotation) % self.loader.workers
-        yield from self._batches(logical)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        streams = {s: self._samples(s) for s in ld.rank_slots[worker::workers]}
+        while True:
+            rows = {s: [x for _, x in zip(range(ld.per_slot), stream, strict=False)] for s, stream in streams.items()}
+            yield {"slots": rows, "skipped": sorted(self.skipped)}
+            if not any(rows.values()):
+                return
 
-    def _shards_of(self, slot: int, epoch: int) -> np.ndarray:
-        """This slot's shards of epoch ``epoch``, in reading order (empty if slots > shards)."""
+    def _samples(self, slot: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(sample id, tokens) of ``slot`` from ``self.position`` on: the shards at positions
+        slot, slot + S, ... of the shard sequence (every epoch's shard permutation, one after the
+        other), each one's samples in its own permuted order."""
         ld = self.loader
-        order = _permutation(len(ld.shards), ld.seed, epoch) if ld.shuffle else np.arange(len(ld.shards))
-        return order[slot :: ld.n_slots]
-
-    def _samples(self, slot: int) -> Iterator[tuple[int, int, int, np.ndarray | None, int]]:
-        """(epoch, shard, consumed after this sample, tokens, sample id) in this slot's order.
-
-        A corrupt shard skipped on request yields one (epoch, shard, count, None, -1).
-        """
-        ld = self.loader
-        epoch = self.start_epoch
-        while ld.max_epochs is None or epoch < ld.max_epochs:
-            done = self.progress.get(epoch, {})
-            for shard in map(int, self._shards_of(slot, epoch)):
-                count = ld.shards[shard]["samples"]
-                start = done.get(shard, 0)
-                if start >= count:
-                    continue
-                samples = ld.read(shard)
-                if samples is None:  # a corrupt shard skipped on request: counted as consumed
-                    yield epoch, shard, count, None, -1
-                    continue
+        n = len(ld.shards)
+        skip, empty = self.position, 0
+        for item in itertools.count(slot, ld.slots) if n else ():
+            epoch, at = divmod(item, n)
+            if ld.max_epochs is not None and epoch >= ld.max_epochs:
+                return
+            shard = int(_shard_order(n, ld.seed, epoch, ld.shuffle)[at])
+            count = 0 if ld.shards[shard]["name"] in self.skipped else ld.shards[shard]["samples"]
+            if skip >= count:  # consumed before the position resumed (or empty)
+                skip -= count
+                empty = 0 if count else empty + 1
+            elif (samples := ld.read(shard, self.skipped)) is None:  # found unreadable now
+                empty += 1
+            else:
                 order = _permutation(count, ld.seed, epoch, shard) if ld.shuffle else range(count)
-                for i in range(start, count):
-                    j = int(order[i])
-                    yield epoch, shard, i + 1, samples[j], ld.sample_base[shard] + j
-            epoch += 1
+                for i in range(skip, count):
+                    if ld.stop():
+                        raise StopRequestedError
+                    yield ld.sample_base[shard] + int(order[i]), samples[int(order[i])]
+                skip, empty = 0, 0
+            if empty >= n:
+                raise DataError(
+                    f"reader slot {slot} of {ld.data_dir} ({ld.split}) found no readable shard in {n} shards in a row: "
+                    f"skipped {sorted(self.skipped)[:5]}"
+                )
 
-    def _batches(self, logical: int) -> Iterator[dict]:
-        ld = self.loader
-        slot = logical * ld.world_size + ld.rank
-        rows, ids, updates, skipped = [], [], {}, []
-        for epoch, shard, consumed, tokens, sample_id in self._samples(slot):
-            updates[(epoch, shard)] = consumed
-            if tokens is None:
-                skipped.append(ld.shards[shard]["name"])
-                continue
-            rows.append(tokens)
-            ids.append(sample_id)
-            if len(rows) == ld.micro_batch_size:
-                yield self._batch(rows, ids, updates, skipped, logical)
-                rows, ids, updates, skipped = [], [], {}, []
-        if rows or updates:  # finite (max_epochs) mode: the last, possibly short, batch
-            yield self._batch(rows, ids, updates, skipped, logical)
 
-    @staticmethod
-    def _batch(rows: list, ids: list, updates: dict, skipped: list[str], logical: int) -> dict:
-        """A micro-batch plus what the main process records when it is consumed."""
-        tokens = torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, 0, dtype=torch.int64)
-        return {
-            "tokens": tokens,
-            "sample_ids": torch.tensor(ids, dtype=torch.int64),
-            "_progress": [(e, s, c) for (e, s), c in updates.items()],
-            "_skipped": skipped,
-            "_worker": logical,
-        }
+@functools.lru_cache(maxsize=4)
+def _shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    return _permutation(n, seed, epoch) if shuffle else np.arange(n)
 
 
 class PackedTokenLoader:
     """Micro-batches ``{"tokens": (B, seq_len + 1) int64, "sample_ids": (B,)}`` of one split.
 
-    ``max_epochs=None`` streams forever (training); an integer stops after that many epochs
-    (validation, tests), the last batch of each slot possibly short.
+    ``global_batch_size`` (default: one micro-batch per rank) samples per step over all ranks;
+    ``slots``: reader slots (default: ``default_slots``). ``max_epochs=None`` streams forever
+    (training); an integer stops after that many epochs (validation, tests), the last
+    micro-batch possibly short.
     """
 
     def __init__(
@@ -128,6 +136,8 @@ class PackedTokenLoader:
         split: str = "train",
         *,
         micro_batch_size: int,
+        global_batch_size: int | None = None,
+        slots: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
@@ -135,132 +145,161 @@ class PackedTokenLoader:
         shuffle: bool = True,
         max_epochs: int | None = None,
         skip_corrupt: bool = False,
+        max_skipped_fraction: float = 0.05,
         tokenizer_path: str | Path | None = None,
+        stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.index = load_index(self.data_dir, tokenizer_path)
+        self.index_sha256 = hashlib.sha256((self.data_dir / INDEX_NAME).read_bytes()).hexdigest()
         if split not in self.index["splits"]:
             raise DataError(f"split {split!r} not in {self.data_dir}; valid: {', '.join(self.index['splits'])}")
+        self.shards = self.index["splits"][split]["shards"]
+        G = global_batch_size or micro_batch_size * world_size
         if micro_batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise DataError(
                 f"bad loader layout: micro_batch_size={micro_batch_size}, num_workers={num_workers}, "
                 f"rank={rank}, world_size={world_size}"
             )
+        # a finite pass (validation) reads on every rank: one slot per rank unless told
+        S = slots or (default_slots(G, len(self.shards), world_size) if max_epochs is None else world_size)
+        if S % world_size:
+            valid = [d for d in range(1, S + 1) if S % d == 0]
+            raise DataError(
+                f"the run's {S} reader slots (data.reader_slots) do not split over {world_size} data-parallel ranks; "
+                f"valid data-parallel sizes: {', '.join(map(str, valid))}"
+            )
+        if G % S or (G // world_size) % micro_batch_size:
+            raise DataError(
+                f"a global batch of {G} does not split into {S} reader slots and micro-batches of {micro_batch_size} "
+                f"on {world_size} ranks"
+            )
+        if max_epochs is None and len(self.shards) < S:  # an endless reader needs a shard
+            raise DataError(
+                f"split {split!r} of {self.data_dir} has {len(self.shards)} shards, fewer than the {S} reader slots; "
+                "write smaller shards or set data.reader_slots lower"
+            )
+        if max_epochs is None and num_workers > S // world_size:
+            raise DataError(f"data.num_workers={num_workers} exceeds the {S // world_size} reader slots of each rank")
         self.split, self.micro_batch_size, self.seed, self.shuffle = split, micro_batch_size, seed, shuffle
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.workers = max(1, num_workers)
-        self.n_slots = world_size * self.workers
-        self.max_epochs, self.skip_corrupt = max_epochs, skip_corrupt
-        self.shards = self.index["splits"][split]["shards"]
-        if max_epochs is None and len(self.shards) < self.n_slots:  # an endless reader needs a shard
-            raise DataError(
-                f"split {split!r} of {self.data_dir} has {len(self.shards)} shards, fewer than the "
-                f"{world_size} ranks x {self.workers} workers = {self.n_slots} readers; write smaller shards"
-            )
+        self.slots, self.per_slot = S, G // S
+        self.rank_slots = list(range(rank, S, world_size))
+        self.micro_per_step = G // world_size // micro_batch_size
+        self.max_epochs, self.skip_corrupt, self.max_skipped_fraction = max_epochs, skip_corrupt, max_skipped_fraction
+        self.stop = stop
+        self.vocab_size = self.index["vocab_size"]
         self.sample_base = np.concatenate([[0], np.cumsum([s["samples"] for s in self.shards])[:-1]]).tolist()
-        self.skipped_shards: list[str] = []
-        self._progress: Progress = {}
-        self._start_epoch = 0
-        self._next_worker = 0
+        self.total_samples = sum(s["samples"] for s in self.shards)
+        self.skipped: set[str] = set()
+        self.position = 0  # samples each slot has consumed in the steps trained so far (``advance``)
+        self.handed = 0  # micro-batches handed out since
+        if max_epochs is None and any("sha256" not in s for s in self.shards):
+            log.warning(
+                "%s has no shard checksums (written by an earlier version): shards are checked for sample counts and "
+                "token range only; write them again to have them verified",
+                self.data_dir / INDEX_NAME,
+            )
 
-    def read(self, shard: int) -> list[np.ndarray] | None:
-        """The samples of one shard in file order; None for a corrupt shard when skip_corrupt."""
+    def read(self, shard: int, skipped: set[str]) -> list[np.ndarray] | None:
+        """The samples of one shard in file order; None (and the shard added to ``skipped``) for an
+        unreadable shard when skip_corrupt; DataError once the skipped ones are too many."""
         entry = self.shards[shard]
         path = self.data_dir / entry["name"]
         try:
-            return read_shard(path, entry["samples"], self.index["sample_tokens"], self.index["dtype"])
+            return read_shard(path, entry, self.index["sample_tokens"], self.index["dtype"], self.vocab_size)
         except ShardError as e:
             if not self.skip_corrupt:
                 raise
-            log.warning("skipping corrupt shard (skip_corrupt=True): %s", e)
+            skipped.add(entry["name"])
+            lost = sum(s["samples"] for s in self.shards if s["name"] in skipped)
+            if lost > self.max_skipped_fraction * self.total_samples:
+                raise DataError(
+                    f"{len(skipped)} unreadable shards of {self.data_dir} ({self.split}) hold {lost} of "
+                    f"{self.total_samples} samples, more than data.max_skipped_fraction={self.max_skipped_fraction}: "
+                    f"{sorted(skipped)[:5]}"
+                ) from None
+            log.warning("skipping unreadable shard (data.skip_corrupt): %s", e)
             return None
 
     def __iter__(self) -> Iterator[dict]:
-        stream = _SlotStream(
-            self, {e: dict(d) for e, d in self._progress.items()}, self._start_epoch, self._next_worker
-        )
-        batches = (
-            iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
-            if self.num_workers
+        stream = _Slots(self, self.position, self.skipped)
+        workers = self.num_workers if self.max_epochs is None else 0  # a finite pass (validation): in process
+        bundles = (
+            iter(DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False))
+            if workers
             else iter(stream)
         )
-        for batch in batches:
-            for epoch, shard, consumed in batch.pop("_progress"):
-                self._progress.setdefault(epoch, {})[shard] = consumed
-            self.skipped_shards += batch.pop("_skipped")
-            self._next_worker = (batch.pop("_worker") + 1) % self.workers
-            self._prune()
-            if len(batch["tokens"]):
-                yield batch
+        pending: list[tuple[int, np.ndarray]] = []
+        while True:
+            rows: dict[int, list] = {}
+            for _ in range(max(1, workers)):  # each worker yields one bundle per step, in turn
+                bundle = next(bundles)
+                self.skipped |= set(bundle["skipped"])
+                rows |= bundle["slots"]
+            if self.stop():
+                raise StopRequestedError
+            step = [rows[s][j] for j in range(self.per_slot) for s in self.rank_slots if j < len(rows[s])]
+            pending += step
+            while len(pending) >= self.micro_batch_size or (pending and not step):
+                part, pending = pending[: self.micro_batch_size], pending[self.micro_batch_size :]
+                self.handed += 1
+                yield _batch(part)
+            if not step:
+                return
 
-    def _prune(self) -> None:
-        """Drop epochs every shard of which is consumed (they are before _start_epoch)."""
-        counts = [s["samples"] for s in self.shards]
-        while all(self._progress.get(self._start_epoch, {}).get(i, 0) >= c for i, c in enumerate(counts)):
-            self._progress.pop(self._start_epoch, None)
-            self._start_epoch += 1
+    def advance(self) -> None:
+        """One step was trained on the ``micro_per_step`` micro-batches handed out since the last."""
+        if self.handed != self.micro_per_step:
+            raise RuntimeError(f"advance() after {self.handed} micro-batches; a step takes {self.micro_per_step}")
+        self.position, self.handed = self.position + self.per_slot, 0
+
+    def rewind(self) -> None:
+        """Forget the micro-batches handed out since the last trained step (a run stopped before
+        training on them); iterate again to have them again."""
+        self.handed = 0
 
     def state_dict(self) -> dict:
-        """This rank's part of the loader state (JSON-serialisable)."""
+        """The loader's state (JSON), the same on every rank but for ``skipped`` (``merge_states``)."""
+        if self.handed:
+            raise RuntimeError(f"loader state asked for with {self.handed} micro-batches handed out: advance or rewind")
         return {
             "version": STATE_VERSION,
             "split": self.split,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "shards": [s["name"] for s in self.shards],
-            "start_epoch": self._start_epoch,
-            "progress": {str(e): {str(s): c for s, c in d.items()} for e, d in self._progress.items()},
-            "layout": {"world_size": self.world_size, "workers": self.workers},
-            "next_worker": {str(self.rank): self._next_worker},
+            "slots": self.slots,
+            "index_sha256": self.index_sha256,
+            "position": self.position,
+            "skipped": sorted(self.skipped),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from ``merge_states`` of every rank's state (or one rank's, with one rank)."""
-        for key, mine in (
-            ("version", STATE_VERSION),
-            ("split", self.split),
-            ("seed", self.seed),
-            ("shuffle", self.shuffle),
-        ):
-            if state.get(key) != mine:
-                raise DataError(f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine!r}")
-        if state["shards"] != [s["name"] for s in self.shards]:
-            raise DataError(f"loader state was saved for other shards than those listed in {self.data_dir}")
-        if len(state["next_worker"]) != state["layout"]["world_size"]:
-            raise DataError(
-                f"loader state holds {len(state['next_worker'])} of {state['layout']['world_size']} ranks' "
-                "states: pass merge_states() of all of them"
-            )
-        self._start_epoch = int(state["start_epoch"])
-        self._progress = {int(e): {int(s): int(c) for s, c in d.items()} for e, d in state["progress"].items()}
-        same_layout = state["layout"] == {"world_size": self.world_size, "workers": self.workers}
-        self._next_worker = int(state["next_worker"][str(self.rank)]) if same_layout else 0
-        if not same_layout:
-            log.info(
-                "loader resharded from %s to world_size=%d, workers=%d: every sample once per epoch, new order",
-                state["layout"],
-                self.world_size,
-                self.workers,
-            )
-        self._prune()
+        """Continue from a state saved under any data-parallel size, worker count or micro-batch
+        size (and any global batch size that the slots divide)."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')!r}; this loader reads {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("split", "seed", "shuffle", "slots", "index_sha256"):
+            if state[key] != mine[key]:
+                what = (
+                    "the data (index.json) differs" if key == "index_sha256" else f"this loader has {key}={mine[key]!r}"
+                )
+                raise DataError(f"loader state has {key}={state[key]!r}; {what}")
+        self.position, self.handed, self.skipped = int(state["position"]), 0, set(state["skipped"])
+
+
+def _batch(part: list[tuple[int, np.ndarray]]) -> dict:
+    ids, tokens = zip(*part, strict=True)
+    return {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)), "sample_ids": torch.tensor(ids)}
 
 
 def merge_states(states: list[dict]) -> dict:
-    """Combine the per-rank states of one step into the state of the whole job."""
+    """The job's loader state from every rank's: one position, the union of the skipped shards."""
     if not states:
         raise DataError("merge_states needs at least one state")
     first = states[0]
     for s in states[1:]:
-        for key in ("version", "split", "seed", "shuffle", "shards", "layout"):
-            if s[key] != first[key]:
-                raise DataError(f"loader states of different runs: {key} differs ({s[key]!r} vs {first[key]!r})")
-    progress: dict[str, dict[str, int]] = {}
-    for s in states:
-        for e, d in s["progress"].items():
-            merged = progress.setdefault(e, {})
-            for shard, c in d.items():
-                merged[shard] = max(merged.get(shard, 0), c)
-    start = min(s["start_epoch"] for s in states)
-    progress = {e: d for e, d in progress.items() if int(e) >= start}
-    next_worker = {r: w for s in states for r, w in s["next_worker"].items()}
-    return {**first, "start_epoch": start, "progress": progress, "next_worker": next_worker}
+        if {k: v for k, v in s.items() if k != "skipped"} != {k: v for k, v in first.items() if k != "skipped"}:
+            raise DataError("loader states of different runs or steps cannot be merged")
+    return {**first, "skipped": sorted({name for s in states for name in s["skipped"]})}

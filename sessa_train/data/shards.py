@@ -8,7 +8,7 @@ split when a hash of its text falls under ``val_fraction`` (so duplicates share 
 Layout of ``out_dir``::
 
     index.json                 format, seq_len, dtype, eos_id, vocab_size, tokenizer sha256,
-                               and per split: shards [{name, samples, tokens}], totals
+                               and per split: shards [{name, samples, tokens, sha256}], totals
     train-000000.tar ...       members <key>.tokens.npy, key = 10-digit sample number
     val-000000.tar ...
 
@@ -31,6 +31,7 @@ import webdataset as wds
 
 from sessa_train.data.tokenizer import Tokenizer
 from sessa_train.errors import DataError
+from sessa_train.files import file_sha256, replace_durably
 
 INDEX_NAME = "index.json"
 FORMAT = "sessa-packed-tokens-v1"
@@ -140,6 +141,7 @@ class _SplitWriter:
         self._writer.close()  # also closes the file
         entry = self.shards[-1]
         entry["samples"], entry["tokens"] = self._shard_samples, self._shard_samples * self.sample_tokens
+        entry["sha256"] = file_sha256(self.out_dir / (entry["name"] + ".tmp"))  # verified when read
         os.replace(self.out_dir / (entry["name"] + ".tmp"), self.out_dir / entry["name"])
         self._writer = self._fh = None
 
@@ -227,7 +229,7 @@ def _write_index(out: Path, seq_len: int, dtype: np.dtype, tokenizer: dict, spli
     index |= {**tokenizer, "splits": splits}
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(out / INDEX_NAME)
+    replace_durably(tmp, out / INDEX_NAME)
     return index
 
 
@@ -259,7 +261,8 @@ def write_sample_shards(
 
 
 def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -> dict:
-    """Read and check ``index.json``: format, every listed shard present, tokenizer checksum."""
+    """Read and check ``index.json``: format, every listed shard present with consistent counts,
+    tokenizer checksum."""
     path = Path(data_dir) / INDEX_NAME
     if not path.is_file():
         raise ShardError(f"no {INDEX_NAME} in {data_dir}: write shards with tools/write_shards.py first")
@@ -269,22 +272,49 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
         raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if index.get("format") != FORMAT:
         raise ShardError(f"{path}: format {index.get('format')!r} is not {FORMAT!r}")
-    for split in index["splits"].values():
+    for name, split in index["splits"].items():
         for shard in split["shards"]:
             if not (Path(data_dir) / shard["name"]).is_file():
                 raise ShardError(f"shard listed in {path} is missing: {Path(data_dir) / shard['name']}")
+            if shard["tokens"] != shard["samples"] * index["sample_tokens"]:
+                raise ShardError(
+                    f"{path}: {shard['name']} has tokens={shard['tokens']}, but {shard['samples']} samples of "
+                    f"{index['sample_tokens']} tokens make {shard['samples'] * index['sample_tokens']}"
+                )
+        for key in ("samples", "tokens"):
+            if split[key] != sum(s[key] for s in split["shards"]):
+                raise ShardError(f"{path}: split {name!r} has {key}={split[key]}, its shards sum to "
+                                 f"{sum(s[key] for s in split['shards'])}")  # fmt: skip
     if tokenizer_path is not None:
         sha = Tokenizer(tokenizer_path).sha256
         if sha != index["tokenizer_sha256"]:
             raise ShardError(
                 f"tokenizer {tokenizer_path} (sha256 {sha[:12]}...) does not match the one the shards in "
-                f"{data_dir} were written with (sha256 {index['tokenizer_sha256'][:12]}...)"
+                f"{data_dir} were written with (sha256 {str(index['tokenizer_sha256'])[:12]}...)"
             )
     return index
 
 
-def read_shard(path: str | Path, expected_samples: int, sample_tokens: int, dtype: str) -> list[np.ndarray]:
-    """All samples of one shard, in file order, checked against the index; ShardError names the file."""
+def find_tokenizer(data_dir: str | Path, index: dict, given: str | Path | None) -> Path | None:
+    """The tokenizer the shards were written with: ``given`` (checked by ``load_index``), else
+    the index's ``tokenizer_file`` in the shard folder or its parent when its checksum matches."""
+    if given is not None:
+        return Path(given).resolve()
+    if not index.get("tokenizer_file"):
+        return None
+    for folder in (Path(data_dir), Path(data_dir).parent):
+        candidate = folder / index["tokenizer_file"]
+        if candidate.is_file() and file_sha256(candidate) == index["tokenizer_sha256"]:
+            return candidate.resolve()
+    return None
+
+
+def read_shard(path: str | Path, entry: dict, sample_tokens: int, dtype: str, vocab_size: int) -> list[np.ndarray]:
+    """All samples of one shard, in file order, checked against its index ``entry`` (sha256 of the
+    file, sample count) and every token against the vocabulary. ShardError names a damaged file;
+    DataError an intact file (its checksum matches) that index.json miscounts."""
+    if entry.get("sha256") and (found := file_sha256(path)) != entry["sha256"]:
+        raise ShardError(f"{path}: checksum {found[:12]}... differs from index.json's {entry['sha256'][:12]}...")
     samples = []
     try:
         stream = wds.WebDataset(
@@ -297,11 +327,20 @@ def read_shard(path: str | Path, expected_samples: int, sample_tokens: int, dtyp
                     f"{path}: sample {sample['__key__']} has {tokens.dtype} {tokens.shape}, "
                     f"index says {dtype} ({sample_tokens},)"
                 )
+            if tokens.max() >= vocab_size:
+                raise ShardError(
+                    f"{path}: sample {sample['__key__']} holds token {tokens.max()} >= vocab_size {vocab_size}"
+                )
             samples.append(tokens)
     except ShardError:
         raise
     except Exception as e:  # tarfile.ReadError, KeyError, ValueError from np.load, ...
         raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
-    if len(samples) != expected_samples:
-        raise ShardError(f"{path}: {len(samples)} samples, index says {expected_samples} (truncated?)")
+    if len(samples) != entry["samples"]:
+        if entry.get("sha256"):
+            raise DataError(
+                f"{Path(path).parent / INDEX_NAME} says {Path(path).name} holds samples={entry['samples']}, the shard "
+                f"(its checksum matches) holds {len(samples)}: the index was edited or written for other shards"
+            )
+        raise ShardError(f"{path}: {len(samples)} samples, index.json says {entry['samples']} (truncated?)")
     return samples

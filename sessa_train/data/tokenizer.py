@@ -7,7 +7,6 @@ Special ids: unk 0, bos 1, eos 2 (sentencepiece's defaults); no pad id.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,16 +14,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from sessa_train.errors import DataError
+from sessa_train.files import file_sha256
 
 MODEL_TYPES = ("bpe", "unigram")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -87,7 +79,11 @@ class Tokenizer:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise DataError(f"tokenizer model not found: {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"tokenizer {self.path} is not a sentencepiece model ({first})") from None
         self.sha256 = file_sha256(self.path)
         self.eos_id = self.sp.eos_id()
         if self.eos_id < 0:
