@@ -8,6 +8,7 @@ the public reference layer (see docs/reference_compat.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,11 +132,21 @@ class DataConfig:
     micro_batch_size: int = 8  # sequences per rank per forward/backward
     num_workers: int = 0
     seed: int = 1234
-    skip_corrupt: bool = False
+    # reader slots: the global batch is read as reader_slots streams, fixed for the run's lifetime
+    # so that batches do not depend on the data-parallel size (data/README.md); 0 = chosen at the
+    # first start (the most that divide the global batch, up to 64 and one per shard)
+    reader_slots: int = 0
+    skip_corrupt: bool = False  # skip (and count) unreadable shards instead of stopping
+    max_skipped_fraction: float = 0.05  # stop once the skipped shards hold more of the split's samples
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.reader_slots >= 0, f"data.reader_slots must be >= 0 (0: automatic), got {self.reader_slots}")
+        _check(
+            0 <= self.max_skipped_fraction < 1,
+            f"data.max_skipped_fraction must be in [0, 1), got {self.max_skipped_fraction}",
+        )
 
 
 @dataclass(frozen=True)
@@ -207,7 +218,8 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every_steps: int = 200  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
-    resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint path
+    resume: str = "none"  # none | auto (newest checkpoint that verifies) | a checkpoint folder
+    resume_older: bool = False  # allow a folder older than the newest (the newer ones are moved aside)
     # an export folder (sessa-export): its weights start the run, under any parallel layout, with
     # a fresh optimizer and data order; ignored once the run has a checkpoint to resume from
     init_from: str | None = None
@@ -225,6 +237,7 @@ class LoggingConfig:
     eval_batches: int = 20
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run aborts
     peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0: MFU not logged
+    sample_ids: bool = False  # metrics.jsonl rows list each step's samples (one gather per step)
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "eval_batches", "max_bad_steps"):
@@ -245,13 +258,20 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for section, values in self.to_dict().items():
+            for key, value in values.items() if isinstance(values, dict) else ():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{section}.{key} must be a finite number, got {value}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
     """Compose YAML ``files`` (in order) and ``key=value`` ``overrides`` onto the defaults."""
-    from omegaconf import OmegaConf
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(TrainConfig)
@@ -264,7 +284,15 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
             source = str(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{path} is not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path} must be a mapping of sections (model:, data:, schedule:, ...), got a list")
+            merged = OmegaConf.merge(merged, loaded)
         source = "command-line overrides"
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         source = "the composed config"

@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sessa_train.config import load_config
-from sessa_train.distributed import init_distributed
+from sessa_train.config import TrainConfig, load_config
 from sessa_train.errors import SessaError
 
 
@@ -33,16 +32,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # DeepSpeed's launcher passes it; the rank's device comes from LOCAL_RANK, which it sets too
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value, e.g. schedule.train_steps=500")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow --resume
+
+
+def config_of(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the command line (also checked by ``sessa-launch`` before it starts)."""
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    return load_config(args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sessa_train.distributed import init_distributed
     from sessa_train.trainer import Trainer
 
     args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = config_of(args)
         Trainer(cfg, init_distributed()).fit()
     except SessaError as e:
         print(f"sessa-train: error: {e}", file=sys.stderr)

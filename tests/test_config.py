@@ -44,6 +44,10 @@ def test_files_merge_in_order_then_overrides_win(tmp_path):
         (["parallel.zero_stage=4"], "parallel.zero_stage must be 0, 1, 2 or 3, got 4"),
         (["schedule.train_steps=10"], "schedule.warmup_steps must be in [0, train_steps=10], got 30"),
         (["train_steps"], "override 'train_steps' is not of the form key=value"),
+        (["optimizer.lr=inf"], "optimizer.lr must be a finite number, got inf"),
+        (["model.init_std=inf"], "model.init_std must be a finite number, got inf"),
+        (["data.max_skipped_fraction=1.5"], "data.max_skipped_fraction must be in [0, 1), got 1.5"),
+        (["data.reader_slots=-1"], "data.reader_slots must be >= 0 (0: automatic), got -1"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
@@ -59,3 +63,29 @@ def test_bad_file_is_named(tmp_path):
         load_config([CONFIGS / "tiny.yaml", bad])
     with pytest.raises(ConfigError, match=re.escape("config file not found: /nonexistent.yaml")):
         load_config(["/nonexistent.yaml"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: [1,\n", "is not valid YAML (did not find expected node content at line 2, column 1)"),
+        ("model:\n  d_model: 64\n d_layers: 2\n", "is not valid YAML"),
+        ("- model\n- data\n", "must be a mapping of sections (model:, data:, schedule:, ...), got a list"),
+    ],
+)
+def test_yaml_that_is_not_a_config_mapping_is_a_one_line_error(tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_config([bad])
+    assert str(info.value).startswith(str(bad)) and "\n" not in str(info.value)
+
+
+def test_a_bad_yaml_file_through_the_cli_is_rc_2_and_one_line(tmp_path, capsys):
+    from sessa_train.train import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1,\n")
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sessa-train: error: {bad} is not valid YAML"), err

@@ -34,7 +34,6 @@ def test_resumed_run_equals_uninterrupted_run(shards, tmp_path, nproc, zero_stag
     assert "resumed from" in second.stdout and "at step 4" in second.stdout
     assert [s for s, _ in losses(split)] == list(range(1, 9))
     assert losses(split) == losses(full)  # bitwise: JSON keeps every digit of a float
-    # consolidated by DeepSpeed's zero_to_fp32 where the module file holds only ZeRO-3 placeholders
     a, b = (read_weights(run / "ckpt")[0] for run in (full, split))
     assert {"embed.weight", "norm.weight"} <= a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -97,7 +96,7 @@ def test_sigterm_saves_and_stops(shards, tmp_path):
     last_step = losses(run)[-1][0]
     assert 3 <= last_step < 100000
     assert (run / "ckpt" / "latest").read_text().strip() == f"step_{last_step:08d}"
-    assert f"received signal {int(signal.SIGTERM)}: saving and stopping at step {last_step}" in stdout
+    assert f"stopping at step {last_step} on signal {int(signal.SIGTERM)}: saving" in stdout
 
 
 # The trainer with its loss turned into NaN on the listed steps (all micro-batches of a step):
@@ -162,7 +161,7 @@ def test_too_many_non_finite_steps_abort(shards, tmp_path):
         ),
         (["schedule.global_batch_size=6"], "schedule.global_batch_size=6 is not divisible by data.micro_batch_size=4"),
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's vocabulary (400)"),
-        (["--resume", "/nonexistent/step_00000001"], "is not a complete checkpoint folder"),
+        (["--resume", "/nonexistent/step_00000001"], "is not a checkpoint folder (step_NNNNNNNN)"),
         (["compute.feedback_backend=triton"], "the triton backend needs CUDA tensors (got device cpu)"),
         (["compute.feedback_chunk_size=-1"], "compute.feedback_chunk_size must be an integer >= 0, got -1"),
     ],
@@ -227,5 +226,4 @@ def test_bf16_on_cpu_follows_the_fp32_curve(tiny_run, tmp_path):
     assert max(abs(a - b) / b for a, b in zip(bf16, fp32, strict=True)) < 0.03
     windows = [(sum(bf16[i : i + 20]), sum(fp32[i : i + 20])) for i in range(0, 120, 20)]
     assert max(abs(a - b) / b for a, b in windows) < 0.01
-    weights = torch.load(run / "ckpt" / "step_00000120" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert weights["module"]["layers.0.in_proj.weight"].dtype == torch.bfloat16  # it did run in bf16
+    assert all(a != b for a, b in zip(bf16[1:], fp32[1:], strict=True))  # it did run in bf16

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from sessa_train.checkpoint import module_state
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -63,10 +61,28 @@ def train(
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every step row of metrics.jsonl (not the resume markers)."""
     rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def rank_weights(checkpoint: Path, tensor_rank: int = 0, stage: int | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 weights a checkpoint holds for one tensor-parallel rank (of one pipeline stage, or
+    all), read straight from its safetensors files: no sessa-train code, an independent read."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for file in sorted(
+        (checkpoint / "model").glob(f"tp{tensor_rank}-pp{'*' if stage is None else stage}-*.safetensors")
+    ):
+        weights |= {k: v for k, v in load_file(file).items() if not k.endswith((".exp_avg", ".exp_avg_sq"))}
+    return weights
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's module weights of the newest checkpoint (not consolidated: an independent read)."""
-    return module_state(run / "ckpt")
+    """The plain weights of the newest checkpoint of a run without tensor parallelism."""
+    ckpt = run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
+    weights = rank_weights(ckpt)
+    if "lm_head.weight" not in weights:  # tied: the head is the embedding
+        weights["lm_head.weight"] = weights["embed.weight"]
+    return weights

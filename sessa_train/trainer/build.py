@@ -16,7 +16,7 @@ from sessa_train.data import PackedTokenLoader
 from sessa_train.distributed import DistInfo
 from sessa_train.errors import CheckpointError, TrainError
 from sessa_train.models import ModelPlan, SessaLM
-from sessa_train.trainer.optim import deepspeed_config, make_optimizer
+from sessa_train.trainer.optim import deepspeed_config, init_optimizer_state, make_optimizer
 from sessa_train.trainer.runner import EngineRunner, Runner
 
 
@@ -70,13 +70,21 @@ def loader_args(cfg: TrainConfig, layout: RankLayout) -> dict:
     }
 
 
-def build_loader(cfg: TrainConfig, layout: RankLayout) -> PackedTokenLoader:
-    """This rank's training loader, checked against the model and the parallel layout."""
+def build_loader(
+    cfg: TrainConfig, layout: RankLayout, slots: int | None = None, stop=lambda: False
+) -> PackedTokenLoader:
+    """This rank's training loader (``slots``: a resumed run's reader slots), checked against the
+    model and the parallel layout; ``stop()`` true ends its stream (``StopRequestedError``)."""
+    micro_batches_per_step(cfg, layout)  # the batch sizes' own error before the reader slots'
     loader = PackedTokenLoader(
         cfg.data.path,
         "train",
+        global_batch_size=cfg.schedule.global_batch_size,
+        slots=slots or cfg.data.reader_slots or None,
         num_workers=cfg.data.num_workers,
         skip_corrupt=cfg.data.skip_corrupt,
+        max_skipped_fraction=cfg.data.max_skipped_fraction,
+        stop=stop,
         **loader_args(cfg, layout),
     )
     index = loader.index
@@ -185,6 +193,7 @@ def build_engine(
         config=deepspeed_config(cfg, gas, info.device),
         mpu=mpu,
     )
+    init_optimizer_state(ds)  # so that a checkpoint's moments can be set before the first step
     if state is None:
         runner: Runner = EngineRunner(ds, info.device)
     else:

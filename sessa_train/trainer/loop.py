@@ -1,4 +1,10 @@
-"""The training loop: steps, validation, checkpoints, signals and metrics of one run."""
+"""The training loop: steps, validation, checkpoints, signals and metrics of one run.
+
+A run resumes a checkpoint saved under any parallel layout (``trainer/state.py``): the same
+weights, AdamW moments, step counts, schedule and global batches go on under this job's layout.
+Stopping (SIGTERM/SIGINT, or the loader told to stop) is agreed by every rank between steps, so
+that all of them save the same step.
+"""
 
 from __future__ import annotations
 
@@ -6,64 +12,141 @@ import itertools
 import math
 import signal
 import time
+from pathlib import Path
 
 import torch
 
 from sessa_train import distributed as comm
-from sessa_train.checkpoint import CheckpointManager
+from sessa_train.checkpoint import CheckpointManager, ParamReader, read_config, read_meta, rng_file, set_rng
 from sessa_train.config import TrainConfig, architecture_difference
-from sessa_train.data import PackedTokenLoader, merge_states
+from sessa_train.data import PackedTokenLoader, StopRequestedError, find_tokenizer, merge_states
 from sessa_train.distributed import DistInfo
-from sessa_train.errors import TrainError
+from sessa_train.errors import DataError, TrainError
 from sessa_train.flops import train_flops_per_token
 from sessa_train.trainer.build import build_engine, build_loader, initial_weights, loader_args, rank_layout
 from sessa_train.trainer.metrics import MetricsSink
+from sessa_train.trainer.state import optimizer_steps, restore_model, restore_schedule, write_model, write_rng
+
+DATA_IDENTITY = ("index_sha256", "seq_len", "tokenizer_sha256")
+
+
+def layout_phrase(layout: dict) -> str:
+    return ",".join(f"{k}={layout[k]}" for k in ("tensor", "pipeline", "context", "data", "zero"))
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
         self.cfg, self.dist = cfg, info
-        self.layout = rank_layout(cfg, info)
-        self.train_loader = build_loader(cfg, self.layout)
-        index = self.train_loader.index
-        self.seq_len = index["seq_len"]
-        self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
-        weights = initial_weights(cfg) if cfg.checkpoint.init_from else None
-        self.engine = build_engine(cfg, info, self.layout, self.seq_len, weights)
-        self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
-        par = cfg.parallel
-        layout = {"ranks": info.world_size, "tensor": par.tensor, "pipeline": par.pipeline, "context": par.context}
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last, info.rank, layout)
-        self.metrics = MetricsSink(cfg.logging.dir, info.is_main)
-        self.step, self.tokens, self.first_step = 0, 0, 0
         self.stop_signal: int | None = None
-
-    # -- state -------------------------------------------------------------------------
-    def resume(self) -> None:
+        self.layout = rank_layout(cfg, info)
+        # the ranks of a tensor x pipeline x context group read the same data: the first speaks for it
+        mp = self.layout.model_parallel
+        self.data_rank_of_record = mp is None or (mp.tp_rank, mp.pp_rank, mp.cp_rank) == (0, 0, 0)
+        par = cfg.parallel
+        self.layout_record = {
+            "ranks": info.world_size,
+            "tensor": par.tensor,
+            "pipeline": par.pipeline,
+            "context": par.context,
+            "data": self.layout.dp,
+            "zero": par.zero_stage,
+        }
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointManager(ck.dir, ck.keep_last, info.rank, info.world_size, self.print)
+        self.checkpoints.check_writable()
         self.checkpoints.clear_partial()
         comm.barrier()
-        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
-        if path is None:
-            if self.cfg.checkpoint.resume == "auto":
-                self.metrics.print(f"no complete checkpoint in {self.cfg.checkpoint.dir}: starting from scratch")
-            return
-        if differ := architecture_difference(self.checkpoints.saved_config(path)["model"], self.cfg.model):
-            raise TrainError(f"{path} holds a model with {differ}")
-        client = self.checkpoints.load(self.engine.ds, path)
-        self.step, self.tokens = client["step"], client["tokens"]
-        self.train_loader.load_state_dict(client["loader"])
-        self.metrics.print(f"resumed from {path} at step {self.step}")
+        self.resume_from = self.checkpoints.resolve(cfg.checkpoint.resume, cfg.checkpoint.resume_older)
+        meta = read_meta(self.resume_from) if self.resume_from else None
+        if meta and (differ := architecture_difference(read_config(self.resume_from)["model"], cfg.model)):
+            raise TrainError(f"{self.resume_from} holds a model with {differ}")
+        slots = meta["loader"]["slots"] if meta else None
+        if slots and cfg.data.reader_slots and cfg.data.reader_slots != slots:
+            raise DataError(
+                f"data.reader_slots={cfg.data.reader_slots}, but {self.resume_from.name} was read with {slots} "
+                f"reader slots, which a run keeps for its lifetime; set data.reader_slots={slots} or 0"
+            )
+        stop = lambda: self.stop_signal is not None  # noqa: E731
+        self.train_loader = build_loader(cfg, self.layout, slots, stop)
+        index = self.train_loader.index
+        self.seq_len = index["seq_len"]
+        self.data_identity = {
+            "index_sha256": self.train_loader.index_sha256,
+            "seq_len": self.seq_len,
+            "tokenizer_sha256": index["tokenizer_sha256"],
+            "path": str(Path(cfg.data.path).resolve()),
+        }
+        if meta:
+            self._check_data(meta["data"])
+        self.tokenizer = find_tokenizer(cfg.data.path, index, cfg.data.tokenizer)
+        self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
+        weights = initial_weights(cfg) if cfg.checkpoint.init_from and not meta else None
+        self.engine = build_engine(cfg, info, self.layout, self.seq_len, weights)
+        self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
+        self.step, self.tokens, self.first_step = 0, 0, 0
+        if meta:
+            self._restore(meta)
+        self.unreadable = self.seen_skipped = len(self.train_loader.skipped)  # shards found unreadable
+        self.metrics = MetricsSink(cfg.logging.dir, info.is_main, resumed_step=self.step)
+        if meta:
+            marker = {"event": "resume", "step": self.step, "checkpoint": str(self.resume_from)}
+            self.metrics.row(marker | {"layout": self.layout_record})
+        elif cfg.checkpoint.resume == "auto":
+            self.print(f"no checkpoint in {cfg.checkpoint.dir}: starting from scratch")
+        if self.tokenizer is None:
+            self.print(f"no tokenizer found for {cfg.data.path} (data.tokenizer): checkpoints will not carry one")
+
+    def print(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    # -- state -------------------------------------------------------------------------
+    def _check_data(self, saved: dict) -> None:
+        for key in DATA_IDENTITY:
+            if saved[key] != self.data_identity[key]:
+                raise DataError(
+                    f"{self.resume_from.name} was trained on other data: its {key}={saved[key]} differs from "
+                    f"{self.data_identity[key]} of data.path={self.cfg.data.path} (it read {saved['path']}); point "
+                    "data.path at those shards, or export the checkpoint and start from it with checkpoint.init_from"
+                )
+
+    def _restore(self, meta: dict) -> None:
+        """Weights, moments, step counts, schedule and data position of ``self.resume_from``."""
+        path, saved = self.resume_from, meta["layout"]
+        if saved != self.layout_record:
+            self.print(f"resharding {path.name} from {layout_phrase(saved)} to {layout_phrase(self.layout_record)}")
+        reader = ParamReader(path, self.cfg.model, saved["tensor"], saved["pipeline"])
+        restore_model(self.engine, reader, meta["optimizer_steps"])
+        restore_schedule(self.engine.scheduler, meta["scheduler_steps"])
+        for counter, value in meta["engine"].items():  # global_steps, global_samples, skipped_steps
+            setattr(self.engine.ds, counter, value)
+        self.train_loader.load_state_dict(meta["loader"])
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        if saved == self.layout_record:  # nothing in a step draws random numbers; kept for exactness
+            from safetensors.torch import load_file
+
+            set_rng(load_file(str(rng_file(path, self.dist.rank))))
+        self.print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
-        states = comm.all_gather_objects(self.train_loader.state_dict())
-        client = {
+        loader = merge_states(comm.all_gather_objects(self.train_loader.state_dict()))
+        ds = self.engine.ds
+        meta = {
             "step": self.step,
             "tokens": self.tokens,
-            "loader": merge_states(states),
-            "config": self.cfg.to_dict(),
+            "optimizer_steps": optimizer_steps(self.engine),
+            "scheduler_steps": self.engine.scheduler.last_epoch,
+            "engine": {k: getattr(ds, k) for k in ("global_steps", "global_samples", "skipped_steps")},
+            "layout": self.layout_record,
+            "data": self.data_identity,
+            "loader": loader,
         }
-        path = self.checkpoints.save(self.engine.ds, self.step, client)
-        self.metrics.print(f"saved {path}")
+
+        def write(folder: Path) -> list[Path]:
+            return [*write_model(self.engine, folder), write_rng(folder, self.dist.rank)]
+
+        path = self.checkpoints.save(self.step, write, meta, self.cfg.to_dict(), self.tokenizer)
+        self.print(f"saved {path}")
 
     def evaluate(self) -> float:
         loader = PackedTokenLoader(
@@ -71,28 +154,50 @@ class Trainer:
         )
         return self.engine.evaluate(list(itertools.islice(loader, self.cfg.logging.eval_batches)))
 
+    def _next_step(self, stream) -> list[dict] | None:
+        """The micro-batches of the next step, or None when any rank is to stop (a signal, or its
+        loader told to stop): agreed by all ranks before anything of the step runs."""
+        try:
+            batches = [next(stream) for _ in range(self.engine.gas)]
+        except StopRequestedError:
+            batches = None
+        stopping = batches is None or self.stop_signal is not None
+        # shards found unreadable since the last step (each read by one data-parallel rank)
+        new = len(self.train_loader.skipped) - self.seen_skipped
+        self.seen_skipped += new
+        agreed = comm.sum_values([float(stopping), float(new if self.data_rank_of_record else 0)]).tolist()
+        self.unreadable += int(agreed[1])
+        if agreed[0] > 0:
+            self.train_loader.rewind()
+            return None
+        return batches
+
     # -- loop ----------------------------------------------------------------------------
     def fit(self) -> list[float]:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
-        self.resume()
         self.metrics.print(
             f"Sessa LM {self.engine.n_params / 1e6:.2f}M parameters, {self.dist.world_size} ranks, "
-            f"{self.engine.gas} accumulation steps, seq_len {self.seq_len}, steps {self.step} -> "
-            f"{cfg.schedule.train_steps}, tensorboard: {cfg.logging.dir}"
+            f"{self.engine.gas} accumulation steps, seq_len {self.seq_len}, {self.train_loader.slots} reader slots, "
+            f"steps {self.step} -> {cfg.schedule.train_steps}, tensorboard: {cfg.logging.dir}"
         )
-        batches = iter(self.train_loader)
+        stream = iter(self.train_loader)
         losses, bad, start, last_saved = [], 0, time.perf_counter(), self.step
         self.first_step = self.step
         tokens_per_step = cfg.schedule.global_batch_size * self.seq_len
         stop_at = cfg.schedule.train_steps
         if cfg.schedule.stop_after_steps:
             stop_at = min(stop_at, self.step + cfg.schedule.stop_after_steps)
-        while self.step < stop_at and self.stop_signal is None:
+        while self.step < stop_at:
+            batches = self._next_step(stream)
+            if batches is None:
+                break
             t0 = time.perf_counter()
-            loss, applied = self.engine.train_step(batches)
+            loss, applied = self.engine.train_step(iter(batches))
             step_time = time.perf_counter() - t0
+            ids = self._sample_ids(batches) if cfg.logging.sample_ids else None
+            self.train_loader.advance()
             self.step += 1
             self.tokens += tokens_per_step
             losses.append(loss)
@@ -112,29 +217,44 @@ class Trainer:
                 perplexity = math.exp(min(val, 50))
                 self.metrics.print(f"step {self.step}: validation loss {val:.4f}, perplexity {perplexity:.2f}")
                 self.metrics.scalars(self.step, {"val/loss": val, "val/perplexity": perplexity})
-            self._log_step(loss, step_time, tokens_per_step, start, skipped=bool(bad), val=val)
+            self._log_step(loss, step_time, tokens_per_step, start, skipped=bool(bad), val=val, ids=ids)
             # a skipped step left the weights as they were: its checkpoint is safe to publish
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
                 last_saved = self.step
-        if self.stop_signal is not None:
-            self.metrics.print(f"received signal {self.stop_signal}: saving and stopping at step {self.step}")
+        if self.step < stop_at:
+            why = f"signal {self.stop_signal}" if self.stop_signal is not None else "the data loader's stop"
+            self.metrics.print(f"stopping at step {self.step} on {why}: saving")
         if last_saved != self.step:
             self.save()
         self.metrics.close()
         return losses
 
+    def _sample_ids(self, batches: list[dict]) -> list[int]:
+        """The step's global batch: every data-parallel rank's sample ids, sorted."""
+        mine = [i for b in batches for i in b["sample_ids"].tolist()] if self.data_rank_of_record else []
+        return sorted(i for ids in comm.all_gather_objects(mine) for i in ids)
+
     def _log_step(
-        self, loss: float, step_time: float, tokens_per_step: int, start: float, skipped: bool, val: float | None
+        self,
+        loss: float,
+        step_time: float,
+        tokens_per_step: int,
+        start: float,
+        skipped: bool,
+        val: float | None,
+        ids: list[int] | None,
     ) -> None:
         cfg = self.cfg
         lr = self.engine.scheduler.get_last_lr()[0]
         tok_s = tokens_per_step / step_time
         tflops = self.flops_per_token * tok_s / self.dist.world_size / 1e12
+        unreadable = self.unreadable
         scalars = {
             "train/loss": loss,
             "train/lr": lr,
             "train/grad_norm": self.engine.ds.get_global_grad_norm() or 0.0,
+            "data/skipped_shards": unreadable,
             "perf/tokens_per_s": tok_s,
             "perf/step_time_s": step_time,
             "perf/tflops_per_s_per_device": tflops,
@@ -145,9 +265,11 @@ class Trainer:
             scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.step, scalars)
         row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "step_time_s": step_time}
-        row |= {"tokens_per_s": tok_s, "skipped": skipped}
+        row |= {"tokens_per_s": tok_s, "skipped": skipped, "skipped_shards": unreadable}
         if val is not None:
             row["val_loss"] = val
+        if ids is not None:
+            row["sample_ids"] = ids
         self.metrics.row(row)
         if self.step % cfg.logging.every_steps == 0 or self.step == cfg.schedule.train_steps:
             mean_step = (time.perf_counter() - start) / max(1, self.step - self.first_step)

@@ -59,6 +59,30 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
+def base_optimizer(ds) -> torch.optim.Optimizer:
+    """The torch AdamW under DeepSpeed's ZeRO / bf16 wrapper (or the optimizer itself)."""
+    return getattr(ds.optimizer, "optimizer", ds.optimizer)
+
+
+def init_optimizer_state(ds) -> None:
+    """Create AdamW's state (zeros, step 0) for every parameter the base optimizer steps, as its
+    first step would, and let DeepSpeed link its ZeRO / bf16 fragments to it: the moments of a
+    checkpoint can then be set before the first step. Changes nothing a step computes."""
+    base = base_optimizer(ds)
+    params = [p for group in base.param_groups for p in group["params"]]
+    params += getattr(ds.optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3 lends these only inside step()
+    for p in params:
+        if not base.state.get(p):
+            base.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+    link = getattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO 1/2 and the bf16 optimizer link their fragments at the first step
+        link()
+
+
 def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
     """DeepSpeed's config. The runners drive the ``gas`` micro-batches of a step themselves (the
     accumulation boundary set by hand, or megatron-core's schedule) and scale their losses, so
