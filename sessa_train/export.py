@@ -7,9 +7,11 @@ An export is a folder:
     config.json         {"format": "sessa-export-v1", "model": ModelConfig fields, "dtype",
                         "step", "tokens"}
     tokenizer.model     the sentencepiece model the training data was tokenized with
-    configuration_sessa.py, modeling_sessa.py
+    configuration_sessa.py, modeling_sessa.py, sessa_model.py
                         so that ``transformers.AutoModelForCausalLM.from_pretrained(path,
-                        trust_remote_code=True)`` loads it (config.json carries the HF keys too)
+                        trust_remote_code=True)`` loads it (config.json carries the HF keys too);
+                        sessa_model.py is the model's source, generated from the package
+                        (``hf/bundle.py``): sessa-train need not be installed to load it
 
 Weights are the plain fp32 weights ``checkpoint.read_weights`` reads from any layout.
 """
@@ -25,7 +27,7 @@ import torch
 
 from sessa_train.checkpoint import find_checkpoint, read_weights
 from sessa_train.config import ModelConfig
-from sessa_train.errors import CheckpointError
+from sessa_train.errors import CheckpointError, SessaError
 from sessa_train.models import SessaLM
 
 FORMAT = "sessa-export-v1"
@@ -40,16 +42,14 @@ def export_checkpoint(
 
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
-    weights, client = read_weights(checkpoint)
-    cfg = ModelConfig.from_dict(client["config"]["model"])
+    weights, about = read_weights(checkpoint)
+    cfg = ModelConfig.from_dict(about["config"]["model"])
     model = SessaLM(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing or any(weights[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"{checkpoint}: weights do not match its model config (missing: {missing[:5]})")
-    tok = Path(tokenizer) if tokenizer is not None else Path(client["config"]["data"]["tokenizer"])
-    if not tok.is_file():
-        raise CheckpointError(f"tokenizer {tok} not found: pass the sentencepiece model with --tokenizer")
+    tok = export_tokenizer(about, tokenizer)
     out = Path(out_dir)
     if (out / "config.json").exists():
         raise CheckpointError(f"{out} already holds an export: choose an empty folder")
@@ -63,7 +63,7 @@ def export_checkpoint(
 
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "dtype": dtype}
-    meta |= {"step": client["step"], "tokens": client["tokens"]}
+    meta |= {"step": about["step"], "tokens": about["tokens"]}
     meta |= {  # Hugging Face transformers (remote code shipped in the folder)
         "model_type": "sessa",
         "architectures": ["SessaForCausalLM"],
@@ -76,10 +76,35 @@ def export_checkpoint(
         "bos_token_id": sp.bos_id(),
         "eos_token_id": sp.eos_id(),
     }
+    from sessa_train.hf.bundle import model_source
+
     for name in ("configuration_sessa.py", "modeling_sessa.py"):
         shutil.copyfile(Path(__file__).parent / "hf" / name, out / name)
+    (out / "sessa_model.py").write_text(model_source())
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def export_tokenizer(about: dict, given: str | Path | None) -> Path:
+    """The tokenizer an export carries: the checkpoint's own, or ``given``, which must be the one
+    the run's data was written with when the checkpoint records it."""
+    from sessa_train.data import Tokenizer
+
+    recorded = about["tokenizer_sha256"]
+    if given is None:
+        if about["tokenizer"] is None:
+            raise CheckpointError(
+                "the checkpoint carries no tokenizer (its run found none beside its data and had no data.tokenizer): "
+                "pass the sentencepiece model its data was written with, --tokenizer FILE"
+            )
+        given = about["tokenizer"]
+    tok = Tokenizer(given)
+    if recorded and tok.sha256 != recorded:
+        raise CheckpointError(
+            f"tokenizer {given} (sha256 {tok.sha256[:12]}...) is not the one the checkpoint's data was written with "
+            f"(sha256 {recorded[:12]}...)"
+        )
+    return tok.path
 
 
 def load_pretrained(
@@ -91,10 +116,18 @@ def load_pretrained(
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{path} is not a sessa-train export (needs config.json and model.safetensors)")
-    meta = json.loads((path / "config.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/config.json has format {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = ModelConfig.from_dict(meta["model"])
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}/config.json has format {found!r}, expected {FORMAT!r}")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+        dtype = dtype or DTYPES[meta["dtype"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json does not describe a model: {type(e).__name__}: {e}") from None
     model = SessaLM(cfg)
     tensors = load_file(str(path / "model.safetensors"))
     if cfg.tie_embeddings:
@@ -104,7 +137,7 @@ def load_pretrained(
         raise CheckpointError(
             f"{path}/model.safetensors does not match its config: missing {missing}, extra {unexpected}"
         )
-    return model.to(device=device, dtype=dtype or DTYPES[meta["dtype"]]).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sessa-export", description="Export a sessa-train checkpoint for inference.")
     p.add_argument("checkpoint", help="a step_N checkpoint folder, or a checkpoint root with a 'latest' file")
     p.add_argument("out", help="the export folder to create")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: data.tokenizer of the run's config)")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: the one the checkpoint carries)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
-    except CheckpointError as e:
+    except SessaError as e:
         print(f"sessa-export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {find_checkpoint(args.checkpoint)} to {out}")

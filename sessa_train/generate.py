@@ -59,10 +59,26 @@ def generate(
         logits = model(ids.unsqueeze(1), cache)[:, -1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sentencepiece as spm
+def _device(name: str) -> torch.device:
+    """The --device argument, checked against this machine."""
+    from sessa_train.errors import ConfigError
 
-    from sessa_train.errors import CheckpointError
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device; valid: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device; valid: cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: valid: cpu, cuda, cuda:N")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sessa_train.data import Tokenizer
+    from sessa_train.errors import SessaError
     from sessa_train.export import load_pretrained
 
     p = argparse.ArgumentParser(prog="sessa-generate", description=__doc__.splitlines()[0])
@@ -78,15 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
-        model = load_pretrained(args.export, device=args.device)
-    except CheckpointError as e:
+        device = _device(args.device)
+        model = load_pretrained(args.export, device=device)
+        sp = Tokenizer(f"{args.export}/tokenizer.model").sp
+    except SessaError as e:
         print(f"sessa-generate: error: {e}", file=sys.stderr)
         return 2
-    sp = spm.SentencePieceProcessor(model_file=f"{args.export}/tokenizer.model")
     ids = sp.encode(args.prompt)
     if not ids:
         p.error("--prompt encodes to no tokens")
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     try:
         steps = generate(
             model,

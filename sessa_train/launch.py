@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessa_train.errors import LaunchError
+from sessa_train.errors import LaunchError, SessaError
 
 # DeepSpeed's launcher (its ``deepspeed`` script) run by this very interpreter: no PATH or
 # activated environment needed, and its ranks run that interpreter too
@@ -130,10 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sessa_train import train
+
     args = parse_args(argv)
     try:
+        train.config_of(train.parse_args(args.trainer_args))  # a bad config fails here, not on every node
         commands = node_commands(args, read_hostfile(args.hostfile))
-    except LaunchError as e:
+    except SessaError as e:
         print(f"sessa-launch: error: {e}", file=sys.stderr)
         return 2
     env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(args.omp_threads)}

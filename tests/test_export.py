@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from sessa_train import SessaLM, load_pretrained
 from sessa_train.checkpoint import read_weights
 from sessa_train.config import ModelConfig
-from sessa_train.errors import CheckpointError
+from sessa_train.errors import CheckpointError, SessaError
 from sessa_train.export import export_checkpoint
 from sessa_train.generate import generate
 from tests.trainer import ENV, REPO, final_weights, train, write_config
@@ -27,14 +28,14 @@ def run(shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export_run")
     cfg = write_config(root / "c.yaml", shards, root, n_heads=2, feedback_heads=2)
     train(cfg, "parallel.zero_stage=2", "logging.eval_every_steps=0", nproc=2)
-    assert len(list((root / "ckpt" / "step_00000008").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    assert len(list((root / "ckpt" / "step_00000008" / "model").glob("*.safetensors"))) == 2  # a part per rank
     return root
 
 
 @pytest.fixture(scope="module")
 def exported(run, shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "sessa-small"
-    export_checkpoint(run / "ckpt", out, tokenizer=shards.parent / "tok.model")
+    export_checkpoint(run / "ckpt", out)  # the tokenizer the checkpoint carries
     return out
 
 
@@ -120,14 +121,105 @@ def test_export_errors_are_one_line(run, tmp_path, exported):
     assert bad.returncode == 2
     assert (
         bad.stderr.strip() == f"sessa-export: error: {tmp_path} is not a complete checkpoint "
-        "(no mp_rank_00_model_states.pt); pass a step_N folder"
+        "(no meta.json); pass a step_N folder or its parent"
     )
-    with pytest.raises(CheckpointError, match=r"tokenizer /nonexistent\.model not found"):
+    with pytest.raises(SessaError, match=r"tokenizer model not found: /nonexistent\.model"):
         export_checkpoint(run / "ckpt", tmp_path / "e", tokenizer="/nonexistent.model")
     with pytest.raises(CheckpointError, match="already holds an export"):
         export_checkpoint(run / "ckpt", exported, tokenizer=exported / "tokenizer.model")
     with pytest.raises(CheckpointError, match="is not a sessa-train export"):
         load_pretrained(tmp_path)
+
+
+def test_export_takes_the_tokenizer_the_checkpoint_carries(run, shards, tmp_path):
+    """#15.6: run from another directory, with another tokenizer.model there, the export packs the
+    run's own; a tokenizer passed by hand must be that one; a run that found none says so."""
+    import shutil
+
+    from sessa_train.data import train_tokenizer
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = train_tokenizer(small_texts(), elsewhere / "tokenizer.model", vocab_size=450)
+    cmd = [sys.executable, "-m", "sessa_train.export", str(run / "ckpt"), str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=elsewhere, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (shards.parent / "tok.model").read_bytes()
+    with pytest.raises(CheckpointError, match=f"tokenizer {other} .* is not the one the checkpoint's data was written"):
+        export_checkpoint(run / "ckpt", tmp_path / "e2", tokenizer=other)
+    bare = tmp_path / "bare"
+    shutil.copytree(run / "ckpt" / "step_00000008", bare / "step_00000008")
+    manifest = json.loads((bare / "step_00000008" / "manifest.json").read_text())
+    (bare / "step_00000008" / "tokenizer.model").unlink()
+    del manifest["files"]["tokenizer.model"]
+    (bare / "step_00000008" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"carries no tokenizer .* pass the sentencepiece model"):
+        export_checkpoint(bare / "step_00000008", tmp_path / "e3")
+
+
+def small_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[name][:1500] for name in sorted(topics)][:40]
+
+
+def test_export_refuses_a_damaged_checkpoint_naming_the_file(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "step_00000008"
+    shutil.copytree(run / "ckpt" / "step_00000008", copy)
+    part = sorted((copy / "model").glob("*.safetensors"))[0]
+    part.write_bytes(part.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{part} has .* bytes, the manifest says"):
+        export_checkpoint(copy, tmp_path / "e")
+
+
+def test_generate_bad_device_and_bad_config_are_one_line(exported, tmp_path):
+    import shutil
+
+    def generate_cli(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "sessa_train.generate", str(folder), "--prompt", "The", "--max-new-tokens", "2"]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+
+    if not torch.cuda.is_available():
+        out = generate_cli(exported, "--device", "cuda")
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+            "sessa-generate: error: --device cuda: this machine has no CUDA device; valid: cpu"
+        ], out.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["model"]["d_model"] = "wide"
+    (broken / "config.json").write_text(json.dumps(config))
+    out = generate_cli(broken)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"{broken}/config.json does not describe a model" in out.stderr
+
+
+HF_WITHOUT_SESSA_TRAIN = """
+import sys
+sys.modules["sessa_train"] = None  # any import of the package fails
+import torch
+from transformers import AutoModelForCausalLM
+hf = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(4))
+with torch.no_grad():
+    torch.save(hf(ids).logits, sys.argv[2])
+"""
+
+
+def test_the_export_is_self_contained_for_transformers(exported, tmp_path):
+    """#15: the export's remote code does not import sessa_train; its model source is generated
+    from the package at export time and gives load_pretrained's logits bit for bit."""
+    env = ENV | {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
+    cmd = [sys.executable, "-c", HF_WITHOUT_SESSA_TRAIN, str(exported), str(tmp_path / "logits.pt")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), load_pretrained(exported)(ids))
+    source = (exported / "sessa_model.py").read_text()
+    assert "class SessaLM" in source and not re.search(r"^\s*(from|import)\s+sessa_train", source, re.MULTILINE)
 
 
 def test_transformers_loads_the_export_with_equal_logits_and_cached_generate(exported):

@@ -16,7 +16,7 @@ import pytest
 from sessa_train.launch import main
 from tests.trainer import ENV, REPO, losses, train, write_config
 
-TRAINER = ["--config", "configs/350m.yaml", "--resume", "auto", "schedule.train_steps=10"]
+TRAINER = ["--config", "configs/350m.yaml", "--resume", "auto", "schedule.train_steps=10", "schedule.warmup_steps=1"]
 
 
 @pytest.fixture
@@ -78,6 +78,9 @@ def test_launch_arguments_are_checked_before_anything_runs(capsys, hostfile):
     with pytest.raises(SystemExit):
         main(["torchrun", "--hostfile", str(hostfile), "--dry-run", "--", "--config", "configs/nope.yaml"])
     assert "--config configs/nope.yaml: no such file" in capsys.readouterr().err
+    # the whole trainer config is checked, once, before any node starts
+    assert main(["torchrun", "--hostfile", str(hostfile), "--dry-run", "--", *TRAINER, "optimizer.lr=inf"]) == 2
+    assert capsys.readouterr().err.strip() == "sessa-launch: error: optimizer.lr must be a finite number, got inf"
 
 
 # -- two nodes on this machine ----------------------------------------------------------------

@@ -1,7 +1,9 @@
 """transformers model of a sessa-train export (copied into every export folder).
 
-The network is sessa_train's own ``SessaLM`` (``pip install sessa-train``), so the weights and
-the numerics are those of training; ``generate()`` decodes with its recurrent cache.
+The network is sessa_train's own ``SessaLM``, from ``sessa_model.py`` beside this file, which
+sessa-export generates from the package (``hf/bundle.py``): an export loads without sessa-train
+installed, with the weights and numerics of training. The feedback solve is the pure-torch
+chunked one; ``generate()`` decodes with the recurrent cache.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from sessa_train.config import ModelConfig
-from sessa_train.models import SessaLM
-
 from .configuration_sessa import SessaConfig
+from .sessa_model import ComputeConfig, ModelConfig, ModelPlan, SessaLM  # generated at export
 
 
 class SessaDecodeCache:
@@ -47,7 +47,7 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SessaConfig) -> None:
         super().__init__(config)
-        lm = SessaLM(ModelConfig.from_dict(config.model))
+        lm = SessaLM(ModelConfig.from_dict(config.model), ModelPlan(ComputeConfig(feedback_backend="chunked")))
         # register SessaLM's modules under their own names: export tensor names load as they are
         self.embed, self.layers, self.norm, self.lm_head = lm.embed, lm.layers, lm.norm, lm.lm_head
         object.__setattr__(self, "lm", lm)  # not a submodule: its parameters are the ones above
