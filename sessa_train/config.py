@@ -236,7 +236,7 @@ class LoggingConfig:
     eval_every_steps: int = 100  # 0 disables validation
     eval_batches: int = 20
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run aborts
-    peak_tflops: float = 0.0  # per-device peak for the MFU estimate; 0: MFU not logged
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: the GPU's from hardware.py (none on CPU: no MFU)
     sample_ids: bool = False  # metrics.jsonl rows list each step's samples (one gather per step)
 
     def __post_init__(self) -> None:

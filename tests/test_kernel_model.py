@@ -19,7 +19,7 @@ import kernel_model as km
 def test_the_models_plan_is_the_launches_of_the_code(monkeypatch):
     """Forward and backward of N = 2 sequences, T = 200 (a partial last block), block 16: every
     launch's kernel and program count, in order, as the model lists them (same split target)."""
-    sms = km.GPUS["H100"]["sms"]
+    sms = km.GPUS["H100"].sms
     monkeypatch.setattr(ft, "SPLIT_TARGET", 2 * sms)
     seen = []
     real = ft.launch

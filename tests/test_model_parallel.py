@@ -4,10 +4,12 @@ One spawn of 4 ranks walks through the layouts (tensor, pipeline, context, zero 
 parallelism fills the rest (DP = 4 / (TP x PP x CP)). For each, two optimizer steps go through
 exactly what the trainer builds and runs (``trainer.build_engine``: the model under
 ``MegatronPlan``, ``PipelineRunner`` on megatron-core's schedule, DeepSpeed's gradient
-reduction, clipping and AdamW). The loss of every step (relative 1e-5)
-and, under ZeRO-0, every gradient merged back to the plain layout (within 1e-5 of the step's
-largest gradient entry) must equal the 1-process model's. AdamW's eps is large so that the
-update depends on the gradient's scale: a wrong gradient norm (hence clipping) shows up.
+reduction, clipping and AdamW). The loss of every step (relative 1e-5), under ZeRO-0 every
+gradient merged back to the plain layout (within 1e-5 of the step's largest gradient entry), and
+the gradient norm before clipping that the trainer logs (DeepSpeed's under ZeRO 1-3,
+``Engine.grad_norm`` without; relative 1e-6) must equal the 1-process model's. AdamW's eps is
+large so that the update depends on the gradient's scale: a wrong gradient norm (hence
+clipping) shows up.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class Layout(NamedTuple):
 
 
 LAYOUTS = [
+    # no model parallelism first (DeepSpeed keeps the last engine's mpu): the plain path, DP = 4
+    Layout(1, 1, 1, 0, True, 1),
+    Layout(1, 1, 1, 2, False, 1),
+    Layout(1, 1, 1, 3, True, 1),
     Layout(2, 2, 1, 0, True, 1),
     Layout(2, 1, 1, 0, False, 2),
     Layout(1, 2, 1, 0, False, 1),
@@ -103,8 +109,8 @@ def _batches(step: int, dp_rank: int, dp: int) -> list[dict]:
     return [{"tokens": t[dp_rank * per_rank : (dp_rank + 1) * per_rank]} for t in tokens]
 
 
-def _reference(layout: Layout) -> tuple[list[float], list[dict]]:
-    """1 process: loss of each step and the gradients before clipping."""
+def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
+    """1 process: loss of each step, the gradients and their norm before clipping."""
     import torch.nn.functional as F
 
     from sessa_train.models import ModelPlan, SessaLM
@@ -115,7 +121,7 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict]]:
     cfg = _train_config(layout, 1)
     o = cfg.optimizer
     opt = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    losses, grads = [], []
+    losses, grads, norms = [], [], []
     for step in range(STEPS):
         total = 0.0
         for batch in _batches(step, 0, 1):
@@ -127,10 +133,10 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict]]:
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
         if layout.tie:
             grads[-1]["lm_head.weight"] = grads[-1]["embed.weight"]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip).item())
         opt.step()
         opt.zero_grad()
-    return losses, grads
+    return losses, grads, norms
 
 
 def _worker(rank: int, port: int, out) -> None:
@@ -163,17 +169,19 @@ def _worker(rank: int, port: int, out) -> None:
         ranks = rank_layout(cfg, info)
         engine = build_engine(cfg, info, ranks, T)  # exactly what the trainer builds
         state = ranks.model_parallel
-        losses, grads = [], []
+        losses, grads, norms = [], [], []
         for step in range(STEPS):
             loss = engine.forward_backward(iter(_batches(step, ranks.dp_rank, ranks.dp)))
             losses.append(loss)
-            if layout.zero == 0:
+            if layout.zero == 0 and state is not None:
                 mine = {k: p.grad.clone() for k, p in engine.model.named_parameters(remove_duplicate=False)}
                 every: list = [None] * WORLD
                 dist.all_gather_object(every, ((state.pp_rank, state.tp_rank), mine))
                 grads.append(merge_states(dict(every), cfg.model))
-            assert engine.update(loss)
-        results[layout] = (losses, grads)
+            applied, norm = engine.update(loss)
+            assert applied
+            norms.append(norm)
+        results[layout] = (losses, grads, norms)
         ps.destroy_model_parallel()
         os.environ.pop("SESSA_FEEDBACK_BACKEND", None)
     if rank == 0:
@@ -188,8 +196,10 @@ def test_tp_pp_dp_layouts_match_one_process_in_loss_and_gradients():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(29000 + os.getpid() % 400, results), nprocs=WORLD, join=True)
     assert set(results) == set(LAYOUTS)
-    for layout, (losses, grads) in results.items():
-        ref_losses, ref_grads = _reference(layout)
+    for layout, (losses, grads, norms) in results.items():
+        ref_losses, ref_grads, ref_norms = _reference(layout)
+        for step, (got, want) in enumerate(zip(norms, ref_norms, strict=True)):  # DeepSpeed's or ours
+            assert abs(got - want) <= 1e-6 * want, f"{layout} step {step}: gradient norm {got} vs {want}"
         for step, (got, want) in enumerate(zip(losses, ref_losses, strict=True)):
             assert abs(got - want) <= 1e-5 * abs(want), f"{layout} step {step}: loss {got} vs {want}"
         for step, merged in enumerate(grads):

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sessa_train"
 # a module of a layer may import its own layer and the ones before it, never a later one
-LAYERS = ["errors", "files", "config", "distributed", "ops", "models", "parallel"]
+LAYERS = ["errors", "files", "hardware", "config", "distributed", "ops", "models", "parallel"]
 DATA = "data"  # beside the model stack: errors and config only
 
 

@@ -39,12 +39,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from compile_kernels import occupancy  # noqa: E402
 
-# dense bf16 (fp16) tensor peak, TF32 peak, HBM and L2 bandwidth, SMs, compute capability
-GPUS = {
-    "A100": {"bf16": 312e12, "tf32": 156e12, "hbm": 2.0e12, "l2": 5.0e12, "sms": 108, "cc": 80},
-    "H100": {"bf16": 989e12, "tf32": 495e12, "hbm": 3.35e12, "l2": 10e12, "sms": 132, "cc": 90},
-    "H200": {"bf16": 989e12, "tf32": 495e12, "hbm": 4.8e12, "l2": 10e12, "sms": 132, "cc": 90},
-}
+from sessa_train.hardware import GPUS  # noqa: E402
+
 LATENCY = {"eager": 4e-6, "graph": 1.5e-6}
 SDPA_EFFICIENCY = {"forward": 0.65, "backward": 0.50}
 RESOURCES = {"v1": REPO / "docs" / "kernel_resources_v1.json", "v2": REPO / "docs" / "kernel_resources_v2.json"}
@@ -145,27 +141,27 @@ def resident(resources: list[dict], kernel: str, cc: int, dtype: str, block: int
 def predict(args, design: str, B: int, T: int, resources: list[dict]) -> dict:
     gpu = GPUS[args.gpu]
     dtype = "float32" if args.dtype == "float32" else "bfloat16"
-    peak = gpu["tf32"] / 3 if dtype == "float32" else gpu["bf16"]  # tf32x3: three tf32 products per fp32 one
+    peak = gpu.tf32 / 3 if dtype == "float32" else gpu.bf16  # tf32x3: three tf32 products per fp32 one
     elt = 4 if dtype == "float32" else 2
     N = B * args.heads
     D = args.d_model // args.heads
-    launches = plan(design, N, T, D, args.block, elt, gpu["sms"])
+    launches = plan(design, N, T, D, args.block, elt, gpu.sms)
     latency = LATENCY["graph" if design == "v2" and args.graphs else "eager"]
-    per_sm = peak / gpu["sms"]
+    per_sm = peak / gpu.sms
     total_time = total_flops = hbm = l2 = 0.0
     occ = {}
     for la in launches:
-        row = resident(resources, la.kernel, gpu["cc"], dtype, args.block)
+        row = resident(resources, la.kernel, gpu.cc, dtype, args.block)
         occ[la.kernel] = row["occupancy"]
-        fill = min(1.0, la.programs / gpu["sms"])
+        fill = min(1.0, la.programs / gpu.sms)
         compute = max(la.total_flops / (peak * fill), la.flops / per_sm)
-        memory = la.hbm / gpu["hbm"] + la.l2 / gpu["l2"]
+        memory = la.hbm / gpu.hbm + la.l2 / gpu.l2
         total_time += max(compute, memory) + latency
         total_flops += la.total_flops
         hbm, l2 = hbm + la.hbm, l2 + la.l2
     sdpa_flops = 2 * B * args.heads * T * T * D  # QK^T and PV over half of T^2: 2 * 2 * T^2 / 2 * D
-    sdpa = sdpa_flops / (gpu["bf16"] * SDPA_EFFICIENCY["forward"]) + 2.5 * sdpa_flops / (
-        gpu["bf16"] * SDPA_EFFICIENCY["backward"]
+    sdpa = sdpa_flops / (gpu.bf16 * SDPA_EFFICIENCY["forward"]) + 2.5 * sdpa_flops / (
+        gpu.bf16 * SDPA_EFFICIENCY["backward"]
     )
     programs = sorted(la.programs for la in launches)
     return {

@@ -23,7 +23,7 @@ from sessa_train.models import ModelPlan, SessaLM, Split
 from sessa_train.models.transformer import matched_ffn_hidden_size
 from sessa_train.ops import Solver
 from sessa_train.parallel.context_parallel import feedback_solve_context_parallel, gather_sequence
-from sessa_train.parallel.layout import shard_state
+from sessa_train.parallel.layout import shard_state, stage_splits
 from sessa_train.parallel.state import ParallelState, mark_norm_owners
 
 _KEEP = nn.init.zeros_  # weights come from layout.shard_state or a checkpoint
@@ -156,5 +156,5 @@ def build_parallel_model(
     plan = MegatronPlan(compute, state, megatron_config(cfg, state, torch.float32, torch.device(device).type == "cuda"))
     model = SessaLM(cfg, plan)
     model.load_state_dict(shard_state(plain, cfg, state.tp_rank, state.tp, state.pp_rank, state.pp))
-    mark_norm_owners(model, state)
+    mark_norm_owners(model, stage_splits(cfg, state.pp, state.pp_rank), state)
     return model.to(device)

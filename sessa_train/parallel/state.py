@@ -123,10 +123,11 @@ class MegatronMPU:
         return ps.get_model_parallel_group().size()
 
 
-def mark_norm_owners(module: torch.nn.Module, state: ParallelState) -> None:
+def mark_norm_owners(module: torch.nn.Module, tp_split: dict[str, object], state: ParallelState) -> None:
     """DeepSpeed counts a gradient in the global norm on model-parallel rank 0, or on every
-    rank when the parameter is marked model-parallel. Replicated (non-TP-split) parameters of
-    a stage are distinct from other stages' but repeated over its TP ranks: TP rank 0 owns them."""
-    if state.tp_rank == 0:
-        for p in module.parameters():
+    rank when the parameter is marked model-parallel. Parameters that tensor parallelism cuts
+    (``tp_split[name]`` not None) are distinct on every rank; replicated ones of a stage are
+    distinct from other stages' but repeated over its TP ranks: TP rank 0 owns them."""
+    for name, p in module.named_parameters():
+        if state.tp_rank == 0 or tp_split[name] is not None:
             p.model_parallel = True

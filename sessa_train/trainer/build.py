@@ -16,6 +16,7 @@ from sessa_train.data import PackedTokenLoader
 from sessa_train.distributed import DistInfo
 from sessa_train.errors import CheckpointError, TrainError
 from sessa_train.models import ModelPlan, SessaLM
+from sessa_train.parallel.layout import stage_splits
 from sessa_train.trainer.optim import deepspeed_config, init_optimizer_state, make_optimizer
 from sessa_train.trainer.runner import EngineRunner, Runner
 
@@ -139,21 +140,44 @@ class Engine:
         over the data-parallel ranks. Returns the step's mean token loss over the job."""
         return self.global_mean(self.runner.run(batches, self.gas))
 
-    def update(self, loss: float) -> bool:
-        """The optimizer step; whether it changed the weights. A step whose loss is not finite on
-        any rank changes no weight and no optimizer state: DeepSpeed's ZeRO 1/2 and bf16 optimizers
-        skip a step whose gradient norm is not finite themselves (tested with and without
-        clipping); otherwise DeepSpeed calls our SkippableAdamW, told here to skip."""
+    def grad_norm(self) -> float:
+        """The L2 norm of the step's whole gradient before clipping, from the gradients left on
+        the parameters (fp32 without ZeRO, where DeepSpeed records no norm): each tensor x pipeline
+        rank's sum of squares, parameters that tensor parallelism does not cut counted on tensor
+        rank 0 only, summed over the model-parallel group."""
+        state = self.layout.model_parallel
+        splits = stage_splits(self.cfg.model, state.pp if state else 1, state.pp_rank if state else 0)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, p in self.ds.module.named_parameters():
+            if p.grad is not None and (state is None or state.tp_rank == 0 or splits[name] is not None):
+                squares += p.grad.detach().double().square().sum()
+        if state is not None:
+            from megatron.core import parallel_state as ps
+
+            squares = comm.sum_values(squares, ps.get_model_parallel_group())
+        return squares.sqrt().item()
+
+    def update(self, loss: float) -> tuple[bool, float]:
+        """The optimizer step: (whether it changed the weights, the gradient norm before
+        clipping). A step whose loss is not finite on any rank changes no weight and no optimizer
+        state: DeepSpeed's ZeRO 1/2 and bf16 optimizers skip a step whose gradient norm is not
+        finite themselves (tested with and without clipping); otherwise DeepSpeed calls our
+        SkippableAdamW, told here to skip. The norm is DeepSpeed's where its optimizer wrapper
+        (ZeRO 1-3, bf16) computes one, else ``grad_norm()``."""
         skipped_before = self.ds.skipped_steps
+        own = self.ds.optimizer is self.optimizer  # fp32 without ZeRO: no wrapper, no recorded norm
+        norm = self.grad_norm() if own else math.nan
         if not math.isfinite(loss) and not hasattr(self.ds.optimizer, "overflow"):
             self.optimizer.skip_next = True
         self.ds.step()
-        return math.isfinite(loss) and self.ds.skipped_steps == skipped_before
+        if not own:
+            norm = float(self.ds.get_global_grad_norm())
+        return math.isfinite(loss) and self.ds.skipped_steps == skipped_before, norm
 
-    def train_step(self, batches) -> tuple[float, bool]:
-        """One optimizer step: (mean loss over the job, update applied)."""
+    def train_step(self, batches) -> tuple[float, bool, float]:
+        """One optimizer step: (mean loss over the job, update applied, gradient norm)."""
         loss = self.forward_backward(batches)
-        return loss, self.update(loss)
+        return loss, *self.update(loss)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> float:

@@ -23,8 +23,10 @@ from sessa_train.data import PackedTokenLoader, StopRequestedError, find_tokeniz
 from sessa_train.distributed import DistInfo
 from sessa_train.errors import DataError, TrainError
 from sessa_train.flops import train_flops_per_token
+from sessa_train.hardware import peak_tflops
 from sessa_train.trainer.build import build_engine, build_loader, initial_weights, loader_args, rank_layout
 from sessa_train.trainer.metrics import MetricsSink
+from sessa_train.trainer.optim import precision
 from sessa_train.trainer.state import optimizer_steps, restore_model, restore_schedule, write_model, write_rng
 
 DATA_IDENTITY = ("index_sha256", "seq_len", "tokenizer_sha256")
@@ -83,6 +85,9 @@ class Trainer:
         weights = initial_weights(cfg) if cfg.checkpoint.init_from and not meta else None
         self.engine = build_engine(cfg, info, self.layout, self.seq_len, weights)
         self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
+        device = self.dist.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(name, precision(cfg, device))
         self.step, self.tokens, self.first_step = 0, 0, 0
         if meta:
             self._restore(meta)
@@ -194,7 +199,7 @@ class Trainer:
             if batches is None:
                 break
             t0 = time.perf_counter()
-            loss, applied = self.engine.train_step(iter(batches))
+            loss, applied, grad_norm = self.engine.train_step(iter(batches))
             step_time = time.perf_counter() - t0
             ids = self._sample_ids(batches) if cfg.logging.sample_ids else None
             self.train_loader.advance()
@@ -217,7 +222,7 @@ class Trainer:
                 perplexity = math.exp(min(val, 50))
                 self.metrics.print(f"step {self.step}: validation loss {val:.4f}, perplexity {perplexity:.2f}")
                 self.metrics.scalars(self.step, {"val/loss": val, "val/perplexity": perplexity})
-            self._log_step(loss, step_time, tokens_per_step, start, skipped=bool(bad), val=val, ids=ids)
+            self._log_step(loss, grad_norm, step_time, tokens_per_step, start, skipped=bool(bad), val=val, ids=ids)
             # a skipped step left the weights as they were: its checkpoint is safe to publish
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
@@ -238,6 +243,7 @@ class Trainer:
     def _log_step(
         self,
         loss: float,
+        grad_norm: float,
         step_time: float,
         tokens_per_step: int,
         start: float,
@@ -253,19 +259,22 @@ class Trainer:
         scalars = {
             "train/loss": loss,
             "train/lr": lr,
-            "train/grad_norm": self.engine.ds.get_global_grad_norm() or 0.0,
+            "train/grad_norm": grad_norm,
             "data/skipped_shards": unreadable,
             "perf/tokens_per_s": tok_s,
             "perf/step_time_s": step_time,
             "perf/tflops_per_s_per_device": tflops,
         }
-        if cfg.logging.peak_tflops > 0:
-            scalars["perf/mfu"] = tflops / cfg.logging.peak_tflops
+        if self.peak_tflops:
+            scalars["perf/mfu"] = tflops / self.peak_tflops
         if self.dist.device.type == "cuda":
             scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.step, scalars)
-        row = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "step_time_s": step_time}
-        row |= {"tokens_per_s": tok_s, "skipped": skipped, "skipped_shards": unreadable}
+        row = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": self.tokens}
+        row |= {"step_time_s": step_time, "tokens_per_s": tok_s, "tflops_per_s_per_device": tflops}
+        row |= {"skipped": skipped, "skipped_shards": unreadable}
+        if self.peak_tflops:
+            row["mfu"] = tflops / self.peak_tflops
         if val is not None:
             row["val_loss"] = val
         if ids is not None:
@@ -275,6 +284,8 @@ class Trainer:
             mean_step = (time.perf_counter() - start) / max(1, self.step - self.first_step)
             eta = (cfg.schedule.train_steps - self.step) * mean_step
             self.metrics.print(
-                f"step {self.step}/{cfg.schedule.train_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{tok_s:,.0f} tok/s  {step_time:.2f}s/step  eta {eta:.0f}s"
+                f"step {self.step}/{cfg.schedule.train_steps}  loss {loss:.4f}  grad norm {grad_norm:.3f}  "
+                f"lr {lr:.2e}  {tok_s:,.0f} tok/s  {tflops:.3g} TFLOP/s per device"
+                + (f"  MFU {tflops / self.peak_tflops:.1%}" if self.peak_tflops else "")
+                + f"  {step_time:.2f}s/step  eta {eta:.0f}s"
             )

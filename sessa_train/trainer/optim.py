@@ -83,11 +83,17 @@ def init_optimizer_state(ds) -> None:
         link()
 
 
+def precision(cfg: TrainConfig, device: torch.device) -> str:
+    """The run's precision, "bf16" or "fp32" ("auto": bf16 on CUDA)."""
+    auto = "bf16" if device.type == "cuda" else "fp32"
+    return auto if cfg.parallel.precision == "auto" else cfg.parallel.precision
+
+
 def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
     """DeepSpeed's config. The runners drive the ``gas`` micro-batches of a step themselves (the
     accumulation boundary set by hand, or megatron-core's schedule) and scale their losses, so
     DeepSpeed sees one micro-batch of ``gas`` x size per step."""
-    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+    bf16 = precision(cfg, device) == "bf16"
     config = {
         # DeepSpeed counts context-parallel ranks as data-parallel replicas (they average gradients)
         "train_batch_size": cfg.schedule.global_batch_size * cfg.parallel.context,
