@@ -16,6 +16,7 @@ from sessa_train.errors import ConfigError
 
 # the feedback solve's backends (ops/feedback.py implements them; ``auto`` picks one per device)
 FEEDBACK_BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,11 @@ class ComputeConfig:
     feedback_backend: str = "auto"  # auto | reference | chunked | triton (SESSA_FEEDBACK_BACKEND replaces auto)
     feedback_chunk_size: int = 0  # rows per block of the solve; 0 = the backend's default
     feedback_cuda_graphs: bool = True  # Triton on CUDA: replay each shape's chunk loop from a CUDA graph
+    # activations recomputed in the backward: none | selective (the attention core) | full (each layer)
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
+        _choice("compute", "recompute", self.recompute, RECOMPUTE)
         if self.feedback_backend not in FEEDBACK_BACKENDS:
             raise ValueError(
                 f"compute.feedback_backend={self.feedback_backend!r}; valid: {', '.join(FEEDBACK_BACKENDS)}"

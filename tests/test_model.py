@@ -225,3 +225,37 @@ def test_wrong_input_rank_raises_value_error():
     mixer = SessaMixer(tiny())
     with pytest.raises(ValueError, match=re.escape("(batch, seq, 32), got (5, 32)")):
         mixer(torch.zeros(5, 32))
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("arch", ["sessa", "transformer"])
+def test_recomputation_equals_keeping_activations_in_loss_and_every_gradient(arch, mode):
+    """fp64, chunked solve: ``compute.recompute`` changes what the backward keeps, not what it
+    computes (loss and every gradient within 1e-12), and it really recomputes: the attention core
+    (selective) or every layer (full) runs once more per forward + backward."""
+    cfg = tiny(**VARIANTS["gqa_fb2_mlp_untied"], arch=arch)
+    kept = make_model(cfg, chunk=5) if arch == "sessa" else SessaLM(cfg, ModelPlan(ComputeConfig())).double()
+    recomputed = copy.deepcopy(kept)
+    recomputed.plan.compute = ComputeConfig(feedback_chunk_size=5, recompute=mode)
+    ids = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(3))
+    calls = {"layer": 0, "attend": 0}
+
+    def count(what):
+        return lambda *args: calls.__setitem__(what, calls[what] + 1)
+
+    for layer in recomputed.layers.values():
+        layer.register_forward_pre_hook(count("layer"))  # a recomputation stops early: no post hook
+    attend = recomputed.plan.attend
+    recomputed.plan.attend = lambda *a: (count("attend")(), attend(*a))[1]  # the plan every layer holds
+    results = []
+    for model in (kept, recomputed):
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).mean()
+        loss.backward()
+        results.append((loss, dict(model.named_parameters())))
+    (loss_kept, kept_params), (loss_re, re_params) = results
+    assert abs(loss_kept.item() - loss_re.item()) <= 1e-12
+    for name, p in kept_params.items():
+        err = (p.grad - re_params[name].grad).abs().max().item()
+        assert err <= 1e-12, f"grad of {name} differs by {err:.3e} with recompute={mode}"
+    n = cfg.n_layers
+    assert calls == ({"layer": 2 * n, "attend": 2 * n} if mode == "full" else {"layer": n, "attend": 2 * n})

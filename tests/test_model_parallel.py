@@ -44,6 +44,7 @@ class Layout(NamedTuple):
     feedback_heads: int
     model: tuple = ()
     backend: str | None = None
+    compute: tuple = ()  # compute keys of the parallel run (the 1-process reference keeps the default)
 
 
 LAYOUTS = [
@@ -62,6 +63,8 @@ LAYOUTS = [
     Layout(2, 1, 1, 0, True, 1, (("arch", "transformer"),)),
     Layout(2, 1, 2, 0, False, 1, (("arch", "transformer"),)),
     Layout(2, 1, 2, 0, True, 1, (), "triton"),
+    Layout(2, 2, 1, 0, False, 2, compute=(("recompute", "full"),)),
+    Layout(2, 1, 2, 1, True, 1, compute=(("recompute", "selective"),)),
 ]
 
 
@@ -80,10 +83,11 @@ def _model_config(layout: Layout):
     )
 
 
-def _compute(layout: Layout):
+def _compute(layout: Layout, reference: bool = False):
     from sessa_train.config import ComputeConfig
 
-    return ComputeConfig(feedback_chunk_size=16 if layout.backend == "triton" else 5)  # T = 12 is no multiple of 5
+    chunk = 16 if layout.backend == "triton" else 5  # T = 12 is no multiple of 5
+    return ComputeConfig(feedback_chunk_size=chunk, **({} if reference else dict(layout.compute)))
 
 
 def _train_config(layout: Layout, dp: int):
@@ -117,7 +121,7 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
     from sessa_train.trainer.optim import parameter_groups
 
     torch.manual_seed(0)
-    model = SessaLM(_model_config(layout), ModelPlan(_compute(layout)))
+    model = SessaLM(_model_config(layout), ModelPlan(_compute(layout, reference=True)))
     cfg = _train_config(layout, 1)
     o = cfg.optimizer
     opt = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)

@@ -38,5 +38,7 @@ def causal_attention(module: nn.Module, a: torch.Tensor, cache, start: int) -> t
         end = start + T
         cache.k[:, :, start:end], cache.v[:, :, start:end] = k, v
         k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-    f = plan.attend(q, k, v, start)
+    # selective recomputation: the attention core (its T x T scores where SDPA keeps them) is
+    # recomputed in the backward from q, k, v, which are kept
+    f = plan.attend(q, k, v, start) if cache is not None else plan.recompute("selective", plan.attend, q, k, v, start)
     return module.o_proj(f.transpose(1, 2).flatten(2))

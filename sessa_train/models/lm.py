@@ -65,7 +65,7 @@ class SessaLM(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
         for i, layer in enumerate(self.layers.values()):
-            x = layer(x, None if cache is None else cache[i])
+            x = self.plan.recompute("full", layer, x) if cache is None else layer(x, cache[i])
         if self.lm_head is None:
             return x
         logits = self.lm_head(self.norm(x))

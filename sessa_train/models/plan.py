@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sessa_train.config import ComputeConfig
 from sessa_train.ops import Solver, feedback_solve, select_solver
@@ -117,6 +118,13 @@ class ModelPlan:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Causal attention of q (B, H, T, d) at positions start.. over k, v (B, Hkv, start+T, d)."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, enable_gqa=q.shape[1] != k.shape[1])
+
+    def recompute(self, kind: str, fn, *args):
+        """``fn(*args)``; when training with ``compute.recompute == kind`` its activations are not
+        kept but recomputed in the backward (torch's non-reentrant activation checkpointing)."""
+        if self.compute.recompute == kind and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def solver(self, device: torch.device) -> Solver:
         c = self.compute
