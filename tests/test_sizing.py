@@ -1,0 +1,82 @@
+"""sessa-plan (``sessa_train/sizing.py``) against hand calculations for a small config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sessa_train.config import ComputeConfig, ModelConfig
+from sessa_train.flops import forward_flops_per_token
+from sessa_train.hardware import GPUS
+from sessa_train.sizing import Job, memory, saved_bytes, stage_parameters, step_time
+from tests.trainer import REPO
+
+D, V, L = 32, 64, 3
+CFG = ModelConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=4, n_kv_heads=2)
+
+
+def test_parameters_per_rank_by_hand():
+    kv = D // 2  # 2 of 4 heads for k and v
+    split = 2 * D * D + 2 * D + D * D + D + 2 * (D * kv + kv) + D * D + D * D  # in_proj, q, k, v, o_proj, out_proj rows
+    replicated = 2 * D + (2 * D * D + 2 * D) + D + 1 + D  # norm, fb_proj, gamma_proj, gamma_bias, out_proj bias
+    embed, final_norm = V * D, 2 * D  # the head is tied to the embedding
+    assert stage_parameters(CFG, 1, 1) == embed + L * (split + replicated) + final_norm
+    assert stage_parameters(CFG, 2, 1) == embed // 2 + L * (split // 2 + replicated) + final_norm
+    # 3 layers over 2 stages: the first holds 2 and the embedding, the second 1 and the final norm
+    assert stage_parameters(CFG, 1, 2) == embed + 2 * (split + replicated)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_model_state_by_zero_stage(zero):
+    P = stage_parameters(CFG, 1, 1)
+    job = Job(CFG, ComputeConfig(), 16, 2, 8, data=4, zero=zero, bf16=True)
+    mem = memory(job)
+    assert mem["weights"] == P * 2 / (4 if zero == 3 else 1)
+    assert mem["gradients"] == P * 2 / (4 if zero >= 2 else 1)
+    assert mem["optimizer"] == P * 12 / (4 if zero >= 1 else 1)  # two fp32 moments and the fp32 master
+
+
+def test_activations_are_linear_in_the_sequence_and_full_recomputation_keeps_layer_inputs():
+    """The planner measures saved tensors at T = 64, 128 and scales linearly: the next step of T
+    adds the same; without recomputation each layer keeps its measured share, under full
+    recomputation exactly its input (B x T x D), the embedding and head the same either way."""
+    a, b, c = (saved_bytes(CFG, t, torch.float32, "none") for t in (64, 128, 192))
+    assert b - a == c - b
+    one, two = (ModelConfig.from_dict(CFG.to_dict() | {"n_layers": n}) for n in (1, 2))
+    per_token = [
+        (saved_bytes(m, 128, torch.float32, "none") - saved_bytes(m, 64, torch.float32, "none")) / 64
+        for m in (one, two)
+    ]
+    layer = per_token[1] - per_token[0]  # bytes per token per layer
+    tokens = 2 * 256
+    none = memory(Job(CFG, ComputeConfig(), 256, 2, 2, bf16=False))["activations"]
+    full = memory(Job(CFG, ComputeConfig(recompute="full"), 256, 2, 2, bf16=False))["activations"]
+    assert none - L * layer * tokens == pytest.approx(full - L * tokens * D * 4, rel=1e-12)
+    assert layer > 10 * D * 4  # a layer keeps far more than its input
+
+
+def test_step_time_by_hand():
+    job = Job(CFG, ComputeConfig(), 128, 2, 64, tensor=1, pipeline=2, data=4, bf16=True)
+    t = step_time(job, GPUS["H100"], gpus_per_node=8, efficiency=0.5)
+    flops = 3 * forward_flops_per_token(CFG, 128) * 64 * 128
+    compute = flops / (8 * 989e12 * 0.5)
+    assert t["compute"] == pytest.approx(compute)
+    m = 64 // (2 * 4)  # micro-batches per step
+    assert t["pipeline bubble"] == pytest.approx(compute * 1 / (m + 1))
+    assert t["mfu"] == pytest.approx(flops / (t["total"] * 8 * 989e12))
+
+
+def plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sessa_train.sizing", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_refuses_what_cannot_fit_naming_the_largest_item_and_bad_layouts():
+    out = plan("--config", "configs/1.3b.yaml", "--seq-len", "8192", "--nodes", "1", "data.micro_batch_size=16")
+    assert out.returncode == 1
+    assert "does not fit" in out.stderr and "the largest item is activations" in out.stderr
+    out = plan("--config", "configs/1.3b.yaml", "--seq-len", "2048", "--gpus-per-node", "6", "parallel.tensor=4")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "6 GPUs do not split into tensor x pipeline x context = 4" in out.stderr
