@@ -109,6 +109,7 @@ class ComputeConfig:
     feedback_cuda_graphs: bool = True  # Triton on CUDA: replay each shape's chunk loop from a CUDA graph
     # activations recomputed in the backward: none | selective (the attention core) | full (each layer)
     recompute: str = "none"
+    compile: bool = False  # torch.compile each layer for training (the decode path stays eager)
 
     def __post_init__(self) -> None:
         _choice("compute", "recompute", self.recompute, RECOMPUTE)

@@ -259,3 +259,27 @@ def test_recomputation_equals_keeping_activations_in_loss_and_every_gradient(arc
         assert err <= 1e-12, f"grad of {name} differs by {err:.3e} with recompute={mode}"
     n = cfg.n_layers
     assert calls == ({"layer": 2 * n, "attend": 2 * n} if mode == "full" else {"layer": n, "attend": 2 * n})
+
+
+@pytest.mark.slow
+def test_compiled_layers_keep_parity_with_eager():
+    """fp32, chunked solve: ``compute.compile`` (torch.compile of each layer, inductor on CPU)
+    gives the eager model's loss and every gradient within fp32 rounding."""
+    cfg = tiny(**VARIANTS["gqa_fb2_mlp_untied"], n_layers=1)
+    torch.manual_seed(0)
+    eager = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_chunk_size=8)))
+    compiled = copy.deepcopy(eager)
+    compiled.plan.compute = ComputeConfig(feedback_chunk_size=8, compile=True)
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (eager, compiled):
+        loss = model(ids[:, :-1], targets=ids[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.item(), {k: p.grad for k, p in model.named_parameters()}))
+    assert "compiled" in compiled.layers["0"].__dict__ and "compiled" not in eager.layers["0"].__dict__
+    assert abs(results[0][0] - results[1][0]) <= 1e-5 * results[0][0]
+    scale = max(g.abs().max().item() for g in results[0][1].values())
+    for name, g in results[0][1].items():
+        err = (g - results[1][1][name]).abs().max().item()
+        assert err <= 1e-5 * scale, f"grad of {name} differs by {err:.2e}"
+    assert compiled.state_dict().keys() == eager.state_dict().keys()

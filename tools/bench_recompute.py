@@ -9,7 +9,8 @@ memory is the rise of the process's peak resident set over its resident set once
 exist and a 16-token pass has run; glibc is told to map large blocks on their own, so freed
 memory leaves the resident set. It holds the activations kept for the backward, the gradients
 and the backward's working memory. Time is the median over ``--repeat`` forward + backward
-passes. Beside it, what ``sessa-plan`` (``sessa_train/sizing.py``) predicts for the same pass:
+passes (the first, with ``--compile`` the one that compiles, is left out of the median when
+``--repeat`` > 2). Beside it, what ``sessa-plan`` (``sessa_train/sizing.py``) predicts for the same pass:
 its activations, backward working set, gradients and solve strips in fp32. Prints a table and
 writes JSON.
 """
@@ -39,7 +40,7 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(config: Path, mode: str, seq: int, batch: int, repeat: int) -> dict:
+def measure(config: Path, mode: str, seq: int, batch: int, repeat: int, compile: bool) -> dict:
     """In this process: one mode's peak memory rise (MiB) and median step time (s)."""
     import torch
 
@@ -48,7 +49,7 @@ def measure(config: Path, mode: str, seq: int, batch: int, repeat: int) -> dict:
 
     cfg = load_config([config]).model
     torch.manual_seed(0)
-    model = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_backend="chunked", recompute=mode)))
+    model = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_backend="chunked", recompute=mode, compile=compile)))
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
     model(ids[:1, :17], targets=ids[:1, 1:18]).mean().backward()  # warm-up: code paths, lazy imports
     model.zero_grad(set_to_none=True)
@@ -59,7 +60,8 @@ def measure(config: Path, mode: str, seq: int, batch: int, repeat: int) -> dict:
         model(ids[:, :-1], targets=ids[:, 1:]).mean().backward()
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=False)  # the gradients stay allocated, as in training
-    return {"peak_mib": _peak_mib() - base, "step_s": statistics.median(times), "params": model.num_parameters()}
+    step = statistics.median(times[1:] if len(times) > 2 else times)
+    return {"peak_mib": _peak_mib() - base, "step_s": step, "params": model.num_parameters()}
 
 
 def main() -> None:
@@ -69,16 +71,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--compile", action="store_true", help="compute.compile: torch.compile each layer")
     p.add_argument("--json", type=Path, default=Path("runs/bench_recompute.json"))
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.config, args.child, args.seq, args.batch, args.repeat)))
+        print(json.dumps(measure(args.config, args.child, args.seq, args.batch, args.repeat, args.compile)))
         return
     common = ["--config", str(args.config), "--seq", str(args.seq), "--batch", str(args.batch)]
     results = {}
     for mode in args.modes:
         cmd = [sys.executable, __file__, *common, "--repeat", str(args.repeat), "--child", mode]
+        cmd += ["--compile"] if args.compile else []
         # glibc maps each allocation above 64 KiB on its own and unmaps it on free: the peak
         # resident set is then what was alive at once, not what the heap kept around
         env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -96,7 +100,8 @@ def main() -> None:
         items = ("activations", "backward working set", "gradients", "solve strips")
         r["planned_mib"] = sum(planned[i] for i in items) / 2**20
     none = results.get("none")
-    print(f"{args.config.name}, seq {args.seq}, batch {args.batch}, fp32, CPU ({os.cpu_count()} cores)")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"{args.config.name}, seq {args.seq}, batch {args.batch}, fp32{compiled}, CPU ({os.cpu_count()} cores)")
     print("| recompute | peak rise MiB | sessa-plan MiB | plan / measured | vs none | fwd+bwd s | vs none |")
     print("|---|---|---|---|---|---|---|")
     for mode, r in results.items():
@@ -105,7 +110,8 @@ def main() -> None:
         plan = f"{r['planned_mib']:.0f} | {r['planned_mib'] / r['peak_mib']:.2f}"
         print(f"| {mode} | {r['peak_mib']:.0f} | {plan} | {mem} | {r['step_s']:.2f} | {t} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": str(args.config), "seq": args.seq, "batch": args.batch, **results}))
+    about = {"config": str(args.config), "seq": args.seq, "batch": args.batch, "compile": args.compile}
+    args.json.write_text(json.dumps(about | results))
 
 
 if __name__ == "__main__":

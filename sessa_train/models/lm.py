@@ -65,11 +65,19 @@ class SessaLM(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
         for i, layer in enumerate(self.layers.values()):
-            x = self.plan.recompute("full", layer, x) if cache is None else layer(x, cache[i])
+            x = self.plan.recompute("full", self.compiled(layer), x) if cache is None else layer(x, cache[i])
         if self.lm_head is None:
             return x
         logits = self.lm_head(self.norm(x))
         return logits if targets is None else self.plan.token_loss(logits, targets)
+
+    def compiled(self, layer: nn.Module) -> nn.Module:
+        """``layer``, or with ``compute.compile`` its ``torch.compile`` (made once, kept beside it)."""
+        if not self.plan.compute.compile:
+            return layer
+        if "compiled" not in layer.__dict__:
+            layer.__dict__["compiled"] = torch.compile(layer)  # not a submodule: no second state-dict entry
+        return layer.__dict__["compiled"]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
