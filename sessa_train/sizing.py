@@ -6,7 +6,9 @@
 Memory of the busiest rank (the first pipeline stage), in bytes:
     weights        P x (2 bf16 | 4 fp32)                       / DP under ZeRO-3
     gradients      P x (2 bf16 | 4 fp32)                       / DP under ZeRO-2/3
-    optimizer      P x (8 AdamW moments + 4 fp32 master if bf16) / DP under ZeRO-1/2/3
+    optimizer      P x (8 AdamW moments + 4 fp32 master under bf16 or ZeRO) / DP under ZeRO-1/2/3
+    checkpoint     host memory, not the GPU's: a save gathers this rank's share of whole fp32
+                   weights and moments on the host before writing: P x 12 / (DP x CP)
     activations    what autograd keeps for the backward per micro-batch (measured off the one model
                    definition: saved tensors of a forward at small T, scaled linearly in T), x the
                    micro-batches in flight (1, or PP under 1F1B), / (TP x CP); full recomputation
@@ -155,7 +157,8 @@ def memory(job: Job) -> dict[str, float]:
     return {
         "weights": P * low / (dp if job.zero == 3 else 1),
         "gradients": P * low / (dp if job.zero >= 2 else 1),
-        "optimizer": P * (8 + 4 * job.bf16) / (dp if job.zero >= 1 else 1),
+        # DeepSpeed's ZeRO optimizer keeps an fp32 copy of its partition even when training in fp32
+        "optimizer": P * (8 + 4 * (job.bf16 or job.zero >= 1)) / (dp if job.zero >= 1 else 1),
         # the first stage's layers and the last stage's logits taken together: exact without
         # pipeline parallelism, an upper bound with it
         "activations": layers * in_flight + ends,
@@ -164,6 +167,7 @@ def memory(job: Job) -> dict[str, float]:
         "backward working set": max(2 * logits, layer * (2 if job.compute.recompute == "full" else 1)),
         "solve strips": strips,
         "buffers": buffers[job.zero],
+        "checkpoint staging": P * 12 / dp,
     }
 
 
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"sessa-plan: error: {e}\n")
     gpu = GPUS[args.gpu]
     mem = memory(job) | {"runtime (not modelled)": args.runtime_gib * GiB}
+    host = mem.pop("checkpoint staging")
     total = sum(mem.values())
     layout = f"tensor={job.tensor} pipeline={job.pipeline} context={job.context} data={job.data} zero={job.zero}"
     print(f"{args.config}: seq {job.seq_len}, {layout}, {job.micro_batches} micro-batches of {job.micro_batch}")
@@ -236,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     for item, b in mem.items():
         print(f"| {item} | {b / GiB:.2f} |")
     print(f"| **total** | **{total / GiB:.2f}** of {gpu.memory / GiB:.1f} on {gpu.name} |")
+    print(f"host memory per rank while saving a checkpoint: {host / GiB:.2f} GiB (CPU copies of its share)")
     t = step_time(job, gpu, args.gpus_per_node, args.efficiency)
     print("| step time | s |\n|---|---|")
     for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor all-reduces", "total"):
