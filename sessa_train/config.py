@@ -143,8 +143,27 @@ class DataConfig:
     reader_slots: int = 0
     skip_corrupt: bool = False  # skip (and count) unreadable shards instead of stopping
     max_skipped_fraction: float = 0.05  # stop once the skipped shards hold more of the split's samples
+    # several shard sets, Megatron's --data-path convention: [weight, path, weight, path, ...];
+    # each global batch takes a fixed share of every set (data/README.md). Replaces ``path``.
+    blend: list[str] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[tuple[float, str]]:
+        """(weight, path) of each shard set: the blend's, or ``path`` alone."""
+        if not self.blend:
+            return [(1.0, self.path)]
+        return [(float(w), p) for w, p in zip(self.blend[::2], self.blend[1::2], strict=True)]
 
     def __post_init__(self) -> None:
+        if self.blend:
+            form = "data.blend is [weight, path, weight, path, ...]"
+            _check(len(self.blend) % 2 == 0, f"{form}; got {len(self.blend)} items: {list(self.blend)}")
+            for w in self.blend[::2]:
+                try:
+                    ok = math.isfinite(float(w)) and float(w) > 0
+                except ValueError:
+                    ok = False
+                _check(ok, f"{form} with positive weights; got weight {w!r}")
         _check(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.reader_slots >= 0, f"data.reader_slots must be >= 0 (0: automatic), got {self.reader_slots}")

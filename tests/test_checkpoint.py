@@ -246,3 +246,38 @@ def test_kill_9_again_and_again_during_saves_still_ends_bit_for_bit(full, shards
     assert all(torch.equal(a[k], b[k]) for k in a)
     latest = (run / "ckpt" / "latest").read_text().strip()
     assert latest == "step_00000012" and read_weights(run / "ckpt")[1]["step"] == 12
+
+
+def test_a_blend_logs_its_shares_and_resumes_under_another_layout(shards, tmp_path):
+    """data.blend 0.75 / 0.25 of a global batch of 8: every step takes 6 samples of the first set
+    and 2 of the second, metrics.jsonl counts each set's tokens, and the step-2 checkpoint
+    resumed by 2 ranks gives the same batches and losses; other weights are refused in one line."""
+    from pydoc_data.topics import topics
+
+    from sessa_train.data import write_shards
+
+    second = tmp_path / "second"
+    docs = [topics[name][1500:3000] for name in sorted(topics)[40:46]]
+    write_shards(docs, shards.parent / "tok.model", second, seq_len=31, samples_per_shard=10, val_fraction=0.0)
+    blend = f"data.blend=[0.75,{shards},0.25,{second}]"
+    common = [blend, "logging.sample_ids=true", "schedule.train_steps=4", *STEPS[1:]]
+    full = tmp_path / "full"
+    train(write_config(tmp_path / "f.yaml", shards, full), *common)
+    rows = {r["step"]: r for r in map(json.loads, (full / "tb" / "metrics.jsonl").read_text().splitlines())}
+    base = json.loads((shards / "index.json").read_text())["splits"]["train"]["samples"]
+    for step in range(1, 5):
+        ids = rows[step]["sample_ids"]
+        assert sum(i < base for i in ids) == 6 and sum(i >= base for i in ids) == 2
+    assert list(rows[4]["source_tokens"].values()) == [4 * 6 * 32, 4 * 2 * 32]
+    resumed = copy_run(full, tmp_path / "resumed", 2)
+    train(write_config(tmp_path / "r.yaml", shards, resumed), *common, "--resume", "auto", nproc=2)
+    again = {r["step"]: r for r in map(json.loads, (resumed / "tb" / "metrics.jsonl").read_text().splitlines())}
+    for step in (3, 4):
+        assert again[step]["sample_ids"] == rows[step]["sample_ids"]
+        assert abs(again[step]["loss"] - rows[step]["loss"]) <= 1e-5 * rows[step]["loss"]
+    assert again[4]["source_tokens"] == rows[4]["source_tokens"]
+    other = [f"data.blend=[0.5,{shards},0.5,{second}]", *common[1:], "--resume", "auto"]
+    out = train(write_config(tmp_path / "o.yaml", shards, resumed), *other, check=False)
+    assert "was read from a blend with weights [0.75, 0.25]; this run has data.blend with weights [0.5, 0.5]" in (
+        one_error_line(out)
+    )

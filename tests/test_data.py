@@ -17,10 +17,12 @@ import torch
 import webdataset as wds
 
 from sessa_train.data import (
+    BlendedLoader,
     PackedTokenLoader,
     ShardError,
     StopRequestedError,
     Tokenizer,
+    merge_loader_states,
     merge_states,
     train_tokenizer,
     write_shards,
@@ -491,3 +493,76 @@ def test_cli_bad_input_is_one_line_error(corpus, tmp_path, capsys, argv, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def second_set(corpus) -> Path:
+    """Another shard set with the same tokenizer and sequence length (other documents)."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[name][1500:3000] for name in sorted(topics)[40:46]]
+    out = corpus["root"] / "second"
+    write_shards(docs, corpus["model"], out, seq_len=SEQ_LEN, samples_per_shard=10, val_fraction=0.0)
+    return out
+
+
+def blend_steps(corpus, second, world, steps, state=None, micro=5, weights=(0.6, 0.4)):
+    """``steps`` lock-step steps of a blend on ``world`` ranks (global batch 10): each step's
+    sample ids over every rank, the blend's sample-id base of the second set, the job's state."""
+    sources = [(weights[0], corpus["dir"]), (weights[1], second)]
+    loaders = [
+        BlendedLoader(sources, micro_batch_size=micro, global_batch_size=10, rank=r, world_size=world, seed=7,
+                      slots=state["slots"] if state else None)
+        for r in range(world)
+    ]  # fmt: skip
+    for ld in loaders if state else ():
+        ld.load_state_dict(state)
+    iters = [iter(ld) for ld in loaders]
+    out = []
+    for _ in range(steps):
+        out.append(
+            sorted(i for it in iters for _ in range(10 // world // micro) for i in next(it)["sample_ids"].tolist())
+        )
+        for ld in loaders:
+            ld.advance()
+    return out, loaders[0].base[1], merge_loader_states([ld.state_dict() for ld in loaders]), loaders[0]
+
+
+def test_a_blend_takes_fixed_shares_of_every_global_batch_and_counts_its_tokens(corpus, second_set):
+    """Weights 0.7 / 0.3 of a global batch of 10: every step takes exactly 7 samples of the first
+    set and 3 of the second (so the run's proportions are exact, not just within a tolerance),
+    over more than an epoch of the second set; the per-source token counts say the same."""
+    from sessa_train.data.blend import apportion
+
+    assert apportion([1, 1, 1], 8) == [3, 3, 2] and apportion([0.5, 0.25, 0.25], 9) == [5, 2, 2]
+    steps, base, _, ld = blend_steps(corpus, second_set, 1, 30, weights=(0.7, 0.3))
+    second_total = ld.loaders[1].total_samples
+    assert second_total < 30 * 3  # the second set wraps into its next epoch
+    for ids in steps:
+        assert sum(i < base for i in ids) == 7 and sum(i >= base for i in ids) == 3
+    assert len({i for ids in steps for i in ids if i >= base}) == second_total  # all of it, then again
+    tokens = list(ld.source_tokens().values())
+    assert tokens == [30 * 7 * (SEQ_LEN + 1), 30 * 3 * (SEQ_LEN + 1)]
+
+
+def test_a_blend_gives_the_same_batches_under_any_dp_size_and_resumes_exactly(corpus, second_set):
+    """Weights 0.6 / 0.4: 6 and 4 samples a step, 3 and 2 per rank at DP=2."""
+    whole, _, _, _ = blend_steps(corpus, second_set, 1, 8, micro=10)
+    assert blend_steps(corpus, second_set, 2, 8)[0] == whole
+    first, _, state, _ = blend_steps(corpus, second_set, 1, 3, micro=10)
+    rest, _, _, ld = blend_steps(corpus, second_set, 2, 5, state=state)
+    assert first + rest == whole
+    assert ld.source_tokens()[str(corpus["dir"])] == 8 * 6 * (SEQ_LEN + 1)  # counted across the resume
+
+
+def test_a_blend_refuses_what_it_cannot_split_or_mix(corpus, second_set, tmp_path):
+    with pytest.raises(DataError, match=r"gives .*shards \(weight 0.7\) 7 of the 10 samples .* 2 data-parallel"):
+        BlendedLoader([(0.7, corpus["dir"]), (0.3, second_set)], micro_batch_size=5, global_batch_size=10, world_size=2)
+    other = tmp_path / "other"
+    write_shards(small_documents(), corpus["model"], other, seq_len=15, samples_per_shard=40, val_fraction=0.0)
+    with pytest.raises(DataError, match=r"seq_len=15.*must share the tokenizer and sequence length"):
+        BlendedLoader([(1, corpus["dir"]), (1, other)], micro_batch_size=5, global_batch_size=10)
+    _, _, state, _ = blend_steps(corpus, second_set, 1, 1, micro=10)
+    other_weights = BlendedLoader([(0.5, corpus["dir"]), (0.5, second_set)], micro_batch_size=5, global_batch_size=10)
+    with pytest.raises(DataError, match=r"blended with weights \[0.6, 0.4\]; this run has \[0.5, 0.5\]"):
+        other_weights.load_state_dict(state)

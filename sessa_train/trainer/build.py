@@ -12,9 +12,9 @@ import torch
 
 from sessa_train import distributed as comm
 from sessa_train.config import TrainConfig, architecture_difference
-from sessa_train.data import PackedTokenLoader
+from sessa_train.data import BlendedLoader, PackedTokenLoader
 from sessa_train.distributed import DistInfo
-from sessa_train.errors import CheckpointError, TrainError
+from sessa_train.errors import CheckpointError, DataError, TrainError
 from sessa_train.models import ModelPlan, SessaLM
 from sessa_train.parallel.layout import stage_splits
 from sessa_train.trainer.optim import deepspeed_config, init_optimizer_state, make_optimizer
@@ -71,32 +71,35 @@ def loader_args(cfg: TrainConfig, layout: RankLayout) -> dict:
     }
 
 
-def build_loader(
-    cfg: TrainConfig, layout: RankLayout, slots: int | None = None, stop=lambda: False
-) -> PackedTokenLoader:
-    """This rank's training loader (``slots``: a resumed run's reader slots), checked against the
-    model and the parallel layout; ``stop()`` true ends its stream (``StopRequestedError``)."""
+def build_loader(cfg: TrainConfig, layout: RankLayout, slots=None, stop=lambda: False):
+    """This rank's training loader (``slots``: a resumed run's reader slots; a list for a blend),
+    checked against the model and the parallel layout; ``stop()`` true ends its stream
+    (``StopRequestedError``)."""
     micro_batches_per_step(cfg, layout)  # the batch sizes' own error before the reader slots'
-    loader = PackedTokenLoader(
-        cfg.data.path,
-        "train",
-        global_batch_size=cfg.schedule.global_batch_size,
-        slots=slots or cfg.data.reader_slots or None,
-        num_workers=cfg.data.num_workers,
-        skip_corrupt=cfg.data.skip_corrupt,
-        max_skipped_fraction=cfg.data.max_skipped_fraction,
-        stop=stop,
+    data = cfg.data
+    common = {
+        "global_batch_size": cfg.schedule.global_batch_size,
+        "num_workers": data.num_workers,
+        "skip_corrupt": data.skip_corrupt,
+        "max_skipped_fraction": data.max_skipped_fraction,
+        "stop": stop,
         **loader_args(cfg, layout),
-    )
+    }
+    if data.blend:
+        if data.reader_slots:
+            raise DataError("data.reader_slots applies to one data.path; a blend chooses the slots of each shard set")
+        loader = BlendedLoader(data.sources, slots=slots, **common)
+    else:
+        loader = PackedTokenLoader(data.path, "train", slots=slots or data.reader_slots or None, **common)
     index = loader.index
     if index["vocab_size"] > cfg.model.vocab_size:
         raise TrainError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({index['vocab_size']}) of {cfg.data.path}"
+            f"({index['vocab_size']}) of {data.sources[0][1]}"
         )
     if index["seq_len"] % cfg.parallel.context:
         raise TrainError(
-            f"sequence length {index['seq_len']} of {cfg.data.path} is not divisible by "
+            f"sequence length {index['seq_len']} of {data.sources[0][1]} is not divisible by "
             f"parallel.context={cfg.parallel.context}"
         )
     return loader

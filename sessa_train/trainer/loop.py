@@ -19,7 +19,7 @@ import torch
 from sessa_train import distributed as comm
 from sessa_train.checkpoint import CheckpointManager, ParamReader, read_config, read_meta, rng_file, set_rng
 from sessa_train.config import TrainConfig, architecture_difference
-from sessa_train.data import PackedTokenLoader, StopRequestedError, find_tokenizer, merge_states
+from sessa_train.data import PackedTokenLoader, StopRequestedError, find_tokenizer, merge_loader_states
 from sessa_train.distributed import DistInfo
 from sessa_train.errors import DataError, TrainError
 from sessa_train.flops import train_flops_per_token
@@ -63,6 +63,8 @@ class Trainer:
         if meta and (differ := architecture_difference(read_config(self.resume_from)["model"], cfg.model)):
             raise TrainError(f"{self.resume_from} holds a model with {differ}")
         slots = meta["loader"]["slots"] if meta else None
+        if meta:
+            self._check_blend(meta["loader"])
         if slots and cfg.data.reader_slots and cfg.data.reader_slots != slots:
             raise DataError(
                 f"data.reader_slots={cfg.data.reader_slots}, but {self.resume_from.name} was read with {slots} "
@@ -76,11 +78,13 @@ class Trainer:
             "index_sha256": self.train_loader.index_sha256,
             "seq_len": self.seq_len,
             "tokenizer_sha256": index["tokenizer_sha256"],
-            "path": str(Path(cfg.data.path).resolve()),
+            "path": ", ".join(f"{w} {Path(p).resolve()}" for w, p in cfg.data.sources)
+            if cfg.data.blend
+            else str(Path(cfg.data.path).resolve()),
         }
         if meta:
             self._check_data(meta["data"])
-        self.tokenizer = find_tokenizer(cfg.data.path, index, cfg.data.tokenizer)
+        self.tokenizer = find_tokenizer(cfg.data.sources[0][1], index, cfg.data.tokenizer)
         self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
         weights = initial_weights(cfg) if cfg.checkpoint.init_from and not meta else None
         self.engine = build_engine(cfg, info, self.layout, self.seq_len, weights)
@@ -106,6 +110,14 @@ class Trainer:
             print(message, flush=True)
 
     # -- state -------------------------------------------------------------------------
+    def _check_blend(self, saved: dict) -> None:
+        """A run keeps its blend (or its single data.path) and the blend's weights for its lifetime."""
+        weights = [w for w, _ in self.cfg.data.sources] if self.cfg.data.blend else None
+        if saved.get("weights") != weights:
+            was = f"a blend with weights {saved['weights']}" if "weights" in saved else "one data.path"
+            now = f"data.blend with weights {weights}" if weights else "one data.path"
+            raise DataError(f"{self.resume_from.name} was read from {was}; this run has {now}")
+
     def _check_data(self, saved: dict) -> None:
         for key in DATA_IDENTITY:
             if saved[key] != self.data_identity[key]:
@@ -134,7 +146,7 @@ class Trainer:
         self.print(f"resumed from {path} at step {self.step}")
 
     def save(self) -> None:
-        loader = merge_states(comm.all_gather_objects(self.train_loader.state_dict()))
+        loader = merge_loader_states(comm.all_gather_objects(self.train_loader.state_dict()))
         ds = self.engine.ds
         meta = {
             "step": self.step,
@@ -155,7 +167,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         loader = PackedTokenLoader(
-            self.cfg.data.path, "val", shuffle=False, max_epochs=1, **loader_args(self.cfg, self.layout)
+            self.cfg.data.sources[0][1], "val", shuffle=False, max_epochs=1, **loader_args(self.cfg, self.layout)
         )
         return self.engine.evaluate(list(itertools.islice(loader, self.cfg.logging.eval_batches)))
 
@@ -267,6 +279,8 @@ class Trainer:
         }
         if self.peak_tflops:
             scalars["perf/mfu"] = tflops / self.peak_tflops
+        sources = getattr(self.train_loader, "source_tokens", dict)()  # a blend's tokens per shard set
+        scalars |= {f"data/tokens/source_{i}": n for i, n in enumerate(sources.values())}  # in blend order
         if self.dist.device.type == "cuda":
             scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.scalars(self.step, scalars)
@@ -275,6 +289,8 @@ class Trainer:
         row |= {"skipped": skipped, "skipped_shards": unreadable}
         if self.peak_tflops:
             row["mfu"] = tflops / self.peak_tflops
+        if sources:
+            row["source_tokens"] = sources
         if val is not None:
             row["val_loss"] = val
         if ids is not None:
