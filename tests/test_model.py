@@ -283,3 +283,25 @@ def test_compiled_layers_keep_parity_with_eager():
         err = (g - results[1][1][name]).abs().max().item()
         assert err <= 1e-5 * scale, f"grad of {name} differs by {err:.2e}"
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+@pytest.mark.parametrize("variant", ["reference_like", "gqa_fb2_mlp_untied"])
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (2, 3), (1, 2)])
+def test_each_rank_builds_its_part_without_the_whole_model_and_gets_the_plain_weights(variant, tp, pp, monkeypatch):
+    """``rank_initial_state`` builds a TP x PP rank's initial weights one unit at a time: merged
+    over the ranks they are exactly the plain model's for the same seed, and each rank builds
+    only the units of its own stage (counted)."""
+    import sessa_train.parallel.layout as layout
+
+    cfg = tiny(**VARIANTS[variant], n_layers=3)
+    torch.manual_seed(5)
+    plain = SessaLM(cfg).state_dict()
+    built: list[str] = []
+    build = layout.build_unit
+    monkeypatch.setattr(layout, "build_unit", lambda seed, name, make: built.append(name) or build(seed, name, make))
+    states = {(p, t): layout.rank_initial_state(cfg, 5, t, tp, p, pp) for p in range(pp) for t in range(tp)}
+    merged = layout.merge_states(states, cfg)
+    assert merged.keys() == plain.keys()
+    for name, t in plain.items():
+        assert torch.equal(merged[name], t), name
+    assert sorted(built) == sorted([*SessaLM.units(cfg, ModelPlan())] * tp)  # every unit once per TP rank

@@ -8,6 +8,9 @@ as their name, so every weight has the same name in every layout.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,27 +21,61 @@ from sessa_train.models.plan import ModelPlan
 from sessa_train.models.transformer import TransformerLayer
 
 
+def unit_seed(seed: int, name: str) -> int:
+    """The RNG seed a unit of the model (``embed``, ``layers.<i>``, ``norm``, ``lm_head``) is
+    built under: from the model's seed and the unit's name only, so that a unit's initial weights
+    do not depend on which other units a rank builds."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def build_unit(seed: int, name: str, make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()`` under the unit's own seed, leaving the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(unit_seed(seed, name))
+        return make()
+
+
 class SessaLM(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: ModelPlan | None = None) -> None:
+        """Each unit is built under ``unit_seed(torch.initial_seed(), name)``: with
+        ``torch.manual_seed(s)`` before, the plain model's weights are a function of ``s``, and
+        ``parallel/layout.rank_initial_state`` builds any rank's part of them unit by unit."""
         super().__init__()
         plan = plan or ModelPlan()
         self.cfg, self.plan = cfg, plan
-        D, V = cfg.d_model, cfg.vocab_size
-        layer = SessaLayer if cfg.arch == "sessa" else TransformerLayer
-        self.embed = plan.embedding(V, D) if plan.first_stage else None
-        self.layers = nn.ModuleDict({str(i): layer(cfg, plan) for i in plan.layer_ids(cfg.n_layers)})
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps) if plan.last_stage else None
-        self.lm_head = plan.column(D, V, bias=False) if plan.last_stage else None
-        if self.embed is not None:
-            nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        if self.lm_head is not None and not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        elif self.lm_head is not None and self.embed is not None:
+        seed = torch.initial_seed()
+        built = {name: build_unit(seed, name, make) for name, make in self.units(cfg, plan).items()}
+        self.embed = built.get("embed")
+        self.layers = nn.ModuleDict({n.removeprefix("layers."): m for n, m in built.items() if n.startswith("layers.")})
+        self.norm, self.lm_head = built.get("norm"), built.get("lm_head")
+        if self.lm_head is not None and cfg.tie_embeddings and self.embed is not None:
             self.lm_head.weight = self.embed.weight
-        elif self.lm_head is not None:  # tied, and the embedding lives on the first pipeline stage:
-            weight = self.lm_head.weight.detach()  # it lends it every step (parallel/pipeline.py)
+        elif self.lm_head is not None and cfg.tie_embeddings:  # the embedding lives on the first pipeline
+            weight = self.lm_head.weight.detach()  # stage: it lends it every step (parallel/pipeline.py)
             del self.lm_head.weight
             self.lm_head.register_buffer("weight", weight, persistent=False)
+
+    @staticmethod
+    def units(cfg: ModelConfig, plan: ModelPlan) -> dict[str, Callable[[], nn.Module]]:
+        """The constructors of this stage's units in order: embedding (first stage), its layers
+        (global indices), final norm and LM head (last stage)."""
+        D, V = cfg.d_model, cfg.vocab_size
+        layer = SessaLayer if cfg.arch == "sessa" else TransformerLayer
+
+        def normal(module: nn.Module) -> nn.Module:
+            nn.init.normal_(module.weight, std=cfg.init_std)
+            return module
+
+        units: dict[str, Callable[[], nn.Module]] = {}
+        if plan.first_stage:
+            units["embed"] = lambda: normal(plan.embedding(V, D))
+        for i in plan.layer_ids(cfg.n_layers):
+            units[f"layers.{i}"] = lambda: layer(cfg, plan)
+        if plan.last_stage:
+            units["norm"] = lambda: nn.LayerNorm(D, eps=cfg.ln_eps)
+            head = lambda: plan.column(D, V, bias=False)  # noqa: E731
+            units["lm_head"] = head if cfg.tie_embeddings else lambda: normal(head())
+        return units
 
     def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> list[MixerCache]:
         """One preallocated cache per layer for prefill + token-by-token decoding."""

@@ -6,7 +6,8 @@ A pipeline stage holds the weights of its part of the model, under the plain mod
 plan recorded (``models/plan.py``), or leaves it whole. Both are read from models built on the
 meta device, so nothing here lists the model's weights. ``shard_state`` cuts a plain state
 dict into one rank's state and ``merge_states`` joins every rank's states back: pure functions,
-exact inverses; the trainer's initial weights, export and checkpoint conversion go through them.
+exact inverses; export and checkpoint conversion go through them. ``rank_initial_state`` gives a
+rank its initial weights without the whole model ever being built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from sessa_train.config import ModelConfig
 from sessa_train.models import ModelPlan, SessaLM, Split
+from sessa_train.models.lm import build_unit
 from sessa_train.models.plan import split_of
 
 
@@ -48,6 +50,23 @@ def shard_state(
         name: (plain[name] if split is None else cut(plain[name], split, tp_rank, tp)).clone()
         for name, split in stage_splits(cfg, pp, pp_rank).items()
     }
+
+
+def rank_initial_state(
+    cfg: ModelConfig, seed: int, tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1
+) -> dict[str, torch.Tensor]:
+    """The initial state of TP rank ``tp_rank`` of stage ``pp_rank`` for ``seed``, built one whole
+    unit (embedding, layer, norm, head) at a time and cut: never more of the plain model in memory
+    than one unit. Equal to ``shard_state`` of ``SessaLM(cfg)`` built after ``manual_seed(seed)``."""
+    splits = stage_splits(cfg, pp, pp_rank)
+    state: dict[str, torch.Tensor] = {}
+    for unit, make in SessaLM.units(cfg, ModelPlan(stages=pp, stage=pp_rank)).items():
+        for key, t in build_unit(seed, unit, make).state_dict().items():
+            if (name := f"{unit}.{key}") in splits and not (cfg.tie_embeddings and name == "lm_head.weight"):
+                state[name] = t if splits[name] is None else cut(t, splits[name], tp_rank, tp).clone()
+    if "lm_head.weight" in splits:  # tied within the stage: the embedding's rows
+        state["lm_head.weight"] = state.get("lm_head.weight", state.get("embed.weight"))
+    return {name: state[name] for name in splits}
 
 
 def merge_states(states: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:

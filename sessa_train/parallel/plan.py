@@ -23,10 +23,10 @@ from sessa_train.models import ModelPlan, SessaLM, Split
 from sessa_train.models.transformer import matched_ffn_hidden_size
 from sessa_train.ops import Solver
 from sessa_train.parallel.context_parallel import feedback_solve_context_parallel, gather_sequence
-from sessa_train.parallel.layout import shard_state, stage_splits
+from sessa_train.parallel.layout import rank_initial_state, shard_state, stage_splits
 from sessa_train.parallel.state import ParallelState, mark_norm_owners
 
-_KEEP = nn.init.zeros_  # weights come from layout.shard_state or a checkpoint
+_KEEP = nn.init.zeros_  # weights come from layout (rank_initial_state, shard_state) or a checkpoint
 
 
 class _Column(tp.ColumnParallelLinear):
@@ -148,13 +148,18 @@ class MegatronPlan(ModelPlan):
 
 
 def build_parallel_model(
-    cfg: ModelConfig, compute: ComputeConfig, state: ParallelState, plain: dict[str, torch.Tensor], device
+    cfg: ModelConfig, compute: ComputeConfig, state: ParallelState, weights: dict[str, torch.Tensor] | int, device
 ) -> SessaLM:
     """This rank's part of the model (its pipeline stage, its tensor-parallel shard) holding its
-    share of the plain model's weights ``plain`` (fp32)."""
+    share of the plain model's weights ``weights`` (fp32), or with a seed the initial weights of
+    that seed, built unit by unit: no rank ever holds the whole model."""
     check_parallel_model(cfg, state.tp, state.pp)
     plan = MegatronPlan(compute, state, megatron_config(cfg, state, torch.float32, torch.device(device).type == "cuda"))
     model = SessaLM(cfg, plan)
-    model.load_state_dict(shard_state(plain, cfg, state.tp_rank, state.tp, state.pp_rank, state.pp))
+    ranks = (state.tp_rank, state.tp, state.pp_rank, state.pp)
+    if isinstance(weights, int):
+        model.load_state_dict(rank_initial_state(cfg, weights, *ranks))
+    else:
+        model.load_state_dict(shard_state(weights, cfg, *ranks))
     mark_norm_owners(model, stage_splits(cfg, state.pp, state.pp_rank), state)
     return model.to(device)

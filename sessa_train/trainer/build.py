@@ -201,16 +201,21 @@ def build_engine(
     import deepspeed
 
     gas = micro_batches_per_step(cfg, layout)
-    torch.manual_seed(cfg.seed)
-    model = SessaLM(cfg.model, ModelPlan(cfg.compute))  # the same initial weights under every layout
-    if weights is not None:
-        model.load_state_dict(weights)
-    n_params, mpu, state = model.num_parameters(), None, layout.model_parallel
-    if state is not None:
+    mpu, state = None, layout.model_parallel
+    with torch.device("meta"):
+        n_params = SessaLM(cfg.model).num_parameters()
+    torch.manual_seed(cfg.seed)  # the same initial weights under every layout (models/lm.py)
+    if state is None:
+        model = SessaLM(cfg.model, ModelPlan(cfg.compute))
+        if weights is not None:
+            model.load_state_dict(weights)
+    else:  # this rank's part only, never the whole model
         from sessa_train.parallel.plan import build_parallel_model
         from sessa_train.parallel.state import MegatronMPU
 
-        model, mpu = build_parallel_model(cfg.model, cfg.compute, state, model.state_dict(), info.device), MegatronMPU()
+        initial = cfg.seed if weights is None else weights
+        model = build_parallel_model(cfg.model, cfg.compute, state, initial, info.device)
+        mpu = MegatronMPU()
     model.plan.solver(info.device)  # a solve that cannot run here fails now, not in the first step
     optimizer, scheduler = make_optimizer(cfg, model)
     ds, _, _, scheduler = deepspeed.initialize(
