@@ -57,7 +57,8 @@ def export_checkpoint(
     tensors = {k: weights[k].to(DTYPES[dtype]).contiguous() for k in expected}
     if cfg.tie_embeddings:
         del tensors["lm_head.weight"]
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": FORMAT})
+    # "format": "pt" is what transformers 4.x requires of a safetensors file it loads
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "sessa_format": FORMAT})
     shutil.copyfile(tok, out / "tokenizer.model")
     import sentencepiece as spm
 

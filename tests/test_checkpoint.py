@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sessa_train.checkpoint import read_weights
+from tests.helpers import HANG_GUARD_S
 from tests.trainer import ENV, REPO, command, final_weights, losses, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -203,10 +204,10 @@ def test_nothing_the_project_loads_is_a_pickle(full, shards, tmp_path):
     )
     cfg = write_config(tmp_path / "c.yaml", shards, run)
     resume = [sys.executable, "-c", no_pickle.format(module="train"), "--config", str(cfg), *STEPS, "--resume", "auto"]
-    out = subprocess.run(resume, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    out = subprocess.run(resume, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=HANG_GUARD_S)
     assert out.returncode == 0 and "at step 4" in out.stdout, out.stderr[-2000:]
     export = [sys.executable, "-c", no_pickle.format(module="export"), str(run / "ckpt"), str(tmp_path / "export")]
-    out = subprocess.run(export, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    out = subprocess.run(export, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-2000:]
 
 

@@ -17,6 +17,7 @@ from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError, SessaError
 from sessa_train.export import export_checkpoint
 from sessa_train.generate import generate
+from tests.helpers import HANG_GUARD_S
 from tests.trainer import ENV, REPO, final_weights, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -109,7 +110,7 @@ def test_generate_cli_streams_the_greedy_continuation(exported):
         text=True,
         env=ENV,
         cwd=REPO,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.rstrip("\n") == sp.decode(ids + new.tolist())
@@ -142,7 +143,7 @@ def test_export_takes_the_tokenizer_the_checkpoint_carries(run, shards, tmp_path
     elsewhere.mkdir()
     other = train_tokenizer(small_texts(), elsewhere / "tokenizer.model", vocab_size=450)
     cmd = [sys.executable, "-m", "sessa_train.export", str(run / "ckpt"), str(tmp_path / "out")]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=elsewhere, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=elsewhere, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (shards.parent / "tok.model").read_bytes()
     with pytest.raises(CheckpointError, match=f"tokenizer {other} .* is not the one the checkpoint's data was written"):
@@ -179,7 +180,7 @@ def test_generate_bad_device_and_bad_config_are_one_line(exported, tmp_path):
 
     def generate_cli(folder: Path, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "sessa_train.generate", str(folder), "--prompt", "The", "--max-new-tokens", "2"]
-        return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=HANG_GUARD_S)
 
     if not torch.cuda.is_available():
         out = generate_cli(exported, "--device", "cuda")
@@ -213,7 +214,7 @@ def test_the_export_is_self_contained_for_transformers(exported, tmp_path):
     from the package at export time and gives load_pretrained's logits bit for bit."""
     env = ENV | {"HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": ""}
     cmd = [sys.executable, "-c", HF_WITHOUT_SESSA_TRAIN, str(exported), str(tmp_path / "logits.pt")]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-3000:]
     ids = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -222,9 +223,17 @@ def test_the_export_is_self_contained_for_transformers(exported, tmp_path):
     assert "class SessaLM" in source and not re.search(r"^\s*(from|import)\s+sessa_train", source, re.MULTILINE)
 
 
-def test_transformers_loads_the_export_with_equal_logits_and_cached_generate(exported):
+def test_transformers_loads_the_export_with_equal_logits_and_cached_generate(exported, caplog):
+    """Also on transformers 5.x, where the recurrent state is called ``cache``: generate hands it
+    back to every step (one token per forward) and nothing warns of a deprecated name."""
+    import logging
+
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.warning_once.cache_clear()  # warnings given earlier in this process count too
+    transformers.utils.logging.enable_propagation()
+    caplog.set_level(logging.WARNING, logger="transformers")
     hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).eval()
     ours = load_pretrained(exported)
     ids = torch.randint(0, 400, (2, 20), generator=torch.Generator().manual_seed(4))
@@ -242,3 +251,4 @@ def test_transformers_loads_the_export_with_equal_logits_and_cached_generate(exp
     )
     assert torch.equal(out[:, 6:], torch.stack(list(generate(ours, ids[:, :6], 10)), dim=1))
     assert lengths == [6] + [1] * 9  # prefill once, then one token per step through the recurrent cache
+    assert not [r.message for r in caplog.records if "deprecated" in r.message], transformers.__version__

@@ -18,7 +18,7 @@ import torch
 from sessa_train.ops import feedback_solve
 from sessa_train.ops import feedback_triton as ft
 from sessa_train.ops.feedback import TRITON_BLOCK_SIZES
-from tests.helpers import feedback_inputs, output_and_grads
+from tests.helpers import HANG_GUARD_S, feedback_inputs, output_and_grads
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -250,7 +250,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "kernels.json").read_text())
@@ -285,7 +285,9 @@ def test_compile_check_fails_when_a_default_half_precision_variant_spills(tmp_pa
         "print(ck.compile_one((90, 'bfloat16', 64, 'bwd_strips', 8)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     default, other = (eval(line) for line in out.stdout.strip().splitlines()[-2:])
     assert not default["ok"] and default["error"] == f"default launch spills {default['stack_bytes']} bytes per thread"
@@ -300,7 +302,7 @@ def test_gpu_check_says_it_needs_cuda_and_exits_0_on_a_cpu_machine(tmp_path):
         ["bash", str(REPO / "tools" / "gpu_check.sh"), "--out", str(tmp_path / "g.json")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     line = out.stdout.strip()
     assert out.returncode == 0 and len(line.splitlines()) == 1
@@ -323,7 +325,7 @@ def test_every_kernel_variant_compiles_with_the_oldest_triton_allowed(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "k.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sessa_train.launch import main
+from tests.helpers import HANG_GUARD_S
 from tests.trainer import ENV, REPO, losses, train, write_config
 
 TRAINER = ["--config", "configs/350m.yaml", "--resume", "auto", "schedule.train_steps=10", "schedule.warmup_steps=1"]
@@ -114,7 +115,7 @@ def test_two_nodes_through_the_launcher_train_like_two_processes(launcher, shard
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
     port = 29100 + os.getpid() % 300 + len(launcher)
     nodes = [_node(launcher, node, tmp_path, cfg, port) for node in (0, 1)]
-    codes = [n.wait(timeout=600) for n in nodes]
+    codes = [n.wait(timeout=HANG_GUARD_S) for n in nodes]
     logs = "\n".join(f.read_text()[-2000:] for f in sorted((tmp_path / "logs").glob("node*.log")))
     assert codes == [0, 0], logs
     assert "2 ranks" in (tmp_path / "logs" / "node0.log").read_text()
@@ -146,7 +147,7 @@ def test_slurm_script_runs_two_nodes(shards, tmp_path, two_processes):
         text=True,
         env=env,
         cwd=REPO,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / "logs" / "hostfile").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"

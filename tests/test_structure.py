@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANG_GUARD_S
+
 PACKAGE = Path(__file__).resolve().parent.parent / "sessa_train"
 # a module of a layer may import its own layer and the ones before it, never a later one
 LAYERS = ["errors", "files", "hardware", "config", "distributed", "ops", "models", "parallel"]
@@ -61,7 +63,7 @@ def test_the_rule_sees_a_wrong_import(tmp_path):
 
 def test_config_and_launcher_do_not_import_torch():
     code = "import sys, sessa_train.config, sessa_train.errors, sessa_train.launch; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

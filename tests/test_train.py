@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sessa_train.checkpoint import read_weights
+from tests.helpers import HANG_GUARD_S
 from tests.trainer import ENV, REPO, command, losses, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -91,7 +92,7 @@ def test_sigterm_saves_and_stops(shards, tmp_path):
     while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
+    stdout, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, stdout[-2000:]
     last_step = losses(run)[-1][0]
     assert 3 <= last_step < 100000
@@ -129,7 +130,7 @@ def test_non_finite_step_is_skipped_and_training_goes_on(shards, tmp_path, zero_
     args += ["checkpoint.every_steps=1"]
     args += ["checkpoint.keep_last=10", "schedule.train_steps=5", "logging.eval_every_steps=0"]
     cmd = [sys.executable, "-c", POISONED_TRAINER, "[3]", "2", *args]  # 8 = 2 micro-batches x 4
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "step 3: loss nan or its gradients not finite: update skipped (1 in a row)" in out.stdout
     rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
@@ -145,7 +146,7 @@ def test_too_many_non_finite_steps_abort(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
     args = ["--config", str(cfg), "logging.max_bad_steps=3", "logging.eval_every_steps=0", "checkpoint.every_steps=1"]
     cmd = [sys.executable, "-c", POISONED_TRAINER, "[2, 3, 4, 5, 6, 7, 8]", "2", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=HANG_GUARD_S)
     assert out.returncode == 2
     assert "sessa-train: error: 3 consecutive steps with non-finite loss or gradients at step 4" in out.stderr
     assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == "step_00000003"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers import HANG_GUARD_S
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -54,7 +56,7 @@ def train(
     """``threads``: intra-op threads per rank (one rank alone may use both cores of CI)."""
     cmd = command(config, *overrides, nproc=nproc, entry=entry)
     env = ENV | {"OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=HANG_GUARD_S)
     if check and out.returncode != 0:
         raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out

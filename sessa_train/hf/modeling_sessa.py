@@ -8,6 +8,7 @@ chunked one; ``generate()`` decodes with the recurrent cache.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -16,6 +17,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_sessa import SessaConfig
 from .sessa_model import ComputeConfig, ModelConfig, ModelPlan, SessaLM  # generated at export
+
+# transformers 5.x names the recurrent state ``cache`` (in outputs, model inputs and generate's
+# kwargs) where 4.x says ``past_key_values``: the installed version's name is used throughout, so
+# generate hands our cache back to forward and no deprecation warning is raised
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class SessaDecodeCache:
@@ -66,10 +72,10 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module) -> None:
         pass  # weights come from the export
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, use_cache=None, labels=None, **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("Sessa does not support padded batches: pass unpadded prompts of equal length")
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        cache = kwargs.get(CACHE)
         if use_cache and cache is None:
             cache = SessaDecodeCache(self.lm, input_ids.shape[0], input_ids.shape[1] + 256)
         if cache is not None:
@@ -78,14 +84,11 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: cache})
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length() :]
-        return {
-            "input_ids": input_ids,
-            "past_key_values": past_key_values,
-            "use_cache": True,
-            "attention_mask": attention_mask,
-        }
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """The tokens the cache has not seen yet, with the cache (under the installed version's name)."""
+        cache = kwargs.get(CACHE)
+        if cache is not None and cache.get_seq_length() > 0:
+            input_ids = input_ids[:, cache.get_seq_length() :]
+        return {"input_ids": input_ids, CACHE: cache, "use_cache": True, "attention_mask": attention_mask}
