@@ -1,23 +1,27 @@
-"""The on-disk checkpoint format: writing, finding, verifying and reading checkpoints.
+"""The on-disk checkpoint format: the one place that turns the parts of a run's state into files and back.
 
-A checkpoint is a folder ``step_NNNNNNNN/`` under ``checkpoint.dir``:
+A run's state is a set of named parts (torchtitan's ``Stateful`` idea). A ``Part`` has a JSON
+``state_dict``/``load_state_dict`` (the data loader's position, the engine's step counts, ...); a
+``TensorPart`` also writes safetensors shards (``tensors``: this rank's, by shard name) and reads
+them back (``load_tensors``: the part's shards, opened lazily). This module writes and reads
+parts and knows nothing of what is in them: adding a field to the checkpoint is a change to its
+part only. A checkpoint is a folder ``step_NNNNNNNN/`` under ``checkpoint.dir``:
 
-    meta.json        format, step, tokens, optimizer steps, learning-rate schedule, engine counters,
-                     the layout it was saved with, the identity of its data, the loader state
+    meta.json        the typed record ``Meta``: format, step, tokens, the layout it was saved
+                     under, the identity of its data, and every part's JSON state
     config.json      the resolved config (read before anything else is loaded)
-    tokenizer.model  the run's sentencepiece model, when it has one
-    model/tp{t}-pp{p}-{k}.safetensors
-                     fp32 weight, exp_avg and exp_avg_sq of parameters held by tensor-parallel rank t
-                     of pipeline stage p, under the plain model's names (part k: the parameters that
-                     data-parallel rank k wrote); whole over ZeRO partitions, so any layout can read them
-    rng/rank{r:05d}.safetensors
-                     rank r's torch (and CUDA) random state
+    tokenizer.*      the run's tokenizer file, when it has one
+    <part>/<shard>.safetensors
+                     tensor parts' shards, e.g. model/tp{t}-pp{p}-{k}.safetensors (fp32 weight,
+                     exp_avg and exp_avg_sq of the parameters tensor rank t of stage p holds, under the
+                     plain model's names, written by replica k) and rng/rank{r:05d}.safetensors
     manifest.json    every other file with its size and sha256, written last
     latest           (beside the folders) the name of the newest complete checkpoint
 
-Nothing is a pickle: safetensors and JSON only, so loading a checkpoint runs no code.
+Nothing is a pickle: safetensors and JSON only, so loading a checkpoint runs no code, and only
+files the manifest lists are ever read.
 
-Saving (collective): every rank writes its files into ``step_N.partial/`` and fsyncs them; rank 0
+Saving (collective): every rank writes its shards into ``step_N.partial/`` and fsyncs them; rank 0
 writes meta, config, tokenizer and manifest, fsyncs the folder, renames it to ``step_N``, fsyncs
 the parent, and replaces ``latest`` the same way. A crash of a process or a node at any point
 leaves ``latest`` naming a complete checkpoint that is on disk; ``*.partial`` folders are cleared
@@ -28,19 +32,21 @@ Loading: a checkpoint is verified against its manifest first (the files split ov
 explicit path that does not verify is a one-line error naming the file. ``ParamReader`` gives a
 parameter's whole (plain-layout) weight and moments, joined from the tensor-parallel shards it
 was saved in; ``parallel/layout.py`` cuts them for the loading rank. ``read_weights`` gives the
-plain fp32 weights of any checkpoint, also of the earlier DeepSpeed-format ones (``legacy``:
-pickles, to be read from trusted storage only).
+plain fp32 weights of any checkpoint (export, evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -49,13 +55,109 @@ from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError
 from sessa_train.files import file_sha256, fsync, replace_durably
 
-FORMAT = "sessa-checkpoint-v2"
+FORMAT = "sessa-checkpoint-v3"
+READABLE = ("sessa-checkpoint-v2", FORMAT)  # v2: the same files, its meta flat (upgraded on read)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
-# the earlier format: DeepSpeed's module file of model-parallel rank m
-LEGACY_MODULE_FILE = "mp_rank_{:02d}_model_states.pt"
-LEGACY_ZERO3_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-LEGACY_HINT = "export it (sessa-export) and start a run from the export with checkpoint.init_from"
+MODEL, RNG = "model", "rng"  # the tensor parts every run has
+
+
+# -- the parts ---------------------------------------------------------------------------------
+
+
+class Part(Protocol):
+    """A part of a run's state with a JSON state, the same on every rank (computing it may be a
+    collective: every rank calls ``state_dict``)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TensorPart(Part, Protocol):
+    """A part that also holds tensors: ``tensors()`` (collective) gives this rank's shards by
+    name; ``load_tensors(shards, meta)`` reads them back from the part's shards of a checkpoint
+    saved under any layout (``meta.layout``)."""
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]: ...
+
+    def load_tensors(self, shards: Mapping[str, object], meta: Meta) -> None: ...
+
+
+def model_shard(tensor_rank: int, stage: int, replica: int) -> str:
+    return f"tp{tensor_rank}-pp{stage}-{replica}"
+
+
+def rng_shard(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout a checkpoint was saved under."""
+
+    ranks: int
+    tensor: int
+    pipeline: int
+    context: int
+    data: int
+    zero: int
+
+    def phrase(self) -> str:
+        return f"tensor={self.tensor},pipeline={self.pipeline},context={self.context},data={self.data},zero={self.zero}"
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What the run's batches are read from; a resume must read the same."""
+
+    index_sha256: str
+    seq_len: int
+    tokenizer_sha256: str | None
+    path: str
+
+
+@dataclass(frozen=True)
+class Meta:
+    """meta.json: the checkpoint's own record and every part's JSON state."""
+
+    step: int
+    tokens: int
+    layout: Layout
+    data: DataIdentity
+    parts: dict[str, dict]
+    format: str = FORMAT
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict, where: Path) -> Meta:
+        """The record of a meta.json of any readable format; CheckpointError for anything else."""
+        if not isinstance(raw, dict) or raw.get("format") not in READABLE:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise CheckpointError(f"{where} has format {found!r}, expected one of {', '.join(READABLE)}")
+        try:
+            if raw["format"] == "sessa-checkpoint-v2":
+                raw = _upgrade_v2(raw)
+            return cls(
+                step=int(raw["step"]),
+                tokens=int(raw["tokens"]),
+                layout=Layout(**raw["layout"]),
+                data=DataIdentity(**raw["data"]),
+                parts={name: dict(state) for name, state in raw["parts"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{where} is not a checkpoint record ({type(e).__name__}: {e})") from None
+
+
+def _upgrade_v2(raw: dict) -> dict:
+    """v2 kept each part's fields at the top level of meta.json."""
+    model = {"optimizer_steps": raw["optimizer_steps"], "scheduler_steps": raw["scheduler_steps"], **raw["engine"]}
+    return raw | {"parts": {MODEL: model, "loader": raw["loader"]}}
+
+
+# -- files -------------------------------------------------------------------------------------
 
 
 def write_json(path: Path, value) -> Path:
@@ -64,23 +166,108 @@ def write_json(path: Path, value) -> Path:
     return path
 
 
-def model_file(folder: Path, tensor_rank: int, stage: int, part: int) -> Path:
-    return folder / "model" / f"tp{tensor_rank}-pp{stage}-{part}.safetensors"
-
-
-def rng_file(folder: Path, rank: int) -> Path:
-    return folder / "rng" / f"rank{rank:05d}.safetensors"
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata={"format": FORMAT})
     return path
 
 
 def step_of(path: Path) -> int:
     return int(STEP_DIR.match(path.name)[1])
+
+
+def _manifest(path: Path) -> dict[str, dict] | str:
+    """The manifest's file records, or why it cannot be read."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        for name, record in files.items():
+            if not (
+                isinstance(record, dict) and isinstance(record["bytes"], int) and isinstance(record["sha256"], str)
+            ):
+                raise TypeError(name)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is not a manifest (damaged)"
+    return files
+
+
+def check_files(path: Path, part: int = 0, parts: int = 1) -> str | None:
+    """None if every file of the manifest (every ``parts``-th from ``part``) is there with its size
+    and checksum, else why not."""
+    files = _manifest(path)
+    if isinstance(files, str):
+        return files
+    for name, record in sorted(files.items())[part::parts]:
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != record["bytes"]:
+            return f"{file} has {file.stat().st_size} bytes, the manifest says {record['bytes']}"
+        if file_sha256(file) != record["sha256"]:
+            return f"{file} does not match its checksum in the manifest"
+    return None
+
+
+def shard_files(path: Path, part: str) -> dict[str, object]:
+    """The shards of tensor part ``part`` that the manifest lists, by name, opened lazily."""
+    from safetensors import safe_open
+
+    files = _manifest(path)
+    if isinstance(files, str):
+        raise CheckpointError(files)
+    prefix = f"{part}/"
+    names = sorted(n for n in files if n.startswith(prefix) and n.endswith(".safetensors") and n.count("/") == 1)
+    return {n[len(prefix) : -len(".safetensors")]: safe_open(str(path / n), "pt") for n in names}
+
+
+def checkpoint_folders(root: str | Path) -> list[Path]:
+    """The ``step_N`` folders under ``root``, oldest first (unverified)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a checkpoint root whose ``latest`` names one."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if (path / "meta.json").is_file():
+        return path
+    raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json); pass a step_N folder or its parent")
+
+
+def read_meta(path: Path) -> Meta:
+    try:
+        raw = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/meta.json cannot be read ({type(e).__name__}: {e})") from None
+    return Meta.from_json(raw, path / "meta.json")
+
+
+def read_config(path: Path) -> dict:
+    """The resolved config a checkpoint was saved with."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        ModelConfig.from_dict(config["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json is not a run's config ({type(e).__name__}: {e})") from None
+    return config
+
+
+def tokenizer_file(path: Path) -> Path | None:
+    """The tokenizer file a checkpoint carries (the manifest lists it), or None."""
+    files = _manifest(path)
+    names = [] if isinstance(files, str) else [n for n in files if n.startswith("tokenizer.")]
+    return path / names[0] if names else None
+
+
+# -- the manager -------------------------------------------------------------------------------
 
 
 class CheckpointManager:
@@ -111,8 +298,15 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     def verify(self, path: Path) -> str | None:
-        """Collective ``check_files``, the files split over the ranks."""
+        """Collective: the files checked (``check_files``, split over the ranks) and the record
+        read; None or why the checkpoint cannot be used."""
         problem = check_files(path, self.rank, self.world)
+        if problem is None and self.rank == 0:
+            try:
+                read_meta(path)
+                read_config(path)
+            except CheckpointError as e:
+                problem = str(e)
         return next((p for p in comm.all_gather_objects(problem) if p), None)
 
     def resolve(self, resume: str, allow_older: bool) -> Path | None:
@@ -128,8 +322,6 @@ class CheckpointManager:
         if resume == "auto":
             found, damaged = checkpoint_folders(self.root), []
             for path in reversed(found):
-                if legacy(path):
-                    raise CheckpointError(check_files(path))
                 if (problem := self.verify(path)) is None:
                     self._set_aside(damaged, "damaged", path)
                     return path
@@ -168,36 +360,46 @@ class CheckpointManager:
             self.log(f"resuming from {resumed.name}: moved {', '.join(p.name for p in paths)} to {aside}")
         comm.barrier()
 
-    # -- saving ------------------------------------------------------------------------------
-    def save(self, step: int, write: Callable[[Path], list[Path]], meta: dict, config: dict, tokenizer) -> Path:
-        """Collective: every rank calls it with the same ``step``; ``write(folder)`` writes this
-        rank's files there and returns them; rank 0 adds meta, config and the tokenizer."""
+    # -- saving and loading ------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        tokens: int,
+        layout: Layout,
+        data: DataIdentity,
+        parts: dict[str, Part],
+        config: dict,
+        tokenizer: Path | None,
+    ) -> Path:
+        """Collective: every rank calls it with the same arguments; each writes its shards of the
+        tensor parts, rank 0 the record (with every part's JSON state), config and tokenizer."""
         name = f"step_{step:08d}"
         partial = self.root / f"{name}.partial"
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-            for sub in ("model", "rng"):
-                (partial / sub).mkdir(parents=True)
+            partial.mkdir(parents=True)
         comm.barrier()
-        records = {}
-        for file in write(partial):
-            fsync(file)
-            records[str(file.relative_to(partial))] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+        states, records = {}, {}
+        for part_name, part in parts.items():
+            states[part_name] = part.state_dict()
+            for shard, tensors in (part.tensors() if hasattr(part, "tensors") else {}).items():
+                file = _write_shard(partial / part_name / f"{shard}.safetensors", tensors)
+                fsync(file)
+                records[str(file.relative_to(partial))] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
         every = comm.all_gather_objects(records)
         final = self.root / name
         if self.rank == 0:
-            write_json(partial / "meta.json", {"format": FORMAT, **meta})
-            write_json(partial / "config.json", config)
-            own = [partial / "meta.json", partial / "config.json"]
+            meta = Meta(step, tokens, layout, data, states)
+            own = [write_json(partial / "meta.json", meta.to_json()), write_json(partial / "config.json", config)]
             if tokenizer is not None:
-                shutil.copyfile(tokenizer, partial / "tokenizer.model")
-                fsync(partial / "tokenizer.model")
-                own.append(partial / "tokenizer.model")
+                own.append(partial / f"tokenizer{''.join(Path(tokenizer).suffixes) or '.model'}")
+                shutil.copyfile(tokenizer, own[-1])
+                fsync(own[-1])
             files = {k: v for rank_records in every for k, v in rank_records.items()}
             files |= {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in own}
             write_json(partial / "manifest.json", {"files": dict(sorted(files.items()))})
-            for sub in ("model", "rng", "."):
-                fsync(partial / sub)
+            for sub in [p for p in partial.iterdir() if p.is_dir()] + [partial]:
+                fsync(sub)
             if final.exists():  # saved again at the same step (e.g. at exit right after a periodic save)
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -209,85 +411,41 @@ class CheckpointManager:
         comm.barrier()
         return final
 
-
-def check_files(path: Path, part: int = 0, parts: int = 1) -> str | None:
-    """None if every file of the manifest (every ``parts``-th from ``part``) is there with its size
-    and checksum, else why not."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        if legacy(path):
-            return f"{path} is in the earlier DeepSpeed format, which does not resume: {LEGACY_HINT}"
-        return f"{manifest} is missing"
-    try:
-        files = sorted(json.loads(manifest.read_text())["files"].items())
-    except (ValueError, KeyError, AttributeError):
-        return f"{manifest} is not a manifest (damaged)"
-    for name, record in files[part::parts]:
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if file.stat().st_size != record["bytes"]:
-            return f"{file} has {file.stat().st_size} bytes, the manifest says {record['bytes']}"
-        if file_sha256(file) != record["sha256"]:
-            return f"{file} does not match its checksum in the manifest"
-    return None
+    @staticmethod
+    def load(path: Path, parts: dict[str, Part]) -> Meta:
+        """Every part's state from a verified checkpoint (collective where the parts' loading is):
+        JSON states first, then the tensor parts' shards. Returns the record."""
+        meta = read_meta(path)
+        for name, part in parts.items():
+            if name in meta.parts:
+                part.load_state_dict(meta.parts[name])
+        for name, part in parts.items():
+            if hasattr(part, "load_tensors"):
+                part.load_tensors(shard_files(path, name), meta)
+        return meta
 
 
-def checkpoint_folders(root: str | Path) -> list[Path]:
-    """The ``step_N`` folders under ``root``, oldest first (unverified)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a checkpoint root whose ``latest`` names one."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if (path / "meta.json").is_file() or legacy(path):
-        return path
-    raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json); pass a step_N folder or its parent")
-
-
-def legacy(path: Path) -> bool:
-    """A checkpoint of the earlier DeepSpeed format (module and optimizer pickles)."""
-    return not (path / "meta.json").is_file() and any(
-        (path / n).is_file() for n in (LEGACY_MODULE_FILE.format(0), LEGACY_ZERO3_FILE)
-    )
-
-
-def read_meta(path: Path) -> dict:
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/meta.json has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
-def read_config(path: Path) -> dict:
-    """The resolved config a checkpoint was saved with."""
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text())
-    return _legacy_load(path / LEGACY_MODULE_FILE.format(0))["config"]
+# -- weights of any checkpoint -----------------------------------------------------------------
 
 
 class ParamReader:
-    """Whole (plain-layout) fp32 weights and AdamW moments of a checkpoint, one parameter at a
-    time, joined from the tensor-parallel shards they were saved in."""
+    """Whole (plain-layout) fp32 weights and AdamW moments of the model part, one parameter at a
+    time, joined from the tensor-parallel shards (``model_shard`` names) they were saved in."""
 
-    def __init__(self, path: Path, cfg: ModelConfig, tensor: int, pipeline: int) -> None:
-        from safetensors import safe_open
-
+    def __init__(self, shards: Mapping[str, object], cfg: ModelConfig, tensor: int, pipeline: int) -> None:
         from sessa_train.parallel.layout import stage_splits
 
         self.tensor = tensor
         self.splits = {n: split for stage in range(pipeline) for n, split in stage_splits(cfg, pipeline, stage).items()}
         self.where: dict[str, dict[int, object]] = {}  # key -> tensor rank -> open file
-        for file in sorted((path / "model").glob("*.safetensors")):
-            fh = safe_open(str(file), "pt")
+        for shard, fh in shards.items():
+            match = re.fullmatch(r"tp(\d+)-pp(\d+)-(\d+)", shard)
+            if match is None or int(match[1]) >= tensor or int(match[2]) >= pipeline:
+                raise CheckpointError(
+                    f"model shard {shard!r} does not belong to a tensor={tensor} x pipeline={pipeline} checkpoint"
+                )
             for key in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                self.where.setdefault(key, {})[int(file.name[2 : file.name.index("-")])] = fh
+                self.where.setdefault(key, {})[int(match[1])] = fh
         # a tied LM head is the embedding: only the embedding is a parameter
         self.names = [n for n in self.splits if n in self.where]
 
@@ -311,67 +469,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     the resolved ``config``, ``step``, ``tokens`` and the ``tokenizer`` file it carries (None
     when it carries none) with its ``tokenizer_sha256``."""
     path = find_checkpoint(path)
-    if legacy(path):
-        weights, client = _legacy_weights(path)
-        about = {k: client[k] for k in ("config", "step", "tokens")}
-        return weights, about | {"tokenizer": None, "tokenizer_sha256": None}
     if problem := check_files(path):
         raise CheckpointError(problem)
     config, meta = read_config(path), read_meta(path)
     cfg = ModelConfig.from_dict(config["model"])
-    layout = meta["layout"]
-    reader = ParamReader(path, cfg, layout["tensor"], layout["pipeline"])
+    reader = ParamReader(shard_files(path, MODEL), cfg, meta.layout.tensor, meta.layout.pipeline)
     weights = {name: reader.full(name).float() for name in reader.names}
     if cfg.tie_embeddings:
         weights["lm_head.weight"] = weights["embed.weight"]
-    tokenizer = path / "tokenizer.model"
-    about = {"config": config, "step": meta["step"], "tokens": meta["tokens"]}
-    about["tokenizer"] = tokenizer if tokenizer.is_file() else None
-    about["tokenizer_sha256"] = meta["data"]["tokenizer_sha256"]
+    about = {"config": config, "step": meta.step, "tokens": meta.tokens}
+    about["tokenizer"] = tokenizer_file(path)
+    about["tokenizer_sha256"] = meta.data.tokenizer_sha256
     return weights, about
-
-
-def _legacy_load(file: Path) -> dict:
-    return torch.load(file, map_location="cpu", weights_only=False)  # a pickle: trusted storage only
-
-
-def _legacy_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The earlier format: DeepSpeed's module files (per model-parallel rank, joined by
-    ``layout.merge_states``), or its ZeRO shards consolidated by ``zero_to_fp32``."""
-    names = (LEGACY_MODULE_FILE.format(0), LEGACY_ZERO3_FILE)
-    first = _legacy_load(next(path / n for n in names if (path / n).is_file()))
-    if "config" not in first:
-        raise CheckpointError(f"{path} was not written by sessa-train (no resolved config in its client state)")
-    parallel = first["config"].get("parallel", {})
-    tensor, pipeline = parallel.get("tensor", 1), parallel.get("pipeline", 1)
-    if tensor * pipeline * parallel.get("context", 1) > 1:
-        from sessa_train.parallel.layout import merge_states
-
-        stages = {}
-        for m in range(tensor * pipeline):
-            file = path / LEGACY_MODULE_FILE.format(m)
-            if not file.is_file():
-                raise CheckpointError(f"{path} lacks {file.name}: a tensor={tensor} x pipeline={pipeline} checkpoint")
-            stages[divmod(m, tensor)] = (first if m == 0 else _legacy_load(file))["module"]
-        weights = merge_states(stages, ModelConfig.from_dict(first["config"]["model"]))
-    elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        weights = first["module"]
-    return {k: v.float() for k, v in weights.items()}, first
-
-
-def rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    return out
-
-
-def set_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from sessa_train.errors import ConfigError
 
-# the feedback solve's backends (ops/feedback.py implements them; ``auto`` picks one per device)
+# the feedback solve's backends (records in ops/feedback.py; ``auto`` picks one per device)
 FEEDBACK_BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
+# the model's architectures (records in models/registry.py)
+ARCHITECTURES: tuple[str, ...] = ("sessa", "transformer")
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -35,7 +37,7 @@ class ModelConfig:
     ffn_hidden_size: int = 0  # 0 = no MLP between Sessa layers (the reference has none)
     tie_embeddings: bool = True
     init_std: float = 0.02  # embedding (and untied LM head) init; linears keep torch's default
-    arch: str = "sessa"  # or "transformer": the matched baseline (models/transformer.py)
+    arch: str = "sessa"  # one of ARCHITECTURES: the Sessa layer or a matched baseline (models/registry.py)
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -66,8 +68,8 @@ class ModelConfig:
         for name in ("rope_theta", "ln_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.arch not in ("sessa", "transformer"):
-            raise ValueError(f"model.arch={self.arch!r}; valid: sessa, transformer")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"model.arch={self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
 
     @property
     def kv_heads(self) -> int:
@@ -82,12 +84,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> ModelConfig:
-        """The model section of a checkpoint or export. Sections written before the kernel choice
-        moved to ``compute`` carry ``feedback_backend``/``feedback_chunk_size``: they are dropped."""
-        return cls(**{k: v for k, v in saved.items() if k not in _MOVED_TO_COMPUTE})
-
-
-_MOVED_TO_COMPUTE = ("feedback_backend", "feedback_chunk_size")
+        """The model section of a checkpoint or export."""
+        return cls(**saved)
 
 
 def architecture_difference(saved: dict | ModelConfig, ours: ModelConfig) -> str | None:
@@ -253,6 +251,19 @@ class CheckpointConfig:
         _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    project: str = ""  # "" = no wandb
+    entity: str = ""
+    mode: str = "online"  # online | offline (the run folder only; `wandb sync` later) | disabled
+
+    def __post_init__(self) -> None:
+        _choice("logging.wandb", "mode", self.mode, WANDB_MODES)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     dir: str = "runs/default/tensorboard"
@@ -262,6 +273,7 @@ class LoggingConfig:
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run aborts
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: the GPU's from hardware.py (none on CPU: no MFU)
     sample_ids: bool = False  # metrics.jsonl rows list each step's samples (one gather per step)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "eval_batches", "max_bad_steps"):

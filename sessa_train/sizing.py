@@ -15,7 +15,8 @@ Memory of the busiest rank (the first pipeline stage), in bytes:
                    keeps each layer's input
     backward       the larger transient of the backward: the fp32 gradient of the logits twice,
                    or one layer's activation gradients (twice its activations when recomputed)
-    solve strips   the feedback solve's O(chunk x T) blocks during one layer's backward
+    solve strips   the feedback solve's largest transient during one layer's backward, from the
+                   backend's record (``ops.feedback.BACKENDS``: O(block x T) strips, or T x T)
     buffers        DeepSpeed's ZeRO-1/2 reduce and all-gather buckets, ZeRO-3 prefetch
 P counts the parameters of the largest pipeline stage held by one tensor-parallel rank, read off
 the model built on the meta device. Not modelled: allocator fragmentation and caching, the CUDA
@@ -42,7 +43,8 @@ from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig, load_con
 from sessa_train.errors import SessaError
 from sessa_train.flops import forward_flops_per_token
 from sessa_train.hardware import GPUS, GiB
-from sessa_train.models import ModelPlan, SessaLM
+from sessa_train.models import ModelPlan, SessaLM, SessaMixer
+from sessa_train.ops.feedback import resolve_backend
 from sessa_train.parallel.layout import stage_splits
 
 NVLINK = 450e9  # bytes/s per GPU within a node (H100 SXM NVLink, one direction)
@@ -101,7 +103,7 @@ def saved_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype, recompute: s
     """Bytes autograd keeps for the backward after a forward of one sequence (batch 1) of
     ``seq_len`` tokens through the whole model with the loss, each storage counted once."""
     torch.manual_seed(0)
-    model = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_backend="chunked", recompute=recompute))).to(dtype)
+    model = SessaLM(cfg, ModelPlan(ComputeConfig(recompute=recompute))).to(dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -116,6 +118,13 @@ def saved_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype, recompute: s
         loss = model(ids[:, :-1], targets=ids[:, 1:]).mean()
     del loss
     return sum(kept.values())
+
+
+@functools.lru_cache(maxsize=32)
+def _solves(cfg: ModelConfig) -> bool:
+    """Whether the model's layers solve the feedback system (the baselines do not)."""
+    with torch.device("meta"):
+        return any(isinstance(m, SessaMixer) for m in SessaLM(replace_layers(cfg, 1)).modules())
 
 
 def activation_bytes(job: Job) -> tuple[float, float, float]:
@@ -150,9 +159,14 @@ def memory(job: Job) -> dict[str, float]:
     in_flight = min(job.pipeline, job.micro_batches)  # 1F1B: the first stage holds PP micro-batches
     layers, ends, layer = activation_bytes(job)
     logits = job.micro_batch * job.seq_len / job.context * job.model.vocab_size * 4 / job.tensor
-    chunk = job.compute.feedback_chunk_size or 128
-    heads = job.model.feedback_heads
-    strips = 3 * job.micro_batch * heads * chunk * job.seq_len * 4  # scores, probabilities, their gradient
+    solve = resolve_backend(job.compute.feedback_backend, "cuda")  # the backend a GPU job runs
+    heads, width = job.model.feedback_heads, job.model.d_model // job.model.feedback_heads
+    block = job.compute.feedback_chunk_size or (solve.default_block(job.seq_len, width) if solve.blockwise else 0)
+    strips = (
+        solve.strip_bytes(job.micro_batch * heads, job.seq_len, block, 2 if job.bf16 else 4)
+        if _solves(job.model)
+        else 0
+    )
     buffers = {0: 0, 1: 2 * min(ZERO_BUCKET, P) * low, 2: 2 * min(ZERO_BUCKET, P) * low, 3: ZERO3_PREFETCH * low}
     return {
         "weights": P * low / (dp if job.zero == 3 else 1),

@@ -171,9 +171,9 @@ def test_skipped_shards_are_counted_in_metrics_tensorboard_and_the_checkpoint(sh
     cfg = write_config(tmp_path / "c.yaml", data, run)
     train(cfg, *STEPS, "data.skip_corrupt=true", "data.max_skipped_fraction=0.2", "data.reader_slots=2")
     rows = [json.loads(x) for x in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_shards"] for r in rows] == [2] * 6
+    assert [r["data/skipped_shards"] for r in rows] == [2] * 6
     meta = json.loads((run / "ckpt" / "step_00000006" / "meta.json").read_text())
-    assert meta["loader"]["skipped"] == victims
+    assert meta["parts"]["loader"]["skipped"] == victims
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     assert [e.value for e in events.Scalars("data/skipped_shards")] == [2.0] * 6
@@ -275,7 +275,7 @@ def test_a_blend_logs_its_shares_and_resumes_under_another_layout(shards, tmp_pa
     again = {r["step"]: r for r in map(json.loads, (resumed / "tb" / "metrics.jsonl").read_text().splitlines())}
     for step in (3, 4):
         assert again[step]["sample_ids"] == rows[step]["sample_ids"]
-        assert abs(again[step]["loss"] - rows[step]["loss"]) <= 1e-5 * rows[step]["loss"]
+        assert abs(again[step]["train/loss"] - rows[step]["train/loss"]) <= 1e-5 * rows[step]["train/loss"]
     assert again[4]["source_tokens"] == rows[4]["source_tokens"]
     other = [f"data.blend=[0.5,{shards},0.5,{second}]", *common[1:], "--resume", "auto"]
     out = train(write_config(tmp_path / "o.yaml", shards, resumed), *other, check=False)

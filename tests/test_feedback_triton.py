@@ -17,7 +17,7 @@ import torch
 
 from sessa_train.ops import feedback_solve
 from sessa_train.ops import feedback_triton as ft
-from sessa_train.ops.feedback import TRITON_BLOCK_SIZES
+from sessa_train.ops.feedback import BACKENDS
 from tests.helpers import HANG_GUARD_S, feedback_inputs, output_and_grads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_auto_backend_and_environment_switch(monkeypatch, env, device, expected)
     else:
         monkeypatch.setenv(BACKEND_ENV, env)
     assert select_solver("auto", torch.device(device)).backend == expected
-    assert select_solver("chunked", torch.device(device)) == Solver("chunked", 128)  # an explicit choice stays
+    assert select_solver("chunked", torch.device(device)) == Solver("chunked")  # an explicit choice stays
     # CUDA graphs: only the Triton kernels on CUDA replay their chunk loops from a graph
     assert select_solver("triton", torch.device("cuda"), 64, graphs=True) == Solver("triton", 64, True)
     assert not select_solver("chunked", torch.device("cuda"), graphs=True).graphs
@@ -263,7 +263,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
         (cc, dt, b, name)
         for cc in (80, 90)
         for dt in ("float32", "bfloat16", "float16")
-        for b in TRITON_BLOCK_SIZES
+        for b in BACKENDS["triton"].blocks
         if ft.block_fits(b, getattr(torch, dt), cc)
         for name, *_ in ft.kernel_variants(b, getattr(torch, dt))
     }

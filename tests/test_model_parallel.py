@@ -161,7 +161,7 @@ def _worker(rank: int, port: int, out) -> None:
 
     from sessa_train.distributed import DistInfo
     from sessa_train.parallel.layout import merge_states
-    from sessa_train.trainer import build_engine, rank_layout
+    from sessa_train.trainer import build_engine, parallel_state
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
@@ -170,14 +170,13 @@ def _worker(rank: int, port: int, out) -> None:
         if layout.backend:
             os.environ["SESSA_FEEDBACK_BACKEND"] = layout.backend
         cfg = _train_config(layout, WORLD // (layout.tensor * layout.pipeline * layout.context))
-        ranks = rank_layout(cfg, info)
-        engine = build_engine(cfg, info, ranks, T)  # exactly what the trainer builds
-        state = ranks.model_parallel
+        state = parallel_state(cfg, info)
+        engine = build_engine(cfg, info, state, T)  # exactly what the trainer builds
         losses, grads, norms = [], [], []
         for step in range(STEPS):
-            loss = engine.forward_backward(iter(_batches(step, ranks.dp_rank, ranks.dp)))
+            loss = engine.forward_backward(iter(_batches(step, state.dp_rank, state.dp)))
             losses.append(loss)
-            if layout.zero == 0 and state is not None:
+            if layout.zero == 0 and state.model_parallel > 1:
                 mine = {k: p.grad.clone() for k, p in engine.model.named_parameters(remove_duplicate=False)}
                 every: list = [None] * WORLD
                 dist.all_gather_object(every, ((state.pp_rank, state.tp_rank), mine))
@@ -292,7 +291,7 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     )
     batches = [b["tokens"] for b in itertools.islice(val, 2)]
     ours = sum(_plain_loss(plain, t) * t[:, 1:].numel() for t in batches) / sum(t[:, 1:].numel() for t in batches)
-    logged = json.loads((run / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    logged = json.loads((run / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val/loss"]
     assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
 
     # plain -> CP=2 x TP=2: the first loss of a run started from the 1-process export; its

@@ -88,7 +88,7 @@ def rows(run: Path) -> dict[int, dict]:
     out = {}
     for line in (run / "tb" / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "loss" in row:
+        if "train/loss" in row:
             assert row["step"] not in out, f"step {row['step']} logged twice"
             out[row["step"]] = row
     return out
@@ -121,10 +121,10 @@ def assert_same_trajectory(full: Path, resumed: Path) -> None:
     a, b = rows(full), rows(resumed)
     assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
-        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * a[step]["loss"], (
+        assert abs(a[step]["train/loss"] - b[step]["train/loss"]) <= 1e-5 * a[step]["train/loss"], (
             step,
-            a[step]["loss"],
-            b[step]["loss"],
+            a[step]["train/loss"],
+            b[step]["train/loss"],
         )
         assert a[step]["sample_ids"] == b[step]["sample_ids"], f"the global batch of step {step} differs"
     wa, wb = (read_weights(r / "ckpt" / "step_00000006")[0] for r in (full, resumed))
@@ -159,15 +159,17 @@ def test_bf16_state_resumes_bit_for_bit_and_reshards(data, uninterrupted, tmp_pa
     full = uninterrupted("dp1-bf16")
     resume_from_step_3(data, full, tmp_path / "same", "dp1-bf16")
     a, b = rows(full), rows(tmp_path / "same")
-    assert [b[s]["loss"] for s in (4, 5, 6)] == [a[s]["loss"] for s in (4, 5, 6)]
+    assert [b[s]["train/loss"] for s in (4, 5, 6)] == [a[s]["train/loss"] for s in (4, 5, 6)]
     wa, wb = (read_weights(r / "ckpt" / "step_00000006")[0] for r in (full, tmp_path / "same"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     fp32 = rows(uninterrupted("dp1"))
-    assert max(abs(a[s]["loss"] - fp32[s]["loss"]) / fp32[s]["loss"] for s in (1, 2, 3)) > 1e-6  # really bf16
+    assert (
+        max(abs(a[s]["train/loss"] - fp32[s]["train/loss"]) / fp32[s]["train/loss"] for s in (1, 2, 3)) > 1e-6
+    )  # really bf16
     resume_from_step_3(data, full, tmp_path / "zero1", "dp2-zero1-bf16")
     c = rows(tmp_path / "zero1")
     for s in (4, 5, 6):  # bf16 rounds each micro-batch's gradients: 8 bits of significand
-        assert abs(c[s]["loss"] - a[s]["loss"]) <= 1e-2 * a[s]["loss"]
+        assert abs(c[s]["train/loss"] - a[s]["train/loss"]) <= 1e-2 * a[s]["train/loss"]
         assert c[s]["sample_ids"] == a[s]["sample_ids"]
 
 
@@ -198,7 +200,7 @@ def test_the_comparison_catches_lost_moments_and_a_data_order_taken_from_the_lay
 
     def slots_from_dp(step_dir: Path) -> None:
         meta = json.loads((step_dir / "meta.json").read_text())
-        meta["loader"]["slots"] = 2
+        meta["parts"]["loader"]["slots"] = 2
         (step_dir / "meta.json").write_text(json.dumps(meta))
 
     for name, mutation in (("moments", drop_moments), ("order", slots_from_dp)):
@@ -241,4 +243,4 @@ def test_kill_during_resharding_then_resume_again(data, uninterrupted, tmp_path)
     assert sorted(b) == [4, 5, 6]
     full_rows = rows(full)
     for step in (4, 5, 6):
-        assert abs(full_rows[step]["loss"] - b[step]["loss"]) <= 1e-5 * full_rows[step]["loss"]
+        assert abs(full_rows[step]["train/loss"] - b[step]["train/loss"]) <= 1e-5 * full_rows[step]["train/loss"]

@@ -82,15 +82,20 @@ def test_context_parallel_honours_the_backend_choice(monkeypatch):
     from sessa_train.parallel.state import ParallelState
 
     state = ParallelState(tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, cp=2, cp_rank=1)
-    plan = MegatronPlan(ComputeConfig(), state, config=None)
     cpu = torch.device("cpu")
+
+    def plan():
+        return MegatronPlan(ComputeConfig(), state, config=None)
+
     monkeypatch.setenv("SESSA_FEEDBACK_BACKEND", "chunked")
-    assert plan.solver(cpu) == Solver("chunked", 128)
+    chosen = plan()
+    assert chosen.solver(cpu) == Solver("chunked")
     monkeypatch.setenv("SESSA_FEEDBACK_BACKEND", "triton")
+    assert chosen.solver(cpu) == Solver("chunked")  # chosen once, at set-up: the environment is read then
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert plan.solver(cpu) == Solver("triton", 64)
+    assert plan().solver(cpu) == Solver("triton")
     monkeypatch.setenv("SESSA_FEEDBACK_BACKEND", "reference")
     with pytest.raises(ConfigError, match=r"^feedback backend 'reference' .* cannot be split by parallel\.context"):
-        plan.solver(cpu)
+        plan().solver(cpu)
     tensor_only = dataclasses.replace(state, cp=1, cp_rank=0)  # without CP the reference stays available
-    assert MegatronPlan(ComputeConfig(), tensor_only, config=None).solver(cpu) == Solver("reference", None)
+    assert MegatronPlan(ComputeConfig(), tensor_only, config=None).solver(cpu) == Solver("reference")

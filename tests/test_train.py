@@ -134,8 +134,8 @@ def test_non_finite_step_is_skipped_and_training_goes_on(shards, tmp_path, zero_
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "step 3: loss nan or its gradients not finite: update skipped (1 in a row)" in out.stdout
     rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for i, r in enumerate(rows) if i != 2)
+    assert [r["train/skipped"] for r in rows] == [0, 0, 1, 0, 0]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for i, r in enumerate(rows) if i != 2)
     before, after, later = weights_at(run, 2), weights_at(run, 3), weights_at(run, 4)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the bad step changed nothing
     assert all(torch.isfinite(v).all() for v in later.values())

@@ -65,7 +65,7 @@ def train(
 def losses(run: Path) -> list[tuple[int, float]]:
     """(step, loss) of every step row of metrics.jsonl (not the resume markers)."""
     rows = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
 def rank_weights(checkpoint: Path, tensor_rank: int = 0, stage: int | None = None) -> dict[str, torch.Tensor]:

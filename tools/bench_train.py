@@ -58,8 +58,8 @@ def main() -> None:
     for backend in ("chunked", "reference"):
         rows = run(args.config, backend, args.steps, args.overrides)[args.warmup :]
         results[backend] = {
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
-            "step_time_s": statistics.median(r["step_time_s"] for r in rows),
+            "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in rows),
+            "step_time_s": statistics.median(r["perf/step_time_s"] for r in rows),
             "steps_measured": len(rows),
         }
     print(

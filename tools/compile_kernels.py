@@ -61,14 +61,16 @@ def variants() -> list[tuple[int, str, int, str, int]]:
     """(capability, dtype, block, kernel name, num_warps): every kernel for every dtype and block the
     target takes (``block_fits``) with the default (first autotune) config, and every further
     autotune config at the default block."""
-    from sessa_train.ops.feedback import DEFAULT_CHUNK_SIZE, TRITON_BLOCK_SIZES
+    from sessa_train.ops.feedback import BACKENDS
     from sessa_train.ops.feedback_triton import block_fits, kernel_variants, num_warps
 
+    triton = BACKENDS["triton"]
+    default = triton.default_block(4096, 1024)
     out = []
     for cc in SM:
         for dtype in DTYPES:
-            for block in (b for b in TRITON_BLOCK_SIZES if block_fits(b, _torch_dtype(dtype), cc)):
-                warps = num_warps(block) if block == DEFAULT_CHUNK_SIZE["triton"] else num_warps(block)[:1]
+            for block in (b for b in triton.blocks if block_fits(b, _torch_dtype(dtype), cc)):
+                warps = num_warps(block) if block == default else num_warps(block)[:1]
                 for name, *_ in kernel_variants(block, _torch_dtype(dtype)):
                     out.extend((cc, dtype, block, name, w) for w in warps)
     return out

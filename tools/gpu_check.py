@@ -139,7 +139,7 @@ def _train(work: Path, run: str, *extra: str) -> list[float]:
     done = subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise RuntimeError(f"training failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return [json.loads(line)["loss"] for line in (work / run / "tb" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["train/loss"] for line in (work / run / "tb" / "metrics.jsonl").read_text().splitlines()]
 
 
 def check_trainer(work: Path) -> dict:

@@ -25,25 +25,13 @@ CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutput
 
 
 class SessaDecodeCache:
-    """Per-layer recurrent state of SessaLM (``SessaLM.init_cache``), grown on demand."""
+    """SessaLM's decode state (``SessaLM.init_cache``) as generate sees it: its length."""
 
     def __init__(self, lm: SessaLM, batch_size: int, capacity: int) -> None:
-        self.lm, self.layers = lm, lm.init_cache(batch_size, capacity)
+        self.state = lm.init_cache(batch_size, capacity)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[0].length
-
-    def reserve(self, new_tokens: int) -> None:
-        needed = self.get_seq_length() + new_tokens
-        if needed <= self.layers[0].max_len:
-            return
-        length = self.get_seq_length()
-        grown = self.lm.init_cache(self.layers[0].k.shape[0], max(needed, 2 * self.layers[0].max_len))
-        for old, new in zip(self.layers, grown, strict=True):
-            for name in ("k", "v", "k_b", "s"):
-                getattr(new, name)[:, :, :length] = getattr(old, name)[:, :, :length]
-            new.length = length
-        self.layers = grown
+        return self.state.length
 
 
 class SessaForCausalLM(PreTrainedModel, GenerationMixin):
@@ -79,8 +67,8 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = SessaDecodeCache(self.lm, input_ids.shape[0], input_ids.shape[1] + 256)
         if cache is not None:
-            cache.reserve(input_ids.shape[1])
-        logits = self.lm(input_ids, None if cache is None else cache.layers)
+            cache.state.reserve(input_ids.shape[1])
+        logits = self.lm(input_ids, None if cache is None else cache.state)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())

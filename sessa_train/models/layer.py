@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sessa_train.config import ModelConfig
-from sessa_train.models.mixer import MixerCache, SessaMixer
+from sessa_train.models.architecture import Architecture
+from sessa_train.models.mixer import SessaCache, SessaMixer
 from sessa_train.models.plan import ModelPlan
+from sessa_train.models.positions import Positions
 
 
 class MLP(nn.Module):
@@ -45,10 +47,26 @@ class SessaLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.ffn_hidden_size else None
         self.mlp = MLP(D, cfg.ffn_hidden_size, plan) if cfg.ffn_hidden_size else None
 
-    def forward(self, x: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D)."""
+    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> SessaCache:
+        return self.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pos: Positions | None = None, cache: SessaCache | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); ``pos`` None: the rows are a whole sequence."""
+        pos = pos or self.plan.positions(x.shape[1])
         a, g = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # this rank's channels of each
-        y = x + self.out_proj(self.mixer(self.plan.gather(F.gelu(a)), cache) * g)
+        y = x + self.out_proj(self.mixer(self.plan.gather(F.gelu(a)), pos, cache) * g)
         if self.mlp is not None:
             y = y + self.mlp(self.mlp_norm(y))
         return y
+
+
+def _sessa_divisible(cfg: ModelConfig) -> dict[str, int]:
+    divisible = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads}
+    if cfg.feedback_heads > 1:  # one head is replicated; several are split over the ranks
+        divisible["feedback_heads"] = cfg.feedback_heads
+    if cfg.ffn_hidden_size:
+        divisible["ffn_hidden_size"] = cfg.ffn_hidden_size
+    return divisible
+
+
+SESSA = Architecture("sessa", SessaLayer, _sessa_divisible)

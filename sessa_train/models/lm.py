@@ -1,6 +1,6 @@
 """Causal language model: embedding -> N layers -> final LayerNorm -> LM head.
 
-The layers are Sessa layers, or with ``arch: transformer`` the matched Transformer baseline.
+The layers are those of ``model.arch`` (``models/registry.py``): Sessa layers, or a baseline's.
 A pipeline stage (``ModelPlan.stages`` > 1) holds the embedding only on the first stage, its
 block of layers, and the final norm and head only on the last; layers keep their global index
 as their name, so every weight has the same name in every layout.
@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from sessa_train.config import ModelConfig
-from sessa_train.models.layer import SessaLayer
-from sessa_train.models.mixer import MixerCache
 from sessa_train.models.plan import ModelPlan
-from sessa_train.models.transformer import TransformerLayer
+from sessa_train.models.positions import DecodeCache
+from sessa_train.models.registry import RECORDS
 
 
 def unit_seed(seed: int, name: str) -> int:
@@ -60,7 +59,7 @@ class SessaLM(nn.Module):
         """The constructors of this stage's units in order: embedding (first stage), its layers
         (global indices), final norm and LM head (last stage)."""
         D, V = cfg.d_model, cfg.vocab_size
-        layer = SessaLayer if cfg.arch == "sessa" else TransformerLayer
+        layer = RECORDS[cfg.arch].layer
 
         def normal(module: nn.Module) -> nn.Module:
             nn.init.normal_(module.weight, std=cfg.init_std)
@@ -77,12 +76,14 @@ class SessaLM(nn.Module):
             units["lm_head"] = head if cfg.tie_embeddings else lambda: normal(head())
         return units
 
-    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> list[MixerCache]:
-        """One preallocated cache per layer for prefill + token-by-token decoding."""
-        return [m.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype) for m in self.layers.values()]
+    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> DecodeCache:
+        """The decode state of every layer for prefill + token-by-token decoding, for ``max_len``
+        positions (``DecodeCache.reserve`` grows it)."""
+        layers = [m.init_cache(batch_size, max_len, device=device, dtype=dtype) for m in self.layers.values()]
+        return DecodeCache(layers)
 
     def forward(
-        self, inputs: torch.Tensor, cache: list[MixerCache] | None = None, *, targets: torch.Tensor | None = None
+        self, inputs: torch.Tensor, cache: DecodeCache | None = None, *, targets: torch.Tensor | None = None
     ) -> torch.Tensor:
         """inputs (B, T) int64 token ids -> logits (B, T, vocab_size), or with ``targets`` (B, T)
         the per-token cross-entropy (B, T) in float32.
@@ -99,10 +100,17 @@ class SessaLM(nn.Module):
             x = self.embed(inputs)
         else:
             x = inputs
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, model has {len(self.layers)}")
-        for i, layer in enumerate(self.layers.values()):
-            x = self.plan.recompute("full", self.compiled(layer), x) if cache is None else layer(x, cache[i])
+        if cache is None:
+            pos = self.plan.positions(x.shape[1])
+            for layer in self.layers.values():
+                x = self.plan.recompute("full", self.compiled(layer), x, pos)
+        else:
+            if len(cache.layers) != len(self.layers):
+                raise ValueError(f"cache has {len(cache.layers)} layers, model has {len(self.layers)}")
+            pos = cache.positions(x.shape[1])
+            for layer, state in zip(self.layers.values(), cache.layers, strict=True):
+                x = layer(x, pos, state)
+            cache.length += x.shape[1]
         if self.lm_head is None:
             return x
         logits = self.lm_head(self.norm(x))

@@ -21,40 +21,19 @@ import torch
 from torch import nn
 
 from sessa_train.config import ModelConfig
-from sessa_train.models.attention import causal_attention, split_heads
+from sessa_train.models.attention import AttentionCache, attention_cache, causal_attention, split_heads
 from sessa_train.models.plan import ModelPlan, Split
+from sessa_train.models.positions import Positions
 from sessa_train.ops import feedback_decode_step
 
 
 @dataclass
-class MixerCache:
-    """Per-layer decode state, preallocated to ``max_len`` positions.
+class SessaCache(AttentionCache):
+    """Per-layer decode state: the forward branch's k, v, and the feedback keys k_b and past
+    states s, (B, Hfb, max_len, D / Hfb) each."""
 
-    k, v (B, Hkv, max_len, head_dim): forward-branch keys (after RoPE) and values;
-    k_b (B, Hfb, max_len, dfb): feedback keys; s (B, Hfb, max_len, dfb): past states.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
     k_b: torch.Tensor
     s: torch.Tensor
-    length: int = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-
-def check_cache(cache: MixerCache | None, tokens: int) -> int:
-    """The position of the first of ``tokens`` new tokens (0 without a cache)."""
-    if cache is None:
-        return 0
-    start = cache.length
-    if start > 0 and tokens != 1:
-        raise ValueError(f"decode takes one token at a time after prefill, got {tokens} tokens")
-    if start + tokens > cache.max_len:
-        raise ValueError(f"cache overflow: {start} + {tokens} tokens > max_len={cache.max_len}")
-    return start
 
 
 class SessaMixer(nn.Module):
@@ -73,24 +52,22 @@ class SessaMixer(nn.Module):
         else:  # the single head: whole on every rank
             self.fb_proj = plan.replicated(D, 2 * D)
             self.gamma_proj = plan.replicated(D, 1, bias=False)
-        self.gamma_bias = plan.parameter(torch.full((H,), cfg.gamma_bias_init), Split(0) if H > 1 else None)
+        plan.parameter(self, "gamma_bias", torch.full((H,), cfg.gamma_bias_init), Split(0) if H > 1 else None)
 
     def sequence_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token that grow with the sequence: QK^T and AV of the forward branch
         over on average T/2 keys, and the feedback solve's q_b k_b^T and A s over T/2 earlier rows."""
         return 2 * (2 * 2 * (seq_len / 2) * self.cfg.d_model)
 
-    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MixerCache:
-        cfg = self.cfg
-        p = self.fb_proj.weight
+    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> SessaCache:
+        cfg, p = self.cfg, self.fb_proj.weight
         device, dtype = device or p.device, dtype or p.dtype
-        dfb = cfg.d_model // cfg.feedback_heads
-        kv = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        fb = (batch_size, cfg.feedback_heads, max_len, dfb)
-        new = lambda shape: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        return MixerCache(k=new(kv), v=new(kv), k_b=new(fb), s=new(fb))
+        kv = attention_cache(cfg, batch_size, max_len, device, dtype)
+        fb = (batch_size, cfg.feedback_heads, max_len, cfg.d_model // cfg.feedback_heads)
+        new = lambda: torch.zeros(fb, device=device, dtype=dtype)  # noqa: E731
+        return SessaCache(k=kv.k, v=kv.v, k_b=new(), s=new())
 
-    def forward(self, a: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, pos: Positions | None = None, cache: SessaCache | None = None) -> torch.Tensor:
         """a (B, T, D) -> s (B, T, D / tensor-parallel ranks).
 
         With a cache: an empty cache is filled by the parallel forward (prefill); a non-empty
@@ -100,9 +77,9 @@ class SessaMixer(nn.Module):
         if a.dim() != 3 or a.shape[-1] != cfg.d_model:
             raise ValueError(f"SessaMixer expects input of shape (batch, seq, {cfg.d_model}), got {tuple(a.shape)}")
         B, T, _ = a.shape
-        start = check_cache(cache, T) if cache is not None else plan.sequence_start(T)
-
-        f = causal_attention(self, a, cache, start)  # (B, T, D), every channel; writes k, v into a cache
+        pos = pos or plan.positions(T)
+        start = pos.start
+        f = causal_attention(self, a, pos, cache)  # (B, T, D), every channel; writes k, v into a cache
         fb = self.fb_proj(a)
         gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a))  # (B, T, local heads)
         if cfg.feedback_heads == 1:
@@ -122,5 +99,4 @@ class SessaMixer(nn.Module):
             s = plan.solve(q_b, k_b, f, gamma, scale)
         if cache is not None:
             cache.s[:, :, start : start + T] = s
-            cache.length = start + T
         return s.transpose(1, 2).flatten(2)

@@ -5,8 +5,10 @@ The layers are written once against this interface; head counts are inferred fro
 (``view(B, T, -1, head_dim)``), so the same forward runs whole or on a tensor-parallel rank.
 ``ModelPlan`` is the plain realisation (one process, everything whole, communication the
 identity); ``parallel/plan.py`` overrides its pieces. Every parameter a plan creates records how
-tensor parallelism cuts it (``tp_split``, a ``Split``; absent: replicated), which
-``parallel/layout.py`` reads from a model built on the meta device.
+tensor parallelism cuts it (a ``Split``; absent: replicated) in its module's ``tp_splits``, which
+``parameter_splits`` (and so ``parallel/layout.py``) reads from a model built on the meta device.
+The records live on the modules, not on the parameters: libraries that rebuild parameters from
+their attributes (transformers' ``from_pretrained``) see plain parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sessa_train.config import ComputeConfig
+from sessa_train.models.positions import Positions
 from sessa_train.ops import Solver, feedback_solve, select_solver
 
 
@@ -33,17 +36,20 @@ class Split:
     parts: int = 1
 
 
-def tag(module: nn.Module, weight: Split | None, bias: Split | None = None) -> nn.Module:
-    """Record how ``module``'s weight and bias are split (None: replicated)."""
-    for name, split in (("weight", weight), ("bias", bias)):
-        p = getattr(module, name, None)
-        if isinstance(p, nn.Parameter) and split is not None:
-            p.tp_split = split
+def tag(module: nn.Module, **splits: Split | None) -> nn.Module:
+    """Record how ``module``'s parameters (by name) are split (None: replicated)."""
+    module.__dict__.setdefault("tp_splits", {}).update(splits)
     return module
 
 
-def split_of(p: torch.Tensor) -> Split | None:
-    return getattr(p, "tp_split", None)
+def parameter_splits(model: nn.Module) -> dict[str, Split | None]:
+    """Every parameter name of ``model`` (tied ones under each name) -> how TP cuts it."""
+    splits: dict[str, Split | None] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        recorded = module.__dict__.get("tp_splits", {})
+        for name, _ in module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False):
+            splits[name] = recorded.get(name.rsplit(".", 1)[-1])
+    return splits
 
 
 @dataclass
@@ -74,12 +80,12 @@ class ModelPlan:
     # -- modules ----------------------------------------------------------------------------
     def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1) -> nn.Module:
         """A linear whose output features are split over tensor-parallel ranks."""
-        return tag(nn.Linear(n_in, n_out, bias=bias), Split(0, parts), Split(0, parts))
+        return tag(nn.Linear(n_in, n_out, bias=bias), weight=Split(0, parts), bias=Split(0, parts))
 
     def row(self, n_in: int, n_out: int, *, bias: bool = True) -> nn.Module:
         """A linear whose input features are split over tensor-parallel ranks; its output is
         summed over them (the bias is added once, after the sum)."""
-        return tag(nn.Linear(n_in, n_out, bias=bias), Split(1))
+        return tag(nn.Linear(n_in, n_out, bias=bias), weight=Split(1))
 
     def replicated(self, n_in: int, n_out: int, *, bias: bool = True) -> nn.Module:
         """A linear every tensor-parallel rank holds whole."""
@@ -87,14 +93,16 @@ class ModelPlan:
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         """The token embedding; tensor parallelism splits its vocabulary rows."""
-        return tag(nn.Embedding(vocab_size, dim), Split(0))
+        return tag(nn.Embedding(vocab_size, dim), weight=Split(0))
 
-    def parameter(self, value: torch.Tensor, split: Split | None) -> nn.Parameter:
-        """A free parameter (e.g. the gamma gate's bias): this rank's part of ``value``."""
-        p = nn.Parameter(value)
-        if split is not None:
-            p.tp_split = split
-        return p
+    def parameter(self, owner: nn.Module, name: str, value: torch.Tensor, split: Split | None) -> None:
+        """A free parameter ``owner.<name>`` (e.g. the gamma gate's bias): this rank's part of ``value``."""
+        owner.register_parameter(name, nn.Parameter(self.part(value, split)))
+        tag(owner, **{name: split})
+
+    def part(self, value: torch.Tensor, split: Split | None) -> torch.Tensor:
+        """This rank's part of a whole tensor cut as ``split``."""
+        return value
 
     # -- activations between tensor-parallel ranks --------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,13 +119,14 @@ class ModelPlan:
         return x
 
     # -- sequence ---------------------------------------------------------------------------
-    def sequence_start(self, length: int) -> int:
-        """Position of this rank's first token in the sequence (context parallelism splits it)."""
-        return 0
+    def positions(self, length: int) -> Positions:
+        """This rank's rows of a sequence of which it holds ``length`` (context parallelism splits it)."""
+        return Positions(0, length)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal attention of q (B, H, T, d) at positions start.. over k, v (B, Hkv, start+T, d)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=start == 0, enable_gqa=q.shape[1] != k.shape[1])
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """Causal attention of q (B, H, T, d) at rows ``pos`` over k, v (B, Hkv, pos.start + T, d)."""
+        causal = pos.start == 0
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
     def recompute(self, kind: str, fn, *args):
         """``fn(*args)``; when training with ``compute.recompute == kind`` its activations are not
@@ -127,8 +136,15 @@ class ModelPlan:
         return fn(*args)
 
     def solver(self, device: torch.device) -> Solver:
-        c = self.compute
-        return select_solver(c.feedback_backend, device, c.feedback_chunk_size or None, c.feedback_cuda_graphs)
+        """The solve's backend for tensors on ``device``, chosen once per device type (at set-up:
+        the trainer asks before the first step) and kept."""
+        solvers, key = self.__dict__.setdefault("_solvers", {}), (device.type, self.compute)
+        if key not in solvers:
+            c = self.compute
+            solvers[key] = select_solver(
+                c.feedback_backend, device, c.feedback_chunk_size or None, c.feedback_cuda_graphs
+            )
+        return solvers[key]
 
     def solve(self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float):
         """The feedback solve of this rank's heads and channels (``ops.feedback_solve`` shapes)."""

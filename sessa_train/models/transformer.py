@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from sessa_train.config import ModelConfig
-from sessa_train.models.attention import causal_attention
+from sessa_train.models.architecture import Architecture
+from sessa_train.models.attention import AttentionCache, attention_cache, causal_attention
 from sessa_train.models.layer import MLP
-from sessa_train.models.mixer import MixerCache, check_cache
 from sessa_train.models.plan import ModelPlan
+from sessa_train.models.positions import Positions
 
 
 def matched_ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -39,21 +40,8 @@ class CausalSelfAttention(nn.Module):
         """Forward FLOPs per token of QK^T and AV over on average T/2 keys."""
         return 2 * 2 * (seq_len / 2) * self.cfg.d_model
 
-    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MixerCache:
-        """A key/value cache (the feedback fields k_b, s are empty)."""
-        cfg, p = self.cfg, self.q_proj.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        kv = torch.zeros(batch_size, cfg.kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
-        empty = torch.zeros(batch_size, 1, max_len, 0, device=device, dtype=dtype)
-        return MixerCache(k=kv, v=kv.clone(), k_b=empty, s=empty.clone())
-
-    def forward(self, x: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
-        T = x.shape[1]
-        start = check_cache(cache, T) if cache is not None else self.plan.sequence_start(T)
-        out = causal_attention(self, x, cache, start)
-        if cache is not None:
-            cache.length = start + T
-        return out
+    def forward(self, x: torch.Tensor, pos: Positions, cache: AttentionCache | None = None) -> torch.Tensor:
+        return causal_attention(self, x, pos, cache)
 
 
 class TransformerLayer(nn.Module):
@@ -62,10 +50,28 @@ class TransformerLayer(nn.Module):
         plan = plan or ModelPlan()
         D = cfg.d_model
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.mixer = CausalSelfAttention(cfg, plan)  # "mixer": the cache interface SessaLM expects
+        self.mixer = CausalSelfAttention(cfg, plan)
         self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.mlp = MLP(D, matched_ffn_hidden_size(cfg), plan)
 
-    def forward(self, x: torch.Tensor, cache: MixerCache | None = None) -> torch.Tensor:
-        y = x + self.mixer(self.norm(x), cache)
+    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> AttentionCache:
+        p = self.mixer.q_proj.weight
+        return attention_cache(self.mixer.cfg, batch_size, max_len, device or p.device, dtype or p.dtype)
+
+    def forward(
+        self, x: torch.Tensor, pos: Positions | None = None, cache: AttentionCache | None = None
+    ) -> torch.Tensor:
+        pos = pos or self.mixer.plan.positions(x.shape[1])
+        y = x + self.mixer(self.norm(x), pos, cache)
         return y + self.mlp(self.mlp_norm(y))
+
+
+TRANSFORMER = Architecture(
+    "transformer",
+    TransformerLayer,
+    lambda cfg: {
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.kv_heads,
+        "ffn_hidden_size (matched: 5 d_model / 2)": matched_ffn_hidden_size(cfg),
+    },
+)

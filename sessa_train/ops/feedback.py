@@ -1,4 +1,4 @@
-"""The one dispatch point for the Sessa feedback solve.
+"""The one dispatch point for the Sessa feedback solve, and one record per backend.
 
     s = feedback_solve(q_b, k_b, f, gamma)   solves   (I - diag(gamma) A) s = f,
     A[t, j] = softmax_{j<t}(scale * q_b[t] . k_b[j]) for j < t, A[0, :] = 0.
@@ -9,12 +9,14 @@ Shapes (head-major, like ``scaled_dot_product_attention``):
     gamma     (B, H, T)       per-token feedback gain
     returns s (B, H, T, Dv)
 
-Backends: ``reference`` (dense T x T solve, the oracle), ``chunked`` (blocked forward
-substitution in torch, O(T * D) memory) and ``triton`` (the same algorithm as fused Triton
-kernels, CUDA tensors; CPU only under ``TRITON_INTERPRET=1``). ``select_solver`` is the only
-place that turns a request into a backend and block size: ``auto`` picks ``triton`` for CUDA
-tensors and ``chunked`` otherwise, and the environment variable ``SESSA_FEEDBACK_BACKEND``
-replaces ``auto`` wherever it was asked for.
+Backends (``BACKENDS``, one ``Backend`` record each: what it runs on, its blocks, the dtype it
+computes in, the memory of its strips, its functions): ``reference`` (dense T x T solve, the
+oracle), ``chunked`` (blocked forward substitution in torch, O(T * D) memory) and ``triton`` (the
+same algorithm as fused Triton kernels, CUDA tensors; CPU only under ``TRITON_INTERPRET=1``).
+``select_solver`` is the only place that turns a request into a ``Solver`` (a backend and its rows
+per block): ``auto`` picks ``triton`` for CUDA tensors and ``chunked`` otherwise, and the
+environment variable ``SESSA_FEEDBACK_BACKEND`` replaces ``auto`` wherever it was asked for.
+Dispatch, context parallelism and ``sessa-plan`` all read the records.
 
 Continuation. The blockwise backends solve a block of rows whose earlier rows live elsewhere
 (a context-parallel rank, ``parallel/context_parallel.py``), in the flattened layout
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,38 +48,95 @@ from sessa_train.ops.feedback_chunked import chunked_backward, chunked_forward
 from sessa_train.ops.feedback_reference import feedback_solve_reference
 
 BACKEND_ENV = "SESSA_FEEDBACK_BACKEND"
-DEFAULT_CHUNK_SIZE = {"chunked": 128, "triton": 64}  # chunked: measured on CPU (docs/benchmarks.md)
-TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+AUTO = {"cuda": "triton"}  # what ``auto`` means on a device type; ``chunked`` on any other
 HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class Solver:
-    """A concrete backend (``reference``, ``chunked`` or ``triton``) and its rows per block
-    (None for ``reference``), as chosen by ``select_solver``."""
+class Backend:
+    """What the framework knows of one way to solve the system.
 
-    backend: str
-    chunk: int | None
-    graphs: bool = False  # Triton on CUDA: replay each shape's chunk loop from a CUDA graph
+    ``devices``: the tensor devices it runs on (``triton`` also on CPU when interpreting);
+    ``blocks``: the rows per block it takes (None: any >= 1; ``()``: not blockwise);
+    ``default_block``: its block for a sequence of T rows of width Dv; ``half_inputs``: it takes
+    fp16/bf16 q, k, f as they are (float32 accumulators) instead of float32 copies; ``functions``:
+    gives (forward, backward), its blockwise entry points (None: not blockwise; the Triton kernels
+    are imported on first use);
+    ``strip_bytes(N, T, block, itemsize)``: the memory of its largest transient (strips, or the
+    dense system) during one backward of N sequences (the planner's model of it); ``cuda_graphs``:
+    its chunk loops can be replayed from CUDA graphs; ``interpreter``: an environment variable
+    that, set to 1, lets it run on CPU; ``check(block, dtype, device)`` refuses, in one line, a
+    block the device cannot run."""
+
+    name: str
+    devices: tuple[str, ...]
+    blocks: tuple[int, ...] | None
+    default_block: Callable[[int, int], int] | None
+    half_inputs: bool
+    functions: Callable[[], tuple[Callable, Callable]] | None
+    strip_bytes: Callable[[int, int, int, int], float]
+    cuda_graphs: bool = False
+    interpreter: str | None = None
+    check: Callable[[int, torch.dtype, torch.device], None] | None = None
 
     @property
     def blockwise(self) -> bool:
         """Whether it has the continuation entry points (``solve_forward``/``solve_backward``)."""
-        return self.backend != "reference"
+        return self.functions is not None
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype the solve runs in for inputs of ``dtype``: the Triton kernels take half
-        inputs themselves (float32 accumulation); the torch solves compute them in float32."""
-        return dtype if self.backend == "triton" or dtype not in HALF else torch.float32
+        """The dtype q, k, f and gamma are handed to it in, for inputs of ``dtype``."""
+        return dtype if self.half_inputs or dtype not in HALF else torch.float32
+
+    def entry_points(self) -> tuple[Callable, Callable]:
+        """(forward, backward) of a blockwise backend."""
+        if self.functions is None:
+            raise ConfigError(f"the {self.name} feedback backend cannot continue a solve; use chunked or triton")
+        return self.functions()
+
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type in self.devices or bool(self.interpreter and os.environ.get(self.interpreter, "0") == "1")
 
 
-def select_solver(
-    backend: str = "auto", device: torch.device | str = "cpu", chunk_size: int | None = None, graphs: bool = False
-) -> Solver:
-    """The solver for ``backend`` (possibly ``auto``) on ``device``; ``chunk_size`` None = the
-    backend's default; ``graphs``: capture the Triton kernels' chunk loops in CUDA graphs (on CUDA).
-    Raises a one-line ConfigError for a request that cannot run: call it at set-up time."""
-    device = torch.device(device)
+def _triton_functions() -> tuple[Callable, Callable]:
+    from sessa_train.ops import feedback_triton  # imports triton: only when used
+
+    return feedback_triton.triton_forward, feedback_triton.triton_backward
+
+
+def _triton_check(block: int, dtype: torch.dtype, device: torch.device) -> None:
+    from sessa_train.ops import feedback_triton
+
+    feedback_triton.check_block(block, dtype, device)
+
+
+def _chunked_block(T: int, Dv: int) -> int:
+    return 128  # measured on CPU (docs/benchmarks.md)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        # several (N, T, T) tensors live at once: logits, A, the system and their gradients
+        Backend("reference", ("cpu", "cuda"), (), None, False, None, lambda N, T, C, size: 4 * N * T * T * 4),
+        # forward and backward hold float32 strips of C x T: scores, probabilities, their gradient
+        Backend(
+            "chunked", ("cpu", "cuda"), None, _chunked_block, False, lambda: (chunked_forward, chunked_backward),
+            lambda N, T, C, size: 3 * N * C * T * 4,
+        ),
+        # the backward's column strip and dlogits strip in the GEMM dtype, and the float32 diagonal blocks
+        Backend(
+            "triton", ("cuda",), (16, 32, 64, 128), lambda T, Dv: 64, True, _triton_functions,
+            lambda N, T, C, size: N * C * T * (2 * size + 4),
+            cuda_graphs=True, interpreter="TRITON_INTERPRET", check=_triton_check,
+        ),
+    )
+}  # fmt: skip
+
+
+def resolve_backend(backend: str, device_type: str) -> Backend:
+    """The record a request names for tensors on ``device_type`` (``auto``: the environment's
+    choice, else ``triton`` on CUDA and ``chunked`` otherwise). No check that it can run here."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
         if backend not in FEEDBACK_BACKENDS:
@@ -86,24 +146,50 @@ def select_solver(
     elif backend not in FEEDBACK_BACKENDS:
         raise ConfigError(f"feedback_solve: unknown backend {backend!r}; valid: {', '.join(FEEDBACK_BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "chunked"
-    if backend == "reference":
-        return Solver("reference", None)
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE[backend]
-    if chunk_size < 1:
+        backend = AUTO.get(device_type, "chunked")
+    return BACKENDS[backend]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A backend (by name, its record in ``BACKENDS``) and its rows per block (None: the record's
+    default for each shape; always None for ``reference``), as chosen by ``select_solver``."""
+
+    backend: str
+    chunk: int | None = None
+    graphs: bool = False  # Triton on CUDA: replay each shape's chunk loop from a CUDA graph (training)
+
+    @property
+    def record(self) -> Backend:
+        return BACKENDS[self.backend]
+
+    def block(self, T: int, Dv: int) -> int:
+        """Rows per block for a sequence of T rows of width Dv."""
+        return self.chunk or self.record.default_block(T, Dv)
+
+
+def select_solver(
+    backend: str = "auto", device: torch.device | str = "cpu", chunk_size: int | None = None, graphs: bool = False
+) -> Solver:
+    """The solver for ``backend`` (possibly ``auto``) on ``device``; ``chunk_size`` None = the
+    backend's default; ``graphs``: capture the Triton kernels' chunk loops in CUDA graphs (on CUDA).
+    Raises a one-line ConfigError for a request that cannot run: call it at set-up time."""
+    device = torch.device(device)
+    record = resolve_backend(backend, device.type)
+    if not record.blockwise:
+        return Solver(record.name)
+    if chunk_size is not None and chunk_size < 1:
         raise ConfigError(f"feedback_solve: chunk_size must be >= 1, got {chunk_size}")
-    if backend == "triton":
-        if chunk_size not in TRITON_BLOCK_SIZES:
-            raise ConfigError(
-                f"feedback_solve: the triton backend needs chunk_size in {TRITON_BLOCK_SIZES}, got {chunk_size}"
-            )
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ConfigError(
-                f"feedback_solve: the triton backend needs CUDA tensors (got device {device}); "
-                "on CPU use backend 'chunked', or set TRITON_INTERPRET=1 before importing triton"
-            )
-    return Solver(backend, chunk_size, graphs and backend == "triton" and device.type == "cuda")
+    if chunk_size is not None and record.blocks is not None and chunk_size not in record.blocks:
+        raise ConfigError(
+            f"feedback_solve: the {record.name} backend needs chunk_size in {record.blocks}, got {chunk_size}"
+        )
+    if not record.runs_on(device):
+        raise ConfigError(
+            f"feedback_solve: the {record.name} backend needs CUDA tensors (got device {device}); "
+            f"on CPU use backend 'chunked', or set {record.interpreter}=1 before importing triton"
+        )
+    return Solver(record.name, chunk_size, graphs and record.cuda_graphs and device.type == "cuda")
 
 
 class Prefix(NamedTuple):
@@ -121,35 +207,35 @@ class Solved(NamedTuple):
     lse: torch.Tensor  # (N, T), every row's log-sum-exp over all its earlier keys
 
 
-def _blockwise(solver: Solver):
-    """(forward, backward) functions of a blockwise backend."""
-    if solver.backend == "triton":
-        from sessa_train.ops import feedback_triton as ft  # imports triton: only when used
-
-        return ft.triton_forward, ft.triton_backward
-    if solver.backend == "chunked":
-        return chunked_forward, chunked_backward
-    raise ConfigError(f"the {solver.backend} feedback backend cannot continue a solve; use chunked or triton")
+def _replayed(solver: Solver) -> bool:
+    """CUDA-graph replay: asked for, and a training step (graphs are kept per shape; eval and
+    generation see a new prompt length every call)."""
+    return solver.graphs and torch.is_grad_enabled()
 
 
 def solve_forward(solver: Solver, q, k, f, gamma, scale: float, prefix: Prefix | None = None) -> Solved:
     """Blocked forward substitution of one block of rows, continuing from ``prefix``."""
-    forward = _blockwise(solver)[0]
-    if solver.graphs and prefix is None:
-        from sessa_train.ops.feedback_triton import graphed
+    forward = solver.record.entry_points()[0]
+    block = solver.block(q.shape[1], f.shape[-1])
+    if _replayed(solver) and prefix is None:
+        from sessa_train.ops.cuda_graphs import graphed
 
-        return Solved(*graphed(forward, (q, k, f, gamma), scale, solver.chunk))
-    return Solved(*forward(q, k, f, gamma, scale, solver.chunk, prefix))
+        return Solved(*graphed(forward, (q, k, f, gamma), scale, block))
+    return Solved(*forward(q, k, f, gamma, scale, block, prefix))
 
 
-def solve_backward(solver: Solver, grad_s, q, k, gamma, solved: Solved, scale: float) -> tuple[torch.Tensor, ...]:
-    """The adjoint of ``solve_forward``: (dq, dk, df, dgamma) for G = ``grad_s``."""
-    backward = _blockwise(solver)[1]
-    if solver.graphs:
-        from sessa_train.ops.feedback_triton import graphed
+def solve_backward(
+    solver: Solver, grad_s, q, k, gamma, solved: Solved, scale: float, graphs: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The adjoint of ``solve_forward``: (dq, dk, df, dgamma) for G = ``grad_s`` (``graphs``: its
+    forward was replayed from a CUDA graph, so is this)."""
+    backward = solver.record.entry_points()[1]
+    block = solver.block(q.shape[1], solved.s.shape[-1])
+    if graphs:
+        from sessa_train.ops.cuda_graphs import graphed
 
-        return graphed(backward, (grad_s, q, k, gamma, *solved), scale, solver.chunk)
-    return backward(grad_s, q, k, gamma, *solved, scale, solver.chunk)
+        return graphed(backward, (grad_s, q, k, gamma, *solved), scale, block)
+    return backward(grad_s, q, k, gamma, *solved, scale, block)
 
 
 class BlockwiseFeedbackSolve(torch.autograd.Function):
@@ -158,6 +244,7 @@ class BlockwiseFeedbackSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, f, gamma, scale: float, solver: Solver):  # type: ignore[override]
+        ctx.graphs = _replayed(solver)
         solved = solve_forward(solver, q, k, f, gamma, scale)
         ctx.save_for_backward(q, k, gamma, *solved)
         ctx.scale, ctx.solver = scale, solver
@@ -168,7 +255,7 @@ class BlockwiseFeedbackSolve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_s):  # type: ignore[override]
         q, k, gamma, *solved = ctx.saved_tensors
-        grads = solve_backward(ctx.solver, grad_s.contiguous(), q, k, gamma, Solved(*solved), ctx.scale)
+        grads = solve_backward(ctx.solver, grad_s.contiguous(), q, k, gamma, Solved(*solved), ctx.scale, ctx.graphs)
         return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None)
 
 
@@ -182,21 +269,14 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torc
         raise ValueError(f"feedback_solve: f shape {tuple(f.shape)} must match q_b's (B, H, T) = {tuple(q.shape[:3])}")
     if gamma.shape != q.shape[:3]:
         raise ValueError(f"feedback_solve: gamma shape {tuple(gamma.shape)} must be (B, H, T) = {tuple(q.shape[:3])}")
-    triton_dtypes = (torch.float32, *HALF)
-    if solver.backend == "triton" and (f.dtype not in triton_dtypes or len({q.dtype, k.dtype, f.dtype}) != 1):
+    record = solver.record
+    if record.half_inputs and (f.dtype not in (torch.float32, *HALF) or len({q.dtype, k.dtype, f.dtype}) != 1):
         raise ValueError(
-            f"feedback_solve: the triton backend needs q_b, k_b, f of one dtype among float32/float16/bfloat16, "
+            f"feedback_solve: the {record.name} backend needs q_b, k_b, f of one dtype among float32/float16/bfloat16, "
             f"got {q.dtype}, {k.dtype}, {f.dtype}"
         )
-    if solver.backend == "triton" and f.is_cuda:
-        from sessa_train.ops.feedback_triton import block_fits
-
-        major, minor = torch.cuda.get_device_capability(f.device)
-        if not block_fits(solver.chunk, f.dtype, 10 * major + minor):
-            raise ConfigError(
-                f"feedback_solve: the triton backend's {solver.chunk}-row blocks need bf16/fp16 inputs on sm_90 or "
-                f"later and Triton >= 3.6; got {f.dtype} on sm_{major}{minor}: use compute.feedback_chunk_size=64"
-            )
+    if record.check and f.is_cuda:
+        record.check(solver.block(q.shape[2], f.shape[-1]), f.dtype, f.device)
 
 
 def flatten_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -225,10 +305,10 @@ def feedback_solve(
     _check_inputs(q, k, f, gamma, solver)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if solver.backend == "reference":
+    if not solver.record.blockwise:
         return feedback_solve_reference(q, k, f, gamma, scale)
     B, H, T, Dv = f.shape
-    dtype = solver.compute_dtype(f.dtype)
+    dtype = solver.record.compute_dtype(f.dtype)
     s = BlockwiseFeedbackSolve.apply(
         flatten_heads(q, dtype),
         flatten_heads(k, dtype),

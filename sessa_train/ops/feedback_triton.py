@@ -42,7 +42,7 @@ GPU from the first few chunks on (``_splits``). Each writes its partial tile, th
 ticket from a per-(chunk, sequence, tile) counter; the program that draws the last ticket sums
 the partials and finishes. Every buffer is allocated before the chunk loop, which has no host
 synchronisation, so on CUDA the whole forward or backward can be captured in a CUDA graph and
-replayed (``graphed``, keyed by shape). All launches go through ``launch``.
+replayed (``ops/cuda_graphs.py``). All launches go through ``launch``.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the kernels run in numpy, one program after the other; the
 interpreter computes bf16 wrongly, so tiles are upcast to float32 right after every load and,
@@ -78,6 +78,18 @@ def block_fits(block: int, dtype: torch.dtype, capability: int) -> bool:
     registers) and Triton 3.6 or later (3.4 spills; 3.6 and 3.9 checked). tools/compile_kernels.py
     checks every variant this allows."""
     return block < 128 or (dtype != torch.float32 and capability >= 90 and TRITON_VERSION >= (3, 6))
+
+
+def check_block(block: int, dtype: torch.dtype, device: torch.device) -> None:
+    """A one-line error for a block this GPU cannot run (``block_fits``)."""
+    from sessa_train.errors import ConfigError
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if not block_fits(block, dtype, 10 * major + minor):
+        raise ConfigError(
+            f"feedback_solve: the triton backend's {block}-row blocks need bf16/fp16 inputs on sm_90 or "
+            f"later and Triton >= 3.6; got {dtype} on sm_{major}{minor}: use compute.feedback_chunk_size=64"
+        )
 
 
 def interpreting() -> bool:
@@ -563,33 +575,3 @@ def kernel_variants(block: int, dtype: torch.dtype, width: int = 1024) -> list[t
         variant("bwd_strips", _bwd_strips_kernel, {}),
         variant("dq", _dq_kernel, {}),
     ]
-
-
-# ---------------------------------------------------------------------------------------
-# CUDA graphs
-# ---------------------------------------------------------------------------------------
-
-_GRAPHS: dict[tuple, tuple] = {}
-
-
-def graphed(fn, tensors: tuple[torch.Tensor, ...], *args):
-    """``fn(*tensors, *args)`` replayed from a CUDA graph captured once per key (the tensors' shapes,
-    dtypes and device, and ``args``): one launch of the whole chunk loop instead of one per kernel.
-    The first call runs ``fn`` eagerly (Triton compiles and autotunes there), then captures it on
-    copies of the inputs; each call copies its inputs in, replays, and returns copies of the
-    outputs (the graph's own are overwritten by the next replay)."""
-    key = (fn.__name__, *((t.shape, t.dtype, t.device) for t in tensors), *args)
-    entry = _GRAPHS.get(key)
-    if entry is None:
-        fn(*tensors, *args)
-        torch.cuda.synchronize()
-        static = tuple(t.clone() for t in tensors)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn(*static, *args)
-        entry = _GRAPHS[key] = (graph, static, out)
-    graph, static, out = entry
-    for dst, src in zip(static, tensors, strict=True):
-        dst.copy_(src)
-    graph.replay()
-    return tuple(o.clone() for o in out)

@@ -158,11 +158,13 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, f, gamma, scale: float, solver: Solver, group, sizes: tuple[int, ...]):  # type: ignore[override]
-        rank, chunk = dist.get_rank(group), solver.chunk
         N, T, dk = q.shape
         dv = f.shape[-1]
-        m = torch.full((N, T, 1), float("-inf"), dtype=q.dtype, device=q.device)
-        z, h = torch.zeros(N, T, 1, dtype=q.dtype, device=q.device), torch.zeros_like(f)
+        rank, chunk = dist.get_rank(group), solver.block(T, dv)
+        # the ring's own state is at least float32 whatever the solver computes in (like its accumulators)
+        acc = {"dtype": torch.promote_types(q.dtype, torch.float32), "device": q.device}
+        m = torch.full((N, T, 1), float("-inf"), **acc)
+        z, h = torch.zeros(N, T, 1, **acc), torch.zeros(N, T, dv, **acc)
         relay: dict[Msg, torch.Tensor] = {}  # received pieces waiting to go on to rank + 1
         solved: list[Solved] = []
         seen: list[Msg] = []
@@ -176,7 +178,7 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
                 relay[msg] = piece
             kj, sj = piece[..., :dk], piece[..., dk:]
             for rows in _pieces(T, chunk):
-                L = torch.matmul(q[:, rows], kj.transpose(1, 2)).mul_(scale)
+                L = torch.matmul(q[:, rows].to(kj.dtype), kj.transpose(1, 2)).mul_(scale)
                 m_new = torch.maximum(m[:, rows], L.amax(dim=-1, keepdim=True))
                 decay = torch.where(torch.isneginf(m[:, rows]), 0.0, (m[:, rows] - m_new).exp())
                 e = L.sub_(m_new).exp_()
@@ -190,11 +192,11 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         def message(msg: Msg) -> torch.Tensor:
             if msg.block == rank:  # own rows, made when sent
                 rows = _pieces(T, chunk)[msg.piece]
-                return torch.cat([k[:, rows], solved[0].s[:, rows]], dim=-1)
+                return torch.cat([k[:, rows].to(acc["dtype"]), solved[0].s[:, rows].to(acc["dtype"])], dim=-1)
             return relay.pop(msg)
 
         def shape(msg: Msg) -> torch.Tensor:
-            return q.new_empty(N, _rows(sizes[msg.block], chunk, msg.piece), dk + dv)
+            return torch.empty(N, _rows(sizes[msg.block], chunk, msg.piece), dk + dv, **acc)
 
         need = sum(len(_pieces(n, chunk)) for n in sizes[:rank])
         if need == 0:
@@ -202,22 +204,26 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         _run(schedule(tuple(sizes), chunk, backward=False), rank, group, message, shape, received)
         s, c, lse = solved[0]
         ctx.save_for_backward(q, k, gamma, s, c, lse)
+        ctx.dtypes = (q.dtype, k.dtype, f.dtype, gamma.dtype)
         ctx.scale, ctx.solver, ctx.group, ctx.sizes = scale, solver, group, sizes
-        return s
+        return s.to(f.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_s):  # type: ignore[override]
         q, k, gamma, s, c, lse = ctx.saved_tensors
-        group, sizes, chunk, scale = ctx.group, ctx.sizes, ctx.solver.chunk, ctx.scale
+        group, sizes, scale = ctx.group, ctx.sizes, ctx.scale
         rank = dist.get_rank(group)
         N, T, dk = q.shape
         dv = s.shape[-1]
+        chunk = ctx.solver.block(T, dv)
         width = 2 * dk + dv + 3  # q, lam, dq accumulator, lse, gamma, dgamma
-        push, dk_cross = grad_s.clone(), torch.zeros_like(k)
+        f32 = {"dtype": torch.promote_types(q.dtype, torch.float32), "device": q.device}  # the ring's state
+        push, dk_cross = grad_s.to(f32["dtype"]).clone(), torch.zeros(N, T, dk, **f32)
         relay: dict[Msg, torch.Tensor] = {}  # received pieces waiting to go on (rank 0: their dq, home)
         done: list = []  # [dq, dk, lam, dgamma] of the own rows
-        dq_home = torch.zeros_like(q)  # dq of the own rows over earlier ranks' columns
+        dq_home = torch.zeros(N, T, dk, **f32)  # dq of the own rows over earlier ranks' columns
+        k32, s32 = k.to(f32["dtype"]), s.to(f32["dtype"])
 
         def solve() -> None:
             done.extend(solve_backward(ctx.solver, push, q, k, gamma, Solved(s, c, lse), scale))
@@ -228,12 +234,12 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
                 return
             qb, lamb, dqb = piece[..., :dk], piece[..., dk : dk + dv], piece[..., dk + dv : 2 * dk + dv]
             lse_b, g_b, dg_b = (piece[..., 2 * dk + dv + i, None] for i in range(3))
-            A = torch.matmul(qb, k.transpose(1, 2)).mul_(scale).sub_(lse_b).exp_()  # (N, C, T_r)
+            A = torch.matmul(qb, k32.transpose(1, 2)).mul_(scale).sub_(lse_b).exp_()  # (N, C, T_r)
             push.baddbmm_(A.transpose(1, 2), g_b * lamb)
-            P_ = torch.bmm(lamb, s.transpose(1, 2)).sub_(dg_b).mul_(A)
+            P_ = torch.bmm(lamb, s32.transpose(1, 2)).sub_(dg_b).mul_(A)
             w = g_b * scale
             dk_cross.baddbmm_(P_.transpose(1, 2), qb * w)
-            dqb += torch.bmm(P_, k).mul_(w)
+            dqb += torch.bmm(P_, k32).mul_(w)
             relay[msg] = piece
             seen.append(msg)
             if len(seen) == need:
@@ -245,12 +251,14 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
             if msg.block == rank:  # own rows, made when sent: q, lam, a zero dq accumulator, lse, gamma, dgamma
                 rows = _pieces(T, chunk)[msg.piece]
                 lam, dgamma = done[2], done[3]
-                extras = torch.stack([lse[:, rows], gamma[:, rows], dgamma[:, rows]], dim=-1)
-                return torch.cat([q[:, rows], lam[:, rows], torch.zeros_like(q[:, rows]), extras], dim=-1)
+                extras = torch.stack([lse[:, rows], gamma[:, rows], dgamma[:, rows]], dim=-1).to(f32["dtype"])
+                q_rows = q[:, rows].to(f32["dtype"])
+                return torch.cat([q_rows, lam[:, rows].to(f32["dtype"]), torch.zeros_like(q_rows), extras], dim=-1)
             return relay.pop(msg)
 
         def shape(msg: Msg) -> torch.Tensor:
-            return q.new_empty(N, _rows(sizes[msg.block], chunk, msg.piece), dk if msg.kind == "dq" else width)
+            rows = _rows(sizes[msg.block], chunk, msg.piece)
+            return torch.empty(N, rows, dk if msg.kind == "dq" else width, **f32)
 
         seen: list[Msg] = []
         need = sum(len(_pieces(n, chunk)) for n in sizes[rank + 1 :])
@@ -258,7 +266,8 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
             solve()
         _run(schedule(tuple(sizes), chunk, backward=True), rank, group, message, shape, received)
         dq, dk_own, lam, dgamma = done
-        return dq.add_(dq_home), dk_own.add_(dk_cross), lam, dgamma, None, None, None, None
+        grads = (dq.to(f32["dtype"]) + dq_home, dk_own.to(f32["dtype"]) + dk_cross, lam, dgamma)
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None, None)
 
 
 def feedback_solve_context_parallel(
@@ -279,7 +288,7 @@ def feedback_solve_context_parallel(
     rank = dist.get_rank(group)
     if len(sizes) != dist.get_world_size(group) or sizes[rank] != T:
         raise ValueError(f"context-parallel block sizes {sizes} do not match this rank's {T} rows (rank {rank})")
-    dtype = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype  # one dtype on the ring
+    dtype = solver.record.compute_dtype(f.dtype)  # what the solver takes; the ring's own state is float32
     s = ContextParallelFeedbackSolve.apply(
         *(flatten_heads(x, dtype) for x in (q, k, f, gamma)), scale, solver, group, tuple(sizes)
     )

@@ -19,7 +19,7 @@ import torch
 from sessa_train.config import ModelConfig
 from sessa_train.models import ModelPlan, SessaLM, Split
 from sessa_train.models.lm import build_unit
-from sessa_train.models.plan import split_of
+from sessa_train.models.plan import parameter_splits
 
 
 @functools.lru_cache(maxsize=64)
@@ -27,8 +27,8 @@ def stage_splits(cfg: ModelConfig, stages: int = 1, stage: int = 0) -> dict[str,
     """State-dict name -> how TP splits it (None: replicated), for pipeline ``stage`` of ``stages``."""
     with torch.device("meta"):
         model = SessaLM(cfg, ModelPlan(stages=stages, stage=stage))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return {name: split_of(params[name]) for name in model.state_dict()}
+    splits = parameter_splits(model)
+    return {name: splits[name] for name in model.state_dict()}
 
 
 def cut(t: torch.Tensor, split: Split, rank: int, ranks: int) -> torch.Tensor:

@@ -1,5 +1,10 @@
-"""Process groups for tensor x pipeline x context x data parallelism, from megatron-core's parallel_state,
-and the view of them that DeepSpeed takes (``MegatronMPU``).
+"""Where a rank sits in the job: tensor x pipeline x context x data parallelism (``ParallelState``),
+from megatron-core's parallel_state when any model-parallel size is > 1, and the view of those
+groups that DeepSpeed takes (``MegatronMPU``).
+
+A plain run (every rank holds the whole model) is the state of sizes 1 with data parallelism over
+the world: the trainer, checkpoints and the gradient norm read one kind of state either way, and
+megatron-core is imported only when a model-parallel size is > 1.
 
 Rank order is megatron's default (tp fastest, then cp, dp, pp): with TP=2, PP=2, DP=2 the
 tensor groups are {0,1},{2,3},..., the data groups {0,2},{1,3},{4,6},{5,7} and the pipeline
@@ -12,9 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state as ps
 
 from sessa_train.errors import ConfigError
+from sessa_train.models.plan import Split
+
+# megatron-core releases whose CUDA-only pieces ``megatron_on_cpu`` was written for
+MEGATRON_ON_CPU = ("0.16",)
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,43 @@ class ParallelState:
     dp_rank: int
     cp: int = 1
     cp_rank: int = 0
+
+    @classmethod
+    def plain(cls, world_size: int, rank: int) -> ParallelState:
+        """Every rank holds the whole model: data parallelism only."""
+        return cls(tp=1, pp=1, dp=world_size, tp_rank=0, pp_rank=0, dp_rank=rank)
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold parts of one model (TP x PP x CP)."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def data_rank_of_record(self) -> bool:
+        """The first rank of its TP x PP x CP group: it speaks for the data that group reads."""
+        return (self.tp_rank, self.pp_rank, self.cp_rank) == (0, 0, 0)
+
+    def owns(self, split: Split | None) -> bool:
+        """Whether this rank counts a parameter cut as ``split`` (None: replicated over the tensor
+        ranks) once in a sum over the model-parallel group: cut ones on every tensor rank, replicated
+        ones on tensor rank 0 (gradient norm, checkpoint writers)."""
+        return split is not None or self.tp_rank == 0
+
+    def replica_group(self):
+        """The ranks that hold the same parameters (data x context-parallel replicas); None: the world."""
+        if self.model_parallel == 1:
+            return None
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
+    def model_parallel_group(self):
+        """The ranks that hold the parts of one model (None for a plain run: this rank alone)."""
+        if self.model_parallel == 1:
+            return None
+        from megatron.core import parallel_state as ps
+
+        return ps.get_model_parallel_group()
 
 
 def check_sizes(tensor: int, pipeline: int, context: int, world_size: int) -> None:
@@ -44,13 +89,21 @@ def megatron_on_cpu() -> None:
     megatron-core 0.16 hard-codes CUDA in the pieces we use: p2p receive buffers and the
     last-dim gather allocate on ``torch.cuda.current_device()``, and the schedules keep a
     token counter ``torch.zeros([], device="cuda")``. On a build without CUDA those calls
-    can only fail, so here they are pointed at the CPU. Nothing changes on a CUDA build.
+    can only fail, so here they are pointed at the CPU. Nothing changes on a CUDA build, and the
+    patches are applied only to the releases they were written for (``MEGATRON_ON_CPU``).
     (docs/parallelism.md; used by CPU tests and CPU development runs.)
     """
     if torch.cuda.is_available():
         return
+    import megatron.core
     from megatron.core.pipeline_parallel import schedules
 
+    version = megatron.core.__version__
+    if not version.startswith(MEGATRON_ON_CPU):
+        raise ConfigError(
+            f"tensor/pipeline/context parallelism on CPU patches megatron-core {', '.join(MEGATRON_ON_CPU)}.x, "
+            f"found {version}: install megatron-core=={MEGATRON_ON_CPU[-1]}.* or run on GPUs"
+        )
     torch.cuda.current_device = lambda: torch.device("cpu")
 
     class _TorchOnCpu:
@@ -64,9 +117,14 @@ def megatron_on_cpu() -> None:
     schedules.torch = _TorchOnCpu()
 
 
-def init_model_parallel(tensor: int, pipeline: int, context: int, world_size: int) -> ParallelState:
-    """Create megatron-core's groups (torch.distributed must be initialised)."""
+def init_parallel(tensor: int, pipeline: int, context: int, world_size: int, rank: int) -> ParallelState:
+    """This rank's state (torch.distributed must be initialised); megatron-core's groups are
+    created when any model-parallel size is > 1."""
     check_sizes(tensor, pipeline, context, world_size)
+    if tensor * pipeline * context == 1:
+        return ParallelState.plain(world_size, rank)
+    from megatron.core import parallel_state as ps
+
     megatron_on_cpu()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
@@ -94,40 +152,39 @@ class MegatronMPU:
     its own file; ``mark_norm_owners`` makes the norm count each distinct gradient once.
     """
 
-    @staticmethod
-    def get_data_parallel_rank() -> int:
-        return ps.get_data_parallel_rank(with_context_parallel=True)
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
 
-    @staticmethod
-    def get_data_parallel_world_size() -> int:
-        return ps.get_data_parallel_world_size(with_context_parallel=True)
+        self.ps = ps
 
-    @staticmethod
-    def get_data_parallel_group():
-        return ps.get_data_parallel_group(with_context_parallel=True)
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank(with_context_parallel=True)
 
-    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
-    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
-    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
-    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
-    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
-    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size(with_context_parallel=True)
 
-    @staticmethod
-    def get_model_parallel_rank() -> int:
-        return ps.get_model_parallel_group().rank()
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group(with_context_parallel=True)
 
-    @staticmethod
-    def get_model_parallel_world_size() -> int:
-        return ps.get_model_parallel_group().size()
+    def __getattr__(self, name: str):
+        """get_{tensor,pipeline}_model_parallel_{rank,world_size,group}, get_model_parallel_group:
+        megatron-core's own."""
+        if name.startswith(("get_tensor_model_parallel_", "get_pipeline_model_parallel_")) or name == (
+            "get_model_parallel_group"
+        ):
+            return getattr(self.ps, name)
+        raise AttributeError(name)
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_model_parallel_group().rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_model_parallel_group().size()
 
 
-def mark_norm_owners(module: torch.nn.Module, tp_split: dict[str, object], state: ParallelState) -> None:
-    """DeepSpeed counts a gradient in the global norm on model-parallel rank 0, or on every
-    rank when the parameter is marked model-parallel. Parameters that tensor parallelism cuts
-    (``tp_split[name]`` not None) are distinct on every rank; replicated ones of a stage are
-    distinct from other stages' but repeated over its TP ranks: TP rank 0 owns them."""
+def mark_norm_owners(module: torch.nn.Module, splits: dict[str, Split | None], state: ParallelState) -> None:
+    """DeepSpeed counts a gradient in the global norm on model-parallel rank 0, or on every rank
+    when the parameter is marked model-parallel: mark the ones this rank ``owns``."""
     for name, p in module.named_parameters():
-        if state.tp_rank == 0 or tp_split[name] is not None:
+        if state.owns(splits[name]):
             p.model_parallel = True

@@ -1,7 +1,9 @@
-"""The pretraining loop (``loop.py``) and what it is built from: ``build.py`` (rank layout,
-loader, the model under DeepSpeed with its runner), ``runner.py``, ``optim.py``, ``metrics.py``."""
+"""The pretraining loop (``loop.py``) and what it is built from: ``build.py`` (the parallel state,
+the loader, the model under DeepSpeed), ``engine.py`` (a step through DeepSpeed), ``runner.py``,
+``optim.py``, ``state.py`` (the checkpoint's parts), ``metrics.py`` (the sinks)."""
 
-from sessa_train.trainer.build import Engine, RankLayout, build_engine, rank_layout
+from sessa_train.trainer.build import build_engine, parallel_state
+from sessa_train.trainer.engine import Engine
 from sessa_train.trainer.loop import Trainer
 
-__all__ = ["Engine", "RankLayout", "Trainer", "build_engine", "rank_layout"]
+__all__ = ["Engine", "Trainer", "build_engine", "parallel_state"]

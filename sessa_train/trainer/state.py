@@ -1,29 +1,36 @@
-"""An engine's training state in the checkpoint's layout-free form, and back under any layout.
+"""The parts of a run's state (``checkpoint.Part``): what each holds and how it is restored under
+any layout. ``checkpoint.py`` turns them into files; the trainer lists them (``Trainer.parts``).
 
-The form (``checkpoint.py`` owns the files): per parameter of the plain model, its whole fp32
-weight and AdamW moments (exp_avg, exp_avg_sq), cut only by tensor parallelism as the parameter
-is, plus one AdamW step count and the learning-rate schedule's position. Whole over ZeRO
-partitions: DeepSpeed's ``safe_get_full_*`` gather them on save (a collective over the
-data-parallel group) and ``safe_set_full_*`` scatter them into this rank's partition on load, so
-ZeRO 0-3, bf16 and every tensor x pipeline x context layout read and write the same thing.
+``ModelState`` (part ``model``): the engine's weights and AdamW moments in the layout-free form,
+per parameter of the plain model its whole fp32 weight, exp_avg and exp_avg_sq, cut only by
+tensor parallelism as the parameter is, and the optimizer's and schedule's step counts. Whole over
+ZeRO partitions: DeepSpeed's ``safe_get_full_*`` gather them on save (a collective over the
+replicas) and ``safe_set_full_*`` scatter them into this rank's partition on load, so ZeRO 0-3,
+bf16 and every tensor x pipeline x context layout read and write the same thing. Writing is
+spread over the replicas that hold the same parameters: each parameter is written once, by the
+replica it is assigned to (largest first, to the least loaded), and parameters that tensor
+parallelism does not cut only by the tensor rank that ``owns`` them.
 
-Writing is spread over the ranks that hold the same parameters (the data x context-parallel
-replicas of a tensor x pipeline rank): each parameter is written once, by the replica it is
-assigned to (largest first, to the least loaded), and parameters that tensor parallelism does not
-cut only by tensor rank 0.
+``RngState`` (part ``rng``): each rank's random state, restored when the layout is unchanged.
+``LoaderState`` (part ``loader``): the job's data position (``data/loader.py``).
+The metrics sink (``trainer/metrics.py``) is the part ``metrics``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 
 from sessa_train import distributed as comm
-from sessa_train.checkpoint import MOMENTS, ParamReader, model_file, write_tensors
+from sessa_train.checkpoint import MOMENTS, Layout, Meta, ParamReader, model_shard, rng_shard
+from sessa_train.data import merge_loader_states
+from sessa_train.errors import DataError
 from sessa_train.parallel.layout import cut, stage_splits
-from sessa_train.trainer.build import Engine
+from sessa_train.trainer.engine import Engine
 from sessa_train.trainer.optim import base_optimizer
+
+COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # DeepSpeed engine's own
 
 
 def _zero(p: torch.nn.Parameter) -> bool:
@@ -70,79 +77,12 @@ def _whole(engine: Engine, p: torch.nn.Parameter, masters: dict) -> dict[str, to
     return {k: v.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for k, v in out.items()}
 
 
-def replicas(engine: Engine) -> tuple[int, int]:
+def _replicas(engine: Engine) -> tuple[int, int]:
     """(this rank's index, count) among the ranks that hold the same parameters."""
-    state = engine.layout.model_parallel
-    if state is None:
-        return engine.layout.dp_rank, engine.layout.dp
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_data_parallel_group(with_context_parallel=True)
+    group = engine.state.replica_group()
+    if group is None:
+        return engine.state.dp_rank, engine.state.dp
     return group.rank(), group.size()
-
-
-def write_model(engine: Engine, folder: Path) -> list[Path]:
-    """Collective: this rank's share of the weights and moments into ``folder``; its files."""
-    state = engine.layout.model_parallel
-    tp_rank, pp_rank = (state.tp_rank, state.pp_rank) if state else (0, 0)
-    splits = stage_splits(engine.cfg.model, state.pp if state else 1, pp_rank)
-    me, writers = replicas(engine)
-    params = list(engine.ds.module.named_parameters())
-    size = {name: getattr(p, "ds_numel", p.numel()) for name, p in params}  # ZeRO-3: the whole size
-    load, owner = [0] * writers, {}
-    for name in sorted(size, key=lambda n: -size[n]):
-        owner[name] = min(range(writers), key=load.__getitem__)
-        load[owner[name]] += size[name]
-    tensors, masters = {}, _masters(engine)
-    for name, p in params:
-        whole = _whole(engine, p, masters)  # every replica takes part in the gathering
-        if owner[name] == me and (tp_rank == 0 or splits[name] is not None):
-            for what, t in whole.items():
-                tensors[f"{name}.{what}" if what else name] = t.cpu().contiguous()
-    if not tensors:
-        return []
-    return [write_tensors(model_file(folder, tp_rank, pp_rank, me), tensors)]
-
-
-def optimizer_steps(engine: Engine) -> int:
-    """AdamW's step count (the updates applied), the same on every rank."""
-    steps = [int(s["step"]) for s in base_optimizer(engine.ds).state.values() if "step" in s]
-    return max(comm.all_gather_objects(max(steps, default=0)))
-
-
-def restore_model(engine: Engine, reader: ParamReader, steps: int) -> None:
-    """Collective: set this rank's weights, fp32 master copies, AdamW moments and step count from
-    a checkpoint saved under any layout (``init_optimizer_state`` must have run)."""
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    state = engine.layout.model_parallel
-    tp_rank, tp = (state.tp_rank, state.tp) if state else (0, 1)
-    splits = stage_splits(engine.cfg.model, state.pp if state else 1, state.pp_rank if state else 0)
-    base, masters = base_optimizer(engine.ds), _masters(engine)
-    for name, p in engine.ds.module.named_parameters():
-        split = splits[name]
-        whole = {what: reader.full(name, what) for what in ("", *MOMENTS)}
-        mine = {k: v if split is None else cut(v, split, tp_rank, tp) for k, v in whole.items()}
-        if hasattr(p, "ds_id"):  # ZeRO-3: the low-precision weight is partitioned too
-            with deepspeed.zero.GatheredParameters(p, modifier_rank=0), torch.no_grad():
-                p.data.copy_(mine[""].to(p.dtype))
-            _set_zero3_partition(p, mine)
-            continue
-        with torch.no_grad():
-            p.data.copy_(mine[""].to(p.dtype))
-        if id(p) in masters:  # bf16/fp16 without ZeRO: their fp32 masters
-            for what, view in masters[id(p)].items():
-                view.copy_(mine[what])
-        elif _zero(p):
-            safe_set_full_fp32_param(p, mine[""].to(engine.device))
-            for m in MOMENTS:
-                safe_set_full_optimizer_state(p, mine[m].to(engine.device), m)
-        else:
-            for m in MOMENTS:
-                base.state[p][m].copy_(mine[m])
-    for s in base.state.values():
-        s["step"] = torch.tensor(float(steps)) if torch.is_tensor(s["step"]) else steps
 
 
 def _set_zero3_partition(p: torch.nn.Parameter, whole: dict[str, torch.Tensor]) -> None:
@@ -162,7 +102,87 @@ def _set_zero3_partition(p: torch.nn.Parameter, whole: dict[str, torch.Tensor]) 
         safe_set_local_optimizer_state(p, local(whole[m]), m)
 
 
-def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+class ModelState:
+    """Part ``model``: the engine's weights, moments and step counts (module docstring)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.optimizer_steps = 0
+
+    # -- JSON: step counts ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Collective: AdamW's step count (the same on every rank), the schedule's, DeepSpeed's counters."""
+        ds = self.engine.ds
+        steps = [int(s["step"]) for s in base_optimizer(ds).state.values() if "step" in s]
+        return {
+            "optimizer_steps": max(comm.all_gather_objects(max(steps, default=0))),
+            "scheduler_steps": self.engine.scheduler.last_epoch,
+            **{k: getattr(ds, k) for k in COUNTERS},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer_steps = state["optimizer_steps"]
+        _restore_schedule(self.engine.scheduler, state["scheduler_steps"])
+        for counter in COUNTERS:
+            setattr(self.engine.ds, counter, state[counter])
+
+    # -- tensors ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Collective: this rank's share of the weights and moments, as one shard (or none)."""
+        engine, state = self.engine, self.engine.state
+        splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank)
+        me, writers = _replicas(engine)
+        params = list(engine.ds.module.named_parameters())
+        size = {name: getattr(p, "ds_numel", p.numel()) for name, p in params}  # ZeRO-3: the whole size
+        load, owner = [0] * writers, {}
+        for name in sorted(size, key=lambda n: -size[n]):
+            owner[name] = min(range(writers), key=load.__getitem__)
+            load[owner[name]] += size[name]
+        tensors, masters = {}, _masters(engine)
+        for name, p in params:
+            whole = _whole(engine, p, masters)  # every replica takes part in the gathering
+            if owner[name] == me and state.owns(splits[name]):
+                for what, t in whole.items():
+                    tensors[f"{name}.{what}" if what else name] = t
+        return {model_shard(state.tp_rank, state.pp_rank, me): tensors} if tensors else {}
+
+    def load_tensors(self, shards: Mapping[str, object], meta: Meta) -> None:
+        """Collective: this rank's weights, fp32 masters, AdamW moments and step count from a
+        checkpoint saved under any layout (``init_optimizer_state`` must have run)."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        engine, state = self.engine, self.engine.state
+        reader = ParamReader(shards, engine.cfg.model, meta.layout.tensor, meta.layout.pipeline)
+        splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank)
+        base, masters = base_optimizer(engine.ds), _masters(engine)
+        for name, p in engine.ds.module.named_parameters():
+            split = splits[name]
+            whole = {what: reader.full(name, what) for what in ("", *MOMENTS)}
+            mine = {k: v if split is None else cut(v, split, state.tp_rank, state.tp) for k, v in whole.items()}
+            if hasattr(p, "ds_id"):  # ZeRO-3: the low-precision weight is partitioned too
+                with deepspeed.zero.GatheredParameters(p, modifier_rank=0), torch.no_grad():
+                    p.data.copy_(mine[""].to(p.dtype))
+                _set_zero3_partition(p, mine)
+                continue
+            with torch.no_grad():
+                p.data.copy_(mine[""].to(p.dtype))
+            if id(p) in masters:  # bf16/fp16 without ZeRO: their fp32 masters
+                for what, view in masters[id(p)].items():
+                    view.copy_(mine[what])
+            elif _zero(p):
+                safe_set_full_fp32_param(p, mine[""].to(engine.device))
+                for m in MOMENTS:
+                    safe_set_full_optimizer_state(p, mine[m].to(engine.device), m)
+            else:
+                for m in MOMENTS:
+                    base.state[p][m].copy_(mine[m])
+        steps = self.optimizer_steps
+        for s in base.state.values():
+            s["step"] = torch.tensor(float(steps)) if torch.is_tensor(s["step"]) else steps
+
+
+def _restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
     """The learning-rate schedule as after ``steps`` scheduler steps (the config's lr and decay)."""
     lrs = [base * f(steps) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
     state = {"last_epoch": steps, "_step_count": steps + 1, "_last_lr": lrs}
@@ -171,7 +191,56 @@ def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -
         group["lr"] = lr
 
 
-def write_rng(folder: Path, rank: int) -> Path:
-    from sessa_train.checkpoint import rng_file, rng_tensors
+class RngState:
+    """Part ``rng``: this rank's torch (and CUDA) random state, restored when the checkpoint was
+    saved under this very layout (nothing in a step draws random numbers; kept for exactness)."""
 
-    return write_tensors(rng_file(folder, rank), rng_tensors())
+    def __init__(self, rank: int, layout: Layout) -> None:
+        self.rank, self.layout = rank, layout
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        out = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            out |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        return {rng_shard(self.rank): out}
+
+    def load_tensors(self, shards: Mapping[str, object], meta: Meta) -> None:
+        fh = shards.get(rng_shard(self.rank))
+        if meta.layout != self.layout or fh is None:
+            return
+        torch.set_rng_state(fh.get_tensor("torch"))
+        cuda = [fh.get_tensor(k) for k in sorted(fh.keys()) if k.startswith("cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class LoaderState:
+    """Part ``loader``: the job's data position, one for every rank (the skipped shards of all)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def state_dict(self) -> dict:
+        return merge_loader_states(comm.all_gather_objects(self.loader.state_dict()))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    @staticmethod
+    def slots(state: dict):
+        """The reader slots a saved state was read with (a list for a blend): a run keeps them."""
+        return state["slots"]
+
+    @staticmethod
+    def check_sources(state: dict, weights: list[float] | None, name: str) -> None:
+        """A run keeps its blend (``weights``; None: one data.path) and its weights for its lifetime."""
+        if state.get("weights") != weights:
+            was = f"a blend with weights {state['weights']}" if "weights" in state else "one data.path"
+            now = f"data.blend with weights {weights}" if weights else "one data.path"
+            raise DataError(f"{name} was read from {was}; this run has {now}")
