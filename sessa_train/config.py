@@ -144,6 +144,9 @@ class DataConfig:
     # several shard sets, Megatron's --data-path convention: [weight, path, weight, path, ...];
     # each global batch takes a fixed share of every set (data/README.md). Replaces ``path``.
     blend: list[str] = field(default_factory=list)
+    # packed documents: no attention or feedback across the EOS that joins them, RoPE positions
+    # restart per document (data/README.md says why off is the default, as in Megatron-LM)
+    document_masking: bool = False
 
     @property
     def sources(self) -> list[tuple[float, str]]:

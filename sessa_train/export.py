@@ -76,6 +76,8 @@ def export_checkpoint(
         "vocab_size": cfg.vocab_size,
         "bos_token_id": sp.bos_id(),
         "eos_token_id": sp.eos_id(),
+        # trained on packed documents with document masking: a document starts after every EOS
+        "document_masking": bool(about["config"].get("data", {}).get("document_masking", False)),
     }
     from sessa_train.hf.bundle import model_source
 

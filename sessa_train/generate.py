@@ -12,6 +12,9 @@ from collections.abc import Iterator
 import torch
 
 from sessa_train.models import SessaLM
+from sessa_train.models.positions import positions_of
+
+PREALLOCATED = 256  # decode positions a cache holds beyond the prompt before it grows (doubling)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
@@ -42,21 +45,37 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    document_eos: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next ids (B,) one step at a time. prompt (B, T0) int64, T0 >= 1."""
+    """Yield the next ids (B,) one step at a time. prompt (B, T0) int64, T0 >= 1.
+
+    ``attention_mask`` (B, T0): a batch of prompts of different lengths, padded (left padding, as
+    for generation elsewhere): each row generates what it would alone. ``document_eos``: the EOS
+    of a model trained with document masking, after which a new document starts (in the prompt and
+    in what is generated). Stops early once every row has produced ``eos_id``.
+    """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, >=1 tokens), got shape {tuple(prompt.shape)}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     p = next(model.parameters())
-    cache = model.init_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens, device=p.device, dtype=p.dtype)
-    logits = model(prompt.to(p.device), cache)[:, -1]
+    prompt = prompt.to(p.device)
+    position_ids = positions_of(prompt, None if attention_mask is None else attention_mask.to(p.device), document_eos)
+    room = prompt.shape[1] + min(max_new_tokens, PREALLOCATED)
+    cache = model.init_cache(prompt.shape[0], room, device=p.device, dtype=p.dtype)
+    logits = model(prompt, cache, position_ids=position_ids)[:, -1]
     for _ in range(max_new_tokens):
         ids = sample_next(logits, temperature, top_k, top_p, generator)
         yield ids
         if eos_id is not None and bool((ids == eos_id).all()):
             return
-        logits = model(ids.unsqueeze(1), cache)[:, -1]
+        positions = None  # every row's document goes on
+        if document_eos is not None:
+            current = cache.length - (0 if cache.doc_start is None else cache.doc_start)
+            positions = torch.where(ids == document_eos, 0, current).to(torch.int64).view(-1, 1)
+        cache.reserve(1)
+        logits = model(ids.unsqueeze(1), cache, position_ids=positions)[:, -1]
 
 
 def _device(name: str) -> torch.device:

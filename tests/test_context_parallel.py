@@ -1,6 +1,8 @@
 """Context-parallel feedback solve (gloo): one sequence split over 2 or 4 ranks against the
 single-process solve, forward and every gradient; on plain gloo and under NCCL's rules
-(tests/nccl_rules.py: tags ignored, one operation at a time per peer pair or per rank)."""
+(tests/nccl_rules.py: tags ignored, one operation at a time per peer pair or per rank); and packed
+documents, one of which spans ranks while a later rank's rows all start after the first rank's
+keys (which it then skips)."""
 
 from __future__ import annotations
 
@@ -25,16 +27,25 @@ def _inputs(dtype):
     return [t.to(dtype) for t in (q, k, f, gamma, w)]
 
 
-def _reference(dtype):
+def _starts(docs: bool):
+    """(B, T) document starts: [5, 10, 8] tokens in the first sequence (the second spans the rank
+    boundaries), [12, 11] in the second; None: one document."""
+    if not docs:
+        return None
+    lengths = ([5, 10, 8], [12, 11])
+    return torch.tensor([[sum(L[:i]) for i, n in enumerate(L) for _ in range(n)] for L in lengths])
+
+
+def _reference(dtype, docs: bool = False):
     from sessa_train.ops import feedback_solve
 
     q, k, f, gamma, w = (t.requires_grad_() if i < 4 else t for i, t in enumerate(_inputs(torch.float64)))
-    s = feedback_solve(q, k, f, gamma, scale=DK**-0.5, backend="reference")
+    s = feedback_solve(q, k, f, gamma, scale=DK**-0.5, backend="reference", key_start=_starts(docs))
     (s * w).sum().backward()
     return {"s": s.detach(), "dq": q.grad, "dk": k.grad, "df": f.grad, "dgamma": gamma.grad}
 
 
-def _worker(rank: int, world: int, port: int, out, rules: str | None) -> None:
+def _worker(rank: int, world: int, port: int, out, rules: str | None, docs: bool) -> None:
     import torch.distributed as dist
 
     if rules:
@@ -53,7 +64,9 @@ def _worker(rank: int, world: int, port: int, out, rules: str | None) -> None:
         q, k, f, gamma, w = (t[:, :, rows].clone() for t in _inputs(dtype))
         for t in (q, k, f, gamma):
             t.requires_grad_()
-        s = feedback_solve_context_parallel(q, k, f, gamma, DK**-0.5, Solver("chunked", CHUNK), dist.group.WORLD, sizes)
+        starts = None if not docs else _starts(docs)[:, rows]
+        solver = Solver("chunked", CHUNK)
+        s = feedback_solve_context_parallel(q, k, f, gamma, DK**-0.5, solver, dist.group.WORLD, sizes, starts)
         (s * w).sum().backward()
         mine = {"s": s.detach(), "dq": q.grad, "dk": k.grad, "df": f.grad, "dgamma": gamma.grad}
         every: list = [None] * world
@@ -67,13 +80,15 @@ def _worker(rank: int, world: int, port: int, out, rules: str | None) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("rules", [None, "pair", "rank"])
+@pytest.mark.parametrize(
+    ("rules", "docs"), [(None, False), ("pair", False), ("rank", False), (None, True), ("rank", True)]
+)
 @pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_solve_equals_one_process_in_output_and_every_gradient(world, rules):
+def test_context_parallel_solve_equals_one_process_in_output_and_every_gradient(world, rules, docs):
     results = mp.Manager().dict()
-    port = 29700 + os.getpid() % 150 + world + 2 * (rules is not None) + (rules == "rank")
-    mp.spawn(_worker, args=(world, port, results, rules), nprocs=world, join=True)
-    want = _reference(torch.float64)
+    port = 29700 + os.getpid() % 150 + world + 2 * (rules is not None) + (rules == "rank") + 8 * docs
+    mp.spawn(_worker, args=(world, port, results, rules, docs), nprocs=world, join=True)
+    want = _reference(torch.float64, docs)
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
         got = results[str(dtype)]
         for name, ref in want.items():
@@ -93,12 +108,14 @@ def test_triton_kernels_continue_a_solve_like_the_chunked_solve():
     f, grad = torch.randn(N, n, 16, generator=g), torch.randn(N, n, 16, generator=g)
     gamma = 0.99 * torch.rand(N, n, generator=g)
     prefix = (torch.randn(N, n, generator=g), torch.randn(N, n, 16, generator=g))
-    want = chunked_forward(q.double(), k.double(), f.double(), gamma.double(), 0.25, 16, [p.double() for p in prefix])
-    got = triton_forward(q, k, f, gamma, 0.25, 16, prefix)
+    want = chunked_forward(
+        q.double(), k.double(), f.double(), gamma.double(), None, 0.25, 16, [p.double() for p in prefix]
+    )
+    got = triton_forward(q, k, f, gamma, None, 0.25, 16, prefix)
     for name, a, b in zip(("s", "c", "lse"), got, want, strict=True):
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max(), name
     s, c, lse = want
-    want_grads = chunked_backward(grad.double(), q.double(), k.double(), gamma.double(), s, c, lse, 0.25, 16)
-    got_grads = triton_backward(grad, q, k, gamma, s.float(), c.float(), lse.float(), 0.25, 16)
+    want_grads = chunked_backward(grad.double(), q.double(), k.double(), gamma.double(), None, s, c, lse, 0.25, 16)
+    got_grads = triton_backward(grad, q, k, gamma, None, s.float(), c.float(), lse.float(), 0.25, 16)
     for name, a, b in zip(("dq", "dk", "df", "dgamma"), got_grads, want_grads, strict=True):
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max(), name

@@ -113,8 +113,8 @@ def test_bf16_model_hands_the_solve_bf16_and_it_accumulates_in_fp32(monkeypatch,
     cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=2)
     real, seen = feedback.solve_forward, []
 
-    def spy(solver, q, k, f, gamma, scale, prefix=None):
-        out = real(solver, q, k, f, gamma, scale, prefix)
+    def spy(solver, q, k, f, gamma, scale, prefix=None, starts=None):
+        out = real(solver, q, k, f, gamma, scale, prefix, starts)
         seen.append(([x.dtype for x in (q, k, f, gamma)], [x.dtype for x in out]))
         return out
 
@@ -123,8 +123,8 @@ def test_bf16_model_hands_the_solve_bf16_and_it_accumulates_in_fp32(monkeypatch,
     model = SessaLM(cfg, ModelPlan(ComputeConfig(feedback_backend=backend, feedback_chunk_size=16))).bfloat16()
     handed = []
     solve = model.plan.solve
-    model.plan.solve = lambda q, k, f, gamma, scale: (
-        handed.append([x.dtype for x in (q, k, f, gamma)]) or solve(q, k, f, gamma, scale)
+    model.plan.solve = lambda q, k, f, gamma, scale, pos: (
+        handed.append([x.dtype for x in (q, k, f, gamma)]) or solve(q, k, f, gamma, scale, pos)
     )
     ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
     loss = model(ids[:, :-1], targets=ids[:, 1:])

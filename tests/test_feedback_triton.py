@@ -113,9 +113,9 @@ def _count_launches(monkeypatch, block: int, T: int):
     q, k, f, gamma = (
         x.detach().reshape(1, *x.shape[2:]) for x in feedback_inputs(1, 1, T, 16, 16, dtype=torch.float32)
     )
-    s, c, lse = ft.triton_forward(q, k, f, gamma, 0.25, block)
+    s, c, lse = ft.triton_forward(q, k, f, gamma, None, 0.25, block)
     inside[0], phase[0] = False, "backward"
-    ft.triton_backward(torch.ones_like(s), q, k, gamma, s, c, lse, 0.25, block)
+    ft.triton_backward(torch.ones_like(s), q, k, gamma, None, s, c, lse, 0.25, block)
     inside[0] = False
     return counts["forward"], counts["backward"], seen
 
@@ -145,35 +145,51 @@ def test_triton_half_precision_inputs(dtype):
     assert max(errors.values()) < (1e-2 if dtype == torch.float16 else 3e-2), errors
 
 
+def _poison(dtype: torch.dtype) -> float:
+    """What unread memory holds in these tests: NaN, or for integers a value no index can be."""
+    return float("nan") if dtype.is_floating_point else -(2**30)
+
+
 def guarded(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
-    """A contiguous copy of x sitting inside a NaN-filled buffer: any out-of-bounds read shows."""
-    buf = torch.full((x.numel() + 2 * pad,), float("nan"), dtype=x.dtype, device=x.device)
+    """A contiguous copy of x sitting inside a poisoned buffer (NaN; integers far out of range):
+    any out-of-bounds read shows."""
+    buf = torch.full((x.numel() + 2 * pad,), _poison(x.dtype), dtype=x.dtype, device=x.device)
     view = buf[pad : pad + x.numel()].view(x.shape)
     view.copy_(x)
     return view
 
 
-def test_no_out_of_bounds_or_unwritten_reads(monkeypatch):
-    """Inputs inside NaN guards, and every buffer the kernels allocate filled with NaN first."""
+@pytest.mark.parametrize("docs", [False, True])
+def test_no_out_of_bounds_or_unwritten_reads(monkeypatch, docs):
+    """Inputs inside poisoned guards, and every buffer the kernels allocate poisoned first; with
+    packed documents (of lengths that cut blocks anywhere) the skipped blocks are never read."""
     T, block = 45, 16  # T not a multiple of the block: partial last block, padded strips
     q, k, f, gamma = (
         x.detach().reshape(2, *x.shape[2:]).to(DEVICE)
         for x in feedback_inputs(1, 2, T, 24, 40, "near_max", dtype=torch.float32, seed=7)
     )
+    lengths = [7, 20, 18]
+    starts = torch.tensor([sum(lengths[:i]) for i, n in enumerate(lengths) for _ in range(n)], device=DEVICE)
+    key_start = starts.expand(1, T) if docs else None
     G = torch.randn(2, T, 40, device=DEVICE)
     real_empty, real_empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
+
+    def poisoned(make):
+        return lambda *a, **kw: (t := make(*a, **kw)).fill_(_poison(t.dtype))
+
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
     args = [guarded(x) for x in (q, k, f, gamma)]
-    s, c, lse = ft.triton_forward(*args, 24**-0.5, block)
+    flat = guarded(starts.expand(2, T).contiguous()) if docs else None
+    s, c, lse = ft.triton_forward(*args, flat, 24**-0.5, block)
     grads = ft.triton_backward(
-        guarded(G), args[0], args[1], args[3], guarded(s), guarded(c), guarded(lse), 24**-0.5, block
+        guarded(G), args[0], args[1], args[3], flat, guarded(s), guarded(c), guarded(lse), 24**-0.5, block
     )
     monkeypatch.undo()
     for name, x in zip(["s", "c", "lse", "dq", "dk", "df", "dgamma"], [s, c, lse, *grads], strict=True):
         assert torch.isfinite(x).all(), f"{name} has non-finite entries"
     exact = tuple(x.detach().double().cpu().requires_grad_() for x in (q, k, f, gamma))
-    ref = feedback_solve(*(x.unsqueeze(0) for x in exact), backend="reference").squeeze(0)
+    ref = feedback_solve(*(x.unsqueeze(0) for x in exact), backend="reference", key_start=key_start).squeeze(0)
     ref_grads = torch.autograd.grad(ref, exact, G.double().cpu())
     for name, a, b in zip(NAMES, [s, *grads], [ref.detach(), *ref_grads], strict=True):
         assert (a.double().cpu() - b).abs().max() / b.abs().max() < 1e-5, name
@@ -259,13 +275,15 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     from compile_kernels import variants
 
     expected = set(variants())
+    default = BACKENDS["triton"].default_block(4096, 1024)
     assert {(cc, dt, b, name) for cc, dt, b, name, _ in expected} == {
         (cc, dt, b, name)
         for cc in (80, 90)
         for dt in ("float32", "bfloat16", "float16")
         for b in BACKENDS["triton"].blocks
         if ft.block_fits(b, getattr(torch, dt), cc)
-        for name, *_ in ft.kernel_variants(b, getattr(torch, dt))
+        for docs in ((False, True) if b == default else (False,))
+        for name, *_ in ft.kernel_variants(b, getattr(torch, dt), docs=docs)
     }
     assert {(r["dtype"], r["block"]) for r in rows if r["capability"] == 80 and r["block"] == 128} == set()
     assert {(r["capability"], r["dtype"], r["block"], r["kernel"], r["num_warps"]) for r in rows} == expected

@@ -29,8 +29,8 @@ def test_the_models_plan_is_the_launches_of_the_code(monkeypatch):
     q, k, f, gamma = (
         x.detach().reshape(2, *x.shape[2:]) for x in feedback_inputs(1, 2, 200, 32, 32, dtype=torch.float32)
     )
-    s, c, lse = ft.triton_forward(q, k, f, gamma, 0.2, 16)
-    ft.triton_backward(torch.ones_like(s), q, k, gamma, s, c, lse, 0.2, 16)
+    s, c, lse = ft.triton_forward(q, k, f, gamma, None, 0.2, 16)
+    ft.triton_backward(torch.ones_like(s), q, k, gamma, None, s, c, lse, 0.2, 16)
     plan = km.plan("v2", N=2, T=200, D=32, C=16, elt=4, sms=sms)
     assert [(la.kernel, la.programs) for la in plan] == seen
 

@@ -45,6 +45,7 @@ class Layout(NamedTuple):
     model: tuple = ()
     backend: str | None = None
     compute: tuple = ()  # compute keys of the parallel run (the 1-process reference keeps the default)
+    documents: bool = False  # packed documents (data.document_masking): the batches carry position_ids
 
 
 LAYOUTS = [
@@ -52,6 +53,7 @@ LAYOUTS = [
     Layout(1, 1, 1, 0, True, 1),
     Layout(1, 1, 1, 2, False, 1),
     Layout(1, 1, 1, 3, True, 1),
+    Layout(1, 1, 1, 0, True, 1, documents=True),  # packed documents, DP = 4
     Layout(2, 2, 1, 0, True, 1),
     Layout(2, 1, 1, 0, False, 2),
     Layout(1, 2, 1, 0, False, 1),
@@ -65,7 +67,10 @@ LAYOUTS = [
     Layout(2, 1, 2, 0, True, 1, (), "triton"),
     Layout(2, 2, 1, 0, False, 2, compute=(("recompute", "full"),)),
     Layout(2, 1, 2, 1, True, 1, compute=(("recompute", "selective"),)),
+    Layout(2, 1, 2, 0, True, 1, documents=True),  # a document spans the two context-parallel ranks
+    Layout(1, 2, 1, 0, False, 2, documents=True),
 ]
+EOS = 5
 
 
 def _model_config(layout: Layout):
@@ -105,12 +110,20 @@ def _train_config(layout: Layout, dp: int):
     )
 
 
-def _batches(step: int, dp_rank: int, dp: int) -> list[dict]:
-    """The micro-batches of one data-parallel rank: a slice of the same global batch."""
+def _batches(step: int, dp_rank: int, dp: int, documents: bool = False) -> list[dict]:
+    """The micro-batches of one data-parallel rank: a slice of the same global batch (with packed
+    documents: EOS after token 3 and 8 of every other sequence, and the loader's position_ids)."""
+    from sessa_train.data import document_positions
+
     g = torch.Generator().manual_seed(100 + step)
     tokens = torch.randint(0, 64, (N_MICRO, SEQS, T + 1), generator=g)
+    if documents:
+        tokens[:, ::2, 3] = tokens[:, ::2, 8] = EOS
     per_rank = SEQS // dp
-    return [{"tokens": t[dp_rank * per_rank : (dp_rank + 1) * per_rank]} for t in tokens]
+    batches = [{"tokens": t[dp_rank * per_rank : (dp_rank + 1) * per_rank]} for t in tokens]
+    for b in batches if documents else ():
+        b["position_ids"] = document_positions(b["tokens"][:, :-1], EOS)
+    return batches
 
 
 def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
@@ -128,9 +141,10 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
     losses, grads, norms = [], [], []
     for step in range(STEPS):
         total = 0.0
-        for batch in _batches(step, 0, 1):
+        for batch in _batches(step, 0, 1, layout.documents):
             tok = batch["tokens"]
-            loss = F.cross_entropy(model(tok[:, :-1]).flatten(0, 1), tok[:, 1:].flatten()) / N_MICRO
+            logits = model(tok[:, :-1], position_ids=batch.get("position_ids"))
+            loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten()) / N_MICRO
             loss.backward()
             total += loss.item()
         losses.append(total)
@@ -174,7 +188,7 @@ def _worker(rank: int, port: int, out) -> None:
         engine = build_engine(cfg, info, state, T)  # exactly what the trainer builds
         losses, grads, norms = [], [], []
         for step in range(STEPS):
-            loss = engine.forward_backward(iter(_batches(step, state.dp_rank, state.dp)))
+            loss = engine.forward_backward(iter(_batches(step, state.dp_rank, state.dp, layout.documents)))
             losses.append(loss)
             if layout.zero == 0 and state.model_parallel > 1:
                 mine = {k: p.grad.clone() for k, p in engine.model.named_parameters(remove_duplicate=False)}

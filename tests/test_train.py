@@ -230,3 +230,17 @@ def test_bf16_on_cpu_follows_the_fp32_curve(tiny_run, tmp_path):
     windows = [(sum(bf16[i : i + 20]), sum(fp32[i : i + 20])) for i in range(0, 120, 20)]
     assert max(abs(a - b) / b for a, b in windows) < 0.02
     assert all(a != b for a, b in zip(bf16[1:], fp32[1:], strict=True))  # it did run in bf16
+
+
+def test_document_masking_through_the_trainer_under_data_parallelism(shards, tmp_path):
+    """data.document_masking: the loader's positions from EOS reach the model; 2 data-parallel
+    ranks follow one process, and the run differs from one without masking (EOS joins documents
+    in the shards, so masking changes what the model reads)."""
+    runs = {}
+    for name, nproc, masking in (("one", 1, True), ("two", 2, True), ("off", 1, False)):
+        run = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", shards, run)
+        train(cfg, f"data.document_masking={str(masking).lower()}", "logging.eval_every_steps=0", nproc=nproc)
+        runs[name] = [loss for _, loss in losses(run)]
+    assert all(abs(a - b) <= 1e-5 * a for a, b in zip(runs["one"], runs["two"], strict=True))
+    assert max(abs(a - b) for a, b in zip(runs["one"], runs["off"], strict=True)) > 1e-4

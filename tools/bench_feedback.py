@@ -5,6 +5,8 @@
 --device cuda: the solve alone on the GPU in bf16 (--dtype), Triton vs chunked vs reference
 vs a causal scaled_dot_product_attention of the same shape (B, 1, T, D): time, tokens/s,
 TFLOP/s and peak memory (torch.cuda.max_memory_allocated), in this process.
+--documents 1 8: each sample packed of that many equal documents (document masking): the
+chunked solve (or the layer) at each count, time and peak memory side by side.
 
 Each (backend, T) point runs in a fresh subprocess. Peak memory is the growth of the
 process's resident-set high-water mark (VmHWM) over its resident set just before the
@@ -15,6 +17,7 @@ skipped where its measured quadratic growth predicts more than --max-gib.
     python tools/bench_feedback.py                       # D=256, B=1, T=1k..16k
     python tools/bench_feedback.py --T 1024 2048 --json runs/bench.json
     python tools/bench_feedback.py --device cuda --T 2048 8192 32768 --d-model 1024
+    python tools/bench_feedback.py --scope solve --T 8192 --d-model 1024 --documents 1 8
 """
 
 from __future__ import annotations
@@ -42,16 +45,22 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from sessa_train.config import ComputeConfig, ModelConfig
-    from sessa_train.models import ModelPlan, SessaLayer
+    from sessa_train.models import ModelPlan, Positions, SessaLayer
     from sessa_train.ops import feedback_solve
 
     torch.manual_seed(0)
     T, D, backend = args.T[0], args.d_model, args.worker
+    docs = args.documents[0]
+    position_ids = (torch.arange(T) % -(-T // docs)).expand(args.batch, T) if docs > 1 else None
+    pos = Positions.of(0, T, position_ids)
     if args.scope == "layer":
         cfg = ModelConfig(vocab_size=8, d_model=D, n_layers=1, n_heads=args.n_heads)
         layer = SessaLayer(cfg, ModelPlan(ComputeConfig(feedback_backend=backend, feedback_chunk_size=args.chunk_size)))
         inputs = [torch.randn(args.batch, T, D, requires_grad=True)]
-        forward = layer
+
+        def forward(x):
+            return layer(x, pos)
+
     else:
         shapes = [(args.batch, 1, T, D)] * 3 + [(args.batch, 1, T)]
         inputs = [torch.randn(shape).requires_grad_() for shape in shapes]
@@ -59,7 +68,7 @@ def worker(args: argparse.Namespace) -> dict:
             inputs[3].uniform_(0.0, 0.999)
 
         def forward(q, k, f, gamma):
-            return feedback_solve(q, k, f, gamma, backend=backend, chunk_size=args.chunk_size)
+            return feedback_solve(q, k, f, gamma, backend=backend, chunk_size=args.chunk_size, key_start=pos.doc_start)
 
     def step() -> float:
         start = time.perf_counter()
@@ -161,10 +170,10 @@ def _cuda_point(fn, inputs, repeats: int) -> dict:
     return {"ms": statistics.median(times), "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
-def run_point(args: argparse.Namespace, backend: str, T: int) -> dict:
+def run_point(args: argparse.Namespace, backend: str, T: int, documents: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, "--T", str(T), "--d-model", str(args.d_model)]
     cmd += ["--n-heads", str(args.n_heads), "--batch", str(args.batch), "--chunk-size", str(args.chunk_size)]
-    cmd += ["--repeats", str(args.repeats), "--scope", args.scope]
+    cmd += ["--repeats", str(args.repeats), "--scope", args.scope, "--documents", str(documents)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]}
@@ -192,8 +201,11 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="--device cuda only")
     p.add_argument("--backends", nargs="+", default=["triton", "chunked", "reference"], help="--device cuda only")
+    p.add_argument("--documents", type=int, nargs="+", default=[1], help="equal documents per sample (CPU)")
     p.add_argument("--worker", choices=["reference", "chunked"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if any(n < 1 for n in args.documents):
+        p.error(f"--documents must be >= 1, got {args.documents}")
     for name in ("d_model", "n_heads", "batch", "chunk_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -228,6 +240,9 @@ def main() -> None:
         "machine": platform.machine(),
     }
     print(f"# {what} fwd+bwd, fp32, " + ", ".join(f"{k}={v}" for k, v in meta.items() if k != "scope"))
+    if args.documents != [1]:
+        documents_table(args, meta)
+        return
     columns = ["T", "reference time (s)", "reference peak (MiB)", "chunked time (s)", "chunked peak (MiB)"]
     columns += ["speed-up", "memory ratio"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
@@ -250,6 +265,24 @@ def main() -> None:
         print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.json}")
+
+
+def documents_table(args: argparse.Namespace, meta: dict) -> None:
+    """The chunked solve at each documents-per-sample count: blocks before a row's document are skipped."""
+    print("| T | documents | chunked time (s) | chunked peak (MiB) | time vs 1 document |\n|---|---|---|---|---|")
+    rows = []
+    for T in sorted(args.T):
+        one = None
+        for n in args.documents:
+            point = run_point(args, "chunked", T, n)
+            one = point if n == args.documents[0] else one
+            ratio = f"{point['time_s'] / one['time_s']:.2f}x" if "time_s" in point and "time_s" in one else "-"
+            cells = [_cell(point, "time_s", ".3f"), _cell(point, "peak_mib", ".0f"), ratio]
+            print(f"| {T} | {n} | " + " | ".join(cells) + " |", flush=True)
+            rows.append({"T": T, "documents": n, "chunked": point})
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta | {"documents": args.documents}, "rows": rows}, indent=1))
     print(f"wrote {args.json}")
 
 

@@ -60,7 +60,8 @@ def occupancy(cc: int, registers: int, warps: int, shared: int) -> dict:
 def variants() -> list[tuple[int, str, int, str, int]]:
     """(capability, dtype, block, kernel name, num_warps): every kernel for every dtype and block the
     target takes (``block_fits``) with the default (first autotune) config, and every further
-    autotune config at the default block."""
+    autotune config at the default block; and the packed-documents variants (``name+docs``) at
+    the default block with the default config."""
     from sessa_train.ops.feedback import BACKENDS
     from sessa_train.ops.feedback_triton import block_fits, kernel_variants, num_warps
 
@@ -73,6 +74,9 @@ def variants() -> list[tuple[int, str, int, str, int]]:
                 warps = num_warps(block) if block == default else num_warps(block)[:1]
                 for name, *_ in kernel_variants(block, _torch_dtype(dtype)):
                     out.extend((cc, dtype, block, name, w) for w in warps)
+                if block == default:
+                    docs = kernel_variants(block, _torch_dtype(dtype), docs=True)
+                    out.extend((cc, dtype, block, name, num_warps(block)[0]) for name, *_ in docs)
     return out
 
 
@@ -105,7 +109,8 @@ def compile_one(job: tuple[int, str, int, str, int]) -> dict:
     cc, dtype, block, name, warps = job
     row = {"capability": cc, "dtype": dtype, "block": block, "kernel": name, "num_warps": warps}
     row["default"] = warps == num_warps(block)[0]
-    (kernel, signature, constexprs) = next(v[1:] for v in kernel_variants(block, _torch_dtype(dtype)) if v[0] == name)
+    every = kernel_variants(block, _torch_dtype(dtype), docs=name.endswith("+docs"))
+    (kernel, signature, constexprs) = next(v[1:] for v in every if v[0] == name)
     start = time.perf_counter()
     try:
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)

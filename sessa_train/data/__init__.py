@@ -1,7 +1,13 @@
 """Data pipeline: sentencepiece tokenizer, webdataset shards of packed tokens, resumable loader."""
 
 from sessa_train.data.blend import BlendedLoader, merge_loader_states
-from sessa_train.data.loader import PackedTokenLoader, StopRequestedError, default_slots, merge_states
+from sessa_train.data.loader import (
+    PackedTokenLoader,
+    StopRequestedError,
+    default_slots,
+    document_positions,
+    merge_states,
+)
 from sessa_train.data.shards import ShardError, find_tokenizer, load_index, write_shards
 from sessa_train.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -12,6 +18,7 @@ __all__ = [
     "StopRequestedError",
     "Tokenizer",
     "default_slots",
+    "document_positions",
     "find_tokenizer",
     "load_index",
     "merge_loader_states",

@@ -103,11 +103,13 @@ class BlendedLoader:
         streams = [iter(ld) for ld in self.loaders]
         while True:
             parts = [next(s) for s in streams]  # each source's share of this rank's step
-            tokens = torch.cat([p["tokens"] for p in parts])
-            ids = torch.cat([p["sample_ids"] + base for p, base in zip(parts, self.base, strict=False)])
-            for i in range(0, len(ids), self.micro_batch_size):
+            joined = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+            joined["sample_ids"] = torch.cat(
+                [p["sample_ids"] + base for p, base in zip(parts, self.base, strict=False)]
+            )
+            for i in range(0, len(joined["sample_ids"]), self.micro_batch_size):
                 part = slice(i, i + self.micro_batch_size)
-                yield {"tokens": tokens[part], "sample_ids": ids[part]}
+                yield {key: value[part] for key, value in joined.items()}
 
     def advance(self) -> None:
         for ld in self.loaders:

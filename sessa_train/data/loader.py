@@ -148,6 +148,7 @@ class PackedTokenLoader:
         max_skipped_fraction: float = 0.05,
         tokenizer_path: str | Path | None = None,
         stop: Callable[[], bool] = lambda: False,
+        document_masking: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.index = load_index(self.data_dir, tokenizer_path)
@@ -188,6 +189,7 @@ class PackedTokenLoader:
         self.micro_per_step = G // world_size // micro_batch_size
         self.max_epochs, self.skip_corrupt, self.max_skipped_fraction = max_epochs, skip_corrupt, max_skipped_fraction
         self.stop = stop
+        self.eos_id = self.index["eos_id"] if document_masking else None
         self.vocab_size = self.index["vocab_size"]
         self.sample_base = np.concatenate([[0], np.cumsum([s["samples"] for s in self.shards])[:-1]]).tolist()
         self.total_samples = sum(s["samples"] for s in self.shards)
@@ -244,7 +246,7 @@ class PackedTokenLoader:
             while len(pending) >= self.micro_batch_size or (pending and not step):
                 part, pending = pending[: self.micro_batch_size], pending[self.micro_batch_size :]
                 self.handed += 1
-                yield _batch(part)
+                yield _batch(part, self.eos_id)
             if not step:
                 return
 
@@ -289,9 +291,25 @@ class PackedTokenLoader:
         self.position, self.handed, self.skipped = int(state["position"]), 0, set(state["skipped"])
 
 
-def _batch(part: list[tuple[int, np.ndarray]]) -> dict:
+def _batch(part: list[tuple[int, np.ndarray]], eos_id: int | None) -> dict:
+    """A micro-batch; with ``eos_id`` (document masking) also the inputs' ``position_ids``."""
     ids, tokens = zip(*part, strict=True)
-    return {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)), "sample_ids": torch.tensor(ids)}
+    batch = {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)), "sample_ids": torch.tensor(ids)}
+    if eos_id is not None:
+        batch["position_ids"] = document_positions(batch["tokens"][:, :-1], eos_id)
+    return batch
+
+
+def document_positions(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) each token's position in its document: a document starts at the sample's first token
+    and after every EOS (transformers' ``position_ids`` convention for packed sequences)."""
+    T = inputs.shape[1]
+    rows = torch.arange(T).expand_as(inputs)
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    first = torch.where(starts, rows, 0).cummax(dim=1).values  # the latest document start so far
+    return rows - first
 
 
 def merge_states(states: list[dict]) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 PACKAGE = "sessa_train"
 ROOT = "sessa_train.models.lm"
-NAMES = ("SessaLM", "ModelConfig", "ComputeConfig", "ModelPlan")
+NAMES = ("SessaLM", "ModelConfig", "ComputeConfig", "ModelPlan", "positions_of")
 
 
 def _source(module: str) -> tuple[Path, ast.Module]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from sessa_train.models.positions import Positions, TimeCache
 from sessa_train.models.rope import apply_rope, rope_angles
@@ -30,6 +32,40 @@ def attention_cache(cfg, batch_size: int, max_len: int, device, dtype) -> Attent
     return AttentionCache(
         torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
     )
+
+
+ROWS_PER_BLOCK = 256  # query rows per masked attention call of packed documents
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+    """Causal attention of q (B, H, T, d) at rows ``pos`` over k, v (B, Hkv, S, d) at positions
+    0 .. S - 1 (S = pos.start + T, or all cached keys when decoding), each row reading the keys of
+    its own document only.
+
+    One document: SDPA with its causal mask (aligned to the last key when the rows do not start the
+    sequence), which the flash kernels take. Packed documents: the rows in blocks of
+    ``ROWS_PER_BLOCK``, each over the keys from the earliest document start of its rows on, with a
+    (B, 1, block, keys) mask: blocks wholly before a row's document are skipped, not masked, and no
+    T x T mask is materialised.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    T, S = q.shape[2], k.shape[2]
+    if pos.doc_start is None:
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
+    first = S - T  # the index of the first row
+    lows = pos.doc_start[:, ::ROWS_PER_BLOCK].amin(0).tolist()  # per block: its earliest document start
+    out = []
+    for block, r0 in enumerate(range(0, T, ROWS_PER_BLOCK)):
+        r1, lo = min(r0 + ROWS_PER_BLOCK, T), lows[block]
+        keys = torch.arange(lo, first + r1, device=q.device)
+        rows = torch.arange(first + r0, first + r1, device=q.device)
+        mask = (keys[None, :] <= rows[:, None]) & (keys[None, None, :] >= pos.doc_start[:, r0:r1, None])
+        kv = slice(lo, first + r1)
+        out.append(F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, kv], v[:, :, kv],
+                                                  attn_mask=mask.unsqueeze(1), enable_gqa=gqa))  # fmt: skip
+    return torch.cat(out, dim=2)
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

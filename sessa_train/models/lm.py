@@ -83,11 +83,19 @@ class SessaLM(nn.Module):
         return DecodeCache(layers)
 
     def forward(
-        self, inputs: torch.Tensor, cache: DecodeCache | None = None, *, targets: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        cache: DecodeCache | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs (B, T) int64 token ids -> logits (B, T, vocab_size), or with ``targets`` (B, T)
         the per-token cross-entropy (B, T) in float32.
 
+        ``position_ids`` (B, T): packed documents, transformers' convention (each token's position
+        in its document, restarting at 0 where one starts; ``models/positions.py``): no attention
+        or feedback crosses a document start, and RoPE takes these positions. None: one document.
         With ``cache`` (from ``init_cache``): the first call prefills, later calls take one token.
         A pipeline stage without the embedding takes hidden states (B, T, D) as ``inputs``; one
         without the head returns hidden states. Under tensor parallelism logits hold this rank's
@@ -101,13 +109,13 @@ class SessaLM(nn.Module):
         else:
             x = inputs
         if cache is None:
-            pos = self.plan.positions(x.shape[1])
+            pos = self.plan.positions(x.shape[1], position_ids)
             for layer in self.layers.values():
                 x = self.plan.recompute("full", self.compiled(layer), x, pos)
         else:
             if len(cache.layers) != len(self.layers):
                 raise ValueError(f"cache has {len(cache.layers)} layers, model has {len(self.layers)}")
-            pos = cache.positions(x.shape[1])
+            pos = cache.positions(x.shape[1], position_ids)
             for layer, state in zip(self.layers.values(), cache.layers, strict=True):
                 x = layer(x, pos, state)
             cache.length += x.shape[1]

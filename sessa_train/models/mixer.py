@@ -92,11 +92,11 @@ class SessaMixer(nn.Module):
         if cache is not None:
             cache.k_b[:, :, start : start + T] = k_b
         if cache is not None and start > 0:
-            s = feedback_decode_step(
-                q_b[:, :, 0], cache.k_b[:, :, :start], cache.s[:, :, :start], f[:, :, 0], gamma[:, :, 0], scale
-            ).unsqueeze(2)
+            first = None if pos.doc_start is None else pos.doc_start[:, 0]
+            past = (cache.k_b[:, :, :start], cache.s[:, :, :start])
+            s = feedback_decode_step(q_b[:, :, 0], *past, f[:, :, 0], gamma[:, :, 0], scale, first).unsqueeze(2)
         else:
-            s = plan.solve(q_b, k_b, f, gamma, scale)
+            s = plan.solve(q_b, k_b, f, gamma, scale, pos)
         if cache is not None:
             cache.s[:, :, start : start + T] = s
         return s.transpose(1, 2).flatten(2)

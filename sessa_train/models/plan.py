@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sessa_train.config import ComputeConfig
+from sessa_train.models.attention import attend
 from sessa_train.models.positions import Positions
 from sessa_train.ops import Solver, feedback_solve, select_solver
 
@@ -119,14 +120,15 @@ class ModelPlan:
         return x
 
     # -- sequence ---------------------------------------------------------------------------
-    def positions(self, length: int) -> Positions:
-        """This rank's rows of a sequence of which it holds ``length`` (context parallelism splits it)."""
-        return Positions(0, length)
+    def positions(self, length: int, position_ids: torch.Tensor | None = None) -> Positions:
+        """This rank's rows of a sequence of which it holds ``length`` (context parallelism splits
+        it), with their positions in their documents (``Positions.of``)."""
+        return Positions.of(0, length, position_ids)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
-        """Causal attention of q (B, H, T, d) at rows ``pos`` over k, v (B, Hkv, pos.start + T, d)."""
-        causal = pos.start == 0
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        """Causal attention of q (B, H, T, d) at rows ``pos`` over k, v (B, Hkv, pos.start + T, d)
+        (``models.attention.attend``)."""
+        return attend(q, k, v, pos)
 
     def recompute(self, kind: str, fn, *args):
         """``fn(*args)``; when training with ``compute.recompute == kind`` its activations are not
@@ -146,9 +148,12 @@ class ModelPlan:
             )
         return solvers[key]
 
-    def solve(self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float):
-        """The feedback solve of this rank's heads and channels (``ops.feedback_solve`` shapes)."""
-        return feedback_solve(q, k, f, gamma, scale=scale, solver=self.solver(q.device))
+    def solve(
+        self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float, pos: Positions
+    ):
+        """The feedback solve of this rank's heads and channels (``ops.feedback_solve`` shapes),
+        each row over the earlier rows of its own document."""
+        return feedback_solve(q, k, f, gamma, scale=scale, solver=self.solver(q.device), key_start=pos.doc_start)
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (B, T) in float32 of logits (B, T, V) against targets (B, T)."""

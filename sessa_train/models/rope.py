@@ -16,14 +16,17 @@ def _table_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
-    """Angles (T, head_dim // 2) for integer positions (T,), for inputs of ``dtype``."""
+    """Angles (..., T, head_dim // 2) for integer positions (..., T) (one sequence, or one per
+    row of a batch of packed documents), for inputs of ``dtype``."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     table = _table_dtype(dtype)
-    return positions.to(table)[:, None] * inv_freq.to(table)[None, :]
+    return positions.to(table)[..., None] * inv_freq.to(table)
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, d) by angles (T, d/2); returns x's dtype."""
+    """Rotate x (B, H, T, d) by angles (T, d/2) or (B, T, d/2); returns x's dtype."""
+    if angles.dim() == 3:
+        angles = angles.unsqueeze(1)  # the same angles for every head of a row
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)

@@ -19,13 +19,13 @@ MAX_GRAPHS = 8
 _GRAPHS: OrderedDict[tuple, tuple] = OrderedDict()
 
 
-def graphed(fn, tensors: tuple[torch.Tensor, ...], *args):
-    key = (fn.__name__, *((t.shape, t.dtype, t.device) for t in tensors), *args)
+def graphed(fn, tensors: tuple[torch.Tensor | None, ...], *args):
+    key = (fn.__name__, *(None if t is None else (t.shape, t.dtype, t.device) for t in tensors), *args)
     entry = _GRAPHS.get(key)
     if entry is None:
         fn(*tensors, *args)
         torch.cuda.synchronize()
-        static = tuple(t.clone() for t in tensors)
+        static = tuple(None if t is None else t.clone() for t in tensors)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fn(*static, *args)
@@ -35,6 +35,7 @@ def graphed(fn, tensors: tuple[torch.Tensor, ...], *args):
     _GRAPHS.move_to_end(key)
     graph, static, out = entry
     for dst, src in zip(static, tensors, strict=True):
-        dst.copy_(src)
+        if src is not None:
+            dst.copy_(src)
     graph.replay()
     return tuple(o.clone() for o in out)

@@ -213,19 +213,30 @@ def _replayed(solver: Solver) -> bool:
     return solver.graphs and torch.is_grad_enabled()
 
 
-def solve_forward(solver: Solver, q, k, f, gamma, scale: float, prefix: Prefix | None = None) -> Solved:
-    """Blocked forward substitution of one block of rows, continuing from ``prefix``."""
+def solve_forward(
+    solver: Solver, q, k, f, gamma, scale: float, prefix: Prefix | None = None, starts: torch.Tensor | None = None
+) -> Solved:
+    """Blocked forward substitution of one block of rows, continuing from ``prefix``; ``starts``
+    (N, T) int64: each row's first key of its own document, in this block's indices (None: 0)."""
     forward = solver.record.entry_points()[0]
     block = solver.block(q.shape[1], f.shape[-1])
     if _replayed(solver) and prefix is None:
         from sessa_train.ops.cuda_graphs import graphed
 
-        return Solved(*graphed(forward, (q, k, f, gamma), scale, block))
-    return Solved(*forward(q, k, f, gamma, scale, block, prefix))
+        return Solved(*graphed(forward, (q, k, f, gamma, starts), scale, block))
+    return Solved(*forward(q, k, f, gamma, starts, scale, block, prefix))
 
 
 def solve_backward(
-    solver: Solver, grad_s, q, k, gamma, solved: Solved, scale: float, graphs: bool = False
+    solver: Solver,
+    grad_s,
+    q,
+    k,
+    gamma,
+    solved: Solved,
+    scale: float,
+    starts: torch.Tensor | None = None,
+    graphs: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The adjoint of ``solve_forward``: (dq, dk, df, dgamma) for G = ``grad_s`` (``graphs``: its
     forward was replayed from a CUDA graph, so is this)."""
@@ -234,8 +245,8 @@ def solve_backward(
     if graphs:
         from sessa_train.ops.cuda_graphs import graphed
 
-        return graphed(backward, (grad_s, q, k, gamma, *solved), scale, block)
-    return backward(grad_s, q, k, gamma, *solved, scale, block)
+        return graphed(backward, (grad_s, q, k, gamma, starts, *solved), scale, block)
+    return backward(grad_s, q, k, gamma, starts, *solved, scale, block)
 
 
 class BlockwiseFeedbackSolve(torch.autograd.Function):
@@ -243,11 +254,11 @@ class BlockwiseFeedbackSolve(torch.autograd.Function):
     T x T tensor in either pass. Gradients come back in the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver):  # type: ignore[override]
+    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver, starts=None):  # type: ignore[override]
         ctx.graphs = _replayed(solver)
-        solved = solve_forward(solver, q, k, f, gamma, scale)
+        solved = solve_forward(solver, q, k, f, gamma, scale, starts=starts)
         ctx.save_for_backward(q, k, gamma, *solved)
-        ctx.scale, ctx.solver = scale, solver
+        ctx.scale, ctx.solver, ctx.starts = scale, solver, starts
         ctx.dtypes = (q.dtype, k.dtype, f.dtype, gamma.dtype)
         return solved.s.to(f.dtype)
 
@@ -255,8 +266,10 @@ class BlockwiseFeedbackSolve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_s):  # type: ignore[override]
         q, k, gamma, *solved = ctx.saved_tensors
-        grads = solve_backward(ctx.solver, grad_s.contiguous(), q, k, gamma, Solved(*solved), ctx.scale, ctx.graphs)
-        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None)
+        grads = solve_backward(
+            ctx.solver, grad_s.contiguous(), q, k, gamma, Solved(*solved), ctx.scale, ctx.starts, ctx.graphs
+        )
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, solver: Solver) -> None:
@@ -294,21 +307,30 @@ def feedback_solve(
     backend: str = "auto",
     chunk_size: int | None = None,
     solver: Solver | None = None,
+    key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Solve the causal feedback system; see the module docstring for shapes.
 
     ``scale`` defaults to Dk**-0.5 (the reference's 1/sqrt(D) for one head over width D).
     ``solver`` (from ``select_solver``) replaces ``backend``/``chunk_size``; ``chunk_size``
     (rows per block; None = the backend's default) does not apply to ``reference``.
+    ``key_start`` (B, T) integer: packed documents, the index of each row's document start; row t's
+    feedback attention is a softmax over keys key_start[t] .. t - 1 only (None: 0 .. t - 1). It
+    must not decrease along a row's sequence (documents follow each other).
     """
     solver = solver or select_solver(backend, q.device, chunk_size)
     _check_inputs(q, k, f, gamma, solver)
+    if key_start is not None and key_start.shape != q.shape[::2][:1] + q.shape[2:3]:
+        raise ValueError(
+            f"feedback_solve: key_start shape {tuple(key_start.shape)} must be (B, T) = {(q.shape[0], q.shape[2])}"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if not solver.record.blockwise:
-        return feedback_solve_reference(q, k, f, gamma, scale)
+        return feedback_solve_reference(q, k, f, gamma, scale, key_start)
     B, H, T, Dv = f.shape
     dtype = solver.record.compute_dtype(f.dtype)
+    starts = None if key_start is None else flatten_starts(key_start, H)
     s = BlockwiseFeedbackSolve.apply(
         flatten_heads(q, dtype),
         flatten_heads(k, dtype),
@@ -316,8 +338,14 @@ def feedback_solve(
         flatten_heads(gamma, dtype),
         scale,
         solver,
+        starts,
     )
     return s.reshape(B, H, T, Dv).to(f.dtype)
+
+
+def flatten_starts(key_start: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T) document starts -> (B * H, T) int64, the rows of every head of a sequence alike."""
+    return key_start.to(torch.int64).repeat_interleave(heads, dim=0).contiguous()
 
 
 def feedback_decode_step(
@@ -327,13 +355,23 @@ def feedback_decode_step(
     f_t: torch.Tensor,
     gamma_t: torch.Tensor,
     scale: float,
+    key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One recurrent step: s_t = f_t + gamma_t * softmax(scale * q_t . K_b[<t]) S[<t].
+    """One recurrent step: s_t = f_t + gamma_t * softmax(scale * q_t . K_b[j0..t-1]) S[j0..t-1].
 
-    q_t (B, H, Dk); k_past (B, H, t, Dk); s_past (B, H, t, Dv); f_t (B, H, Dv); gamma_t (B, H).
-    With t == 0 (no past) s_t = f_t. O(t * D) per token.
+    q_t (B, H, Dk); k_past (B, H, t, Dk); s_past (B, H, t, Dv); f_t (B, H, Dv); gamma_t (B, H);
+    ``key_start`` (B,): each row's document start j0 (None: 0). With no earlier key of its document
+    s_t = f_t. O(t * D) per token.
     """
     if k_past.shape[-2] == 0:
         return f_t
-    weights = torch.softmax(torch.einsum("bhd,bhjd->bhj", q_t, k_past) * scale, dim=-1)
+    logits = torch.einsum("bhd,bhjd->bhj", q_t, k_past) * scale
+    if key_start is not None:
+        before = torch.arange(k_past.shape[-2], device=q_t.device)[None, :] < key_start[:, None]  # (B, t)
+        logits = logits.masked_fill(before[:, None, :], float("-inf"))
+        empty = before.all(dim=-1)[:, None, None]  # a row that starts a document here
+        logits = logits.masked_fill(empty, 0.0)
+        weights = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+    else:
+        weights = torch.softmax(logits, dim=-1)
     return f_t + gamma_t.unsqueeze(-1) * torch.einsum("bhj,bhjd->bhd", weights, s_past)

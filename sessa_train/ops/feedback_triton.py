@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -140,14 +141,26 @@ def _rows_dot_rows(
 
 
 @triton.jit
+def _keys(starts, n, rows, cols, T, DOCS: tl.constexpr):
+    """(BLOCK, BLOCK): which keys ``cols`` rows ``rows`` (< T) read: earlier ones, of their own
+    document (``starts``: each row's first key) when DOCS."""
+    valid = (cols[None, :] < rows[:, None]) & (rows[:, None] < T)
+    if DOCS:
+        first = tl.load(starts + n * T + rows, mask=rows < T, other=0)
+        valid = valid & (cols[None, :] >= first[:, None])
+    return valid
+
+
+@triton.jit
 def _probs(
-    q, k, lse, n, rows, cols, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
-    """A[rows, cols] = exp(scale q k^T - lse) where cols < rows < T, else 0; (BLOCK, BLOCK) float32."""
+    q, k, lse, starts, n, rows, cols, T, DK, scale,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr,
+):  # fmt: skip
+    """A[rows, cols] = exp(scale q k^T - lse) where a row reads the key (``_keys``), else 0;
+    (BLOCK, BLOCK) float32."""
     S = _rows_dot_rows(q + n * T * DK, k + n * T * DK, rows, cols, T, DK, BLOCK, BK, DOT, PREC) * scale
     row_lse = tl.load(lse + n * T + rows, mask=rows < T, other=0.0)
-    valid = (cols[None, :] < rows[:, None]) & (rows[:, None] < T)
-    return tl.exp(tl.where(valid, S - row_lse[:, None], float("-inf")))
+    return tl.exp(tl.where(_keys(starts, n, rows, cols, T, DOCS), S - row_lse[:, None], float("-inf")))
 
 
 @triton.jit
@@ -195,31 +208,37 @@ def _reduce_parts(part, counts, acc, n, sp, tile, chunk, nsplit, width, BLOCK: t
 
 @triton.jit
 def _store_diag(
-    q, k, lse, Dg, n, rb, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
+    q, k, lse, starts, Dg, n, rb, T, DK, scale,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr,
+):  # fmt: skip
     """The diagonal block A[R, R] of row block rb in float32: Dg (N, T/C, BLOCK, BLOCK)."""
     ar = tl.arange(0, BLOCK)
     rows = rb * BLOCK + ar
-    A = _probs(q, k, lse, n, rows, rows, T, DK, scale, BLOCK, BK, DOT, PREC)
+    A = _probs(q, k, lse, starts, n, rows, rows, T, DK, scale, BLOCK, BK, DOT, PREC, DOCS)
     tl.store(Dg + ((n * tl.num_programs(1) + rb) * BLOCK + ar[:, None]) * BLOCK + ar[None, :], A)
 
 
-@_tuned(key=["DK", "BLOCK"])
+@_tuned(key=["DK", "BLOCK", "DOCS"])
 @triton.jit
 def _lse_kernel(
-    q, k, lse, Dg, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
-    """Per-row log-sum-exp over every earlier key, then the row block's diagonal block of A."""
+    q, k, lse, starts, first_key, Dg, T, DK, scale,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr,
+):  # fmt: skip
+    """Per-row log-sum-exp over every earlier key of the row's document (key blocks before the
+    documents of the block's rows are skipped), then the row block's diagonal block of A."""
     n = tl.program_id(0)
     rb = tl.program_id(1)
     ar = tl.arange(0, BLOCK)
     rows = rb * BLOCK + ar
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     z = tl.zeros((BLOCK,), dtype=tl.float32)
-    for kb in range(0, rb + 1):
+    kb0 = 0
+    if DOCS:
+        kb0 = tl.load(first_key + n * tl.num_programs(1) + rb)
+    for kb in range(kb0, rb + 1):
         cols = kb * BLOCK + ar
         S = _rows_dot_rows(q + n * T * DK, k + n * T * DK, rows, cols, T, DK, BLOCK, BK, DOT, PREC) * scale
-        S = tl.where(cols[None, :] < rows[:, None], S, float("-inf"))
+        S = tl.where(_keys(starts, n, rows, cols, T, DOCS), S, float("-inf"))
         m_new = tl.maximum(m, tl.max(S, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at z = 0
         z = z * tl.exp(m - shift) + tl.sum(tl.exp(S - shift[:, None]), axis=1)
@@ -227,41 +246,29 @@ def _lse_kernel(
     out = tl.where(z > 0, m + tl.log(tl.where(z > 0, z, 1.0)), 0.0)
     tl.store(lse + n * T + rows, out, mask=rows < T)
     tl.debug_barrier()
-    _store_diag(q, k, lse, Dg, n, rb, T, DK, scale, BLOCK, BK, DOT, PREC)
+    _store_diag(q, k, lse, starts, Dg, n, rb, T, DK, scale, BLOCK, BK, DOT, PREC, DOCS)
 
 
-@_tuned(key=["DK", "BLOCK"])
+@_tuned(key=["DK", "BLOCK", "DOCS"])
 @triton.jit
 def _diag_kernel(
-    q, k, lse, Dg, T, DK, scale, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
+    q, k, lse, starts, Dg, T, DK, scale,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr,
+):  # fmt: skip
     """Every row block's diagonal block of A (the backward's; lse is final)."""
-    _store_diag(q, k, lse, Dg, tl.program_id(0), tl.program_id(1), T, DK, scale, BLOCK, BK, DOT, PREC)
+    _store_diag(q, k, lse, starts, Dg, tl.program_id(0), tl.program_id(1), T, DK, scale, BLOCK, BK, DOT, PREC, DOCS)
 
 
 @triton.jit
 def _store_strip(
-    q,
-    k,
-    lse,
-    out,
-    n,
-    rb,
-    kb,
-    T,
-    Tp,
-    DK,
-    scale,
-    COLUMN: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BK: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    q, k, lse, starts, out, n, rb, kb, T, Tp, DK, scale,
+    COLUMN: tl.constexpr, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    DOCS: tl.constexpr,
+):  # fmt: skip
     """A[row block rb, key block kb] into a row strip out (N, BLOCK, Tp) at column kb, or a column
     strip out (N, Tp, BLOCK) at row rb, in the strip's dtype."""
     ar = tl.arange(0, BLOCK)
-    P = _probs(q, k, lse, n, rb * BLOCK + ar, kb * BLOCK + ar, T, DK, scale, BLOCK, BK, DOT, PREC)
+    P = _probs(q, k, lse, starts, n, rb * BLOCK + ar, kb * BLOCK + ar, T, DK, scale, BLOCK, BK, DOT, PREC, DOCS)
     if COLUMN:
         ptrs = out + n * Tp * BLOCK + (rb * BLOCK + ar)[:, None] * BLOCK + ar[None, :]
     else:
@@ -269,21 +276,29 @@ def _store_strip(
     tl.store(ptrs, P.to(out.dtype.element_ty))
 
 
-@_tuned(key=["DK", "BLOCK"])
+@_tuned(key=["DK", "BLOCK", "DOCS"])
 @triton.jit
 def _strip_kernel(
-    q, k, lse, W, T, Tp, DK, scale, chunk, BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr
-):
-    """The forward's prefix strip W[:, kb-block] = A[R, kb-block] for key blocks kb < chunk."""
-    _store_strip(q, k, lse, W, tl.program_id(0), chunk, tl.program_id(1), T, Tp, DK, scale, False, BLOCK, BK, DOT, PREC)
+    q, k, lse, starts, first_key, W, T, Tp, DK, scale, chunk,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr,
+):  # fmt: skip
+    """The forward's prefix strip W[:, kb-block] = A[R, kb-block] for key blocks kb < chunk (from
+    the first key block the chunk's rows read: the step kernel reads no earlier one)."""
+    n = tl.program_id(0)
+    kb = tl.program_id(1)
+    kb0 = 0
+    if DOCS:
+        kb0 = tl.load(first_key + n * (Tp // BLOCK) + chunk)
+    if kb >= kb0:
+        _store_strip(q, k, lse, starts, W, n, chunk, kb, T, Tp, DK, scale, False, BLOCK, BK, DOT, PREC, DOCS)
 
 
-@_tuned(key=["DV", "BLOCK"], restore=("counts",))
+@_tuned(key=["DV", "BLOCK", "DOCS"], restore=("counts",))
 @triton.jit
 def _fwd_step_kernel(
-    W, s, c, f, Dg, gamma, part, counts, T, Tp, DV, chunk, nsplit,
+    W, s, c, f, Dg, gamma, first_key, part, counts, T, Tp, DV, chunk, nsplit,
     BLOCK: tl.constexpr, BD: tl.constexpr, LOG2_BLOCK: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, DOCS: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     sp = tl.program_id(1)
@@ -293,9 +308,12 @@ def _fwd_step_kernel(
     dmask = d[None, :] < DV
     Wn = W + n * BLOCK * Tp
     sn = s + n * T * DV
-    lo, hi = _split_range(chunk, sp, nsplit)
+    kb0 = 0
+    if DOCS:
+        kb0 = tl.load(first_key + n * (Tp // BLOCK) + chunk)
+    lo, hi = _split_range(chunk - kb0, sp, nsplit)
     h = tl.zeros((BLOCK, BD), dtype=tl.float32)
-    for kb in range(lo, hi):  # this split's earlier key blocks: every row is < T
+    for kb in range(kb0 + lo, kb0 + hi):  # this split's earlier key blocks: every row is < T
         a = tl.load(Wn + ar[:, None] * Tp + (kb * BLOCK + ar)[None, :]).to(tl.float32).to(DOT)
         sb = tl.load(sn + (kb * BLOCK + ar)[:, None] * DV + d[None, :], mask=dmask, other=0.0).to(DOT)
         h += tl.dot(a, sb, input_precision=PREC)
@@ -312,12 +330,12 @@ def _fwd_step_kernel(
         tl.store(c + n * T * DV + rows[:, None] * DV + d[None, :], cx, mask=rmask & dmask)
 
 
-@_tuned(key=["DV", "BLOCK"], restore=("counts",))
+@_tuned(key=["DV", "BLOCK", "DOCS"], restore=("counts",))
 @triton.jit
 def _bwd_step_kernel(
-    Wc, lam, G, c, Dg, gamma, part, counts, dgp, T, Tp, DV, chunk, n_blocks, nsplit,
+    Wc, lam, G, c, Dg, gamma, last_row, part, counts, dgp, T, Tp, DV, chunk, n_blocks, nsplit,
     BLOCK: tl.constexpr, BD: tl.constexpr, LOG2_BLOCK: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr, SOLVE_PREC: tl.constexpr,
+    PREC: tl.constexpr, SOLVE_PREC: tl.constexpr, DOCS: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     sp = tl.program_id(1)
@@ -327,7 +345,10 @@ def _bwd_step_kernel(
     dmask = d[None, :] < DV
     Wn = Wc + n * Tp * BLOCK
     ln = lam + n * T * DV
-    lo, hi = _split_range(n_blocks - chunk - 1, sp, nsplit)
+    rb_end = n_blocks  # the row blocks after which no row reads this chunk's keys
+    if DOCS:
+        rb_end = tl.load(last_row + n * n_blocks + chunk)
+    lo, hi = _split_range(tl.maximum(rb_end - chunk - 1, 0), sp, nsplit)
     acc = tl.zeros((BLOCK, BD), dtype=tl.float32)
     for rb in range(chunk + 1 + lo, chunk + 1 + hi):  # this split's later row blocks: lambda is final there
         t = rb * BLOCK + ar
@@ -348,49 +369,60 @@ def _bwd_step_kernel(
         tl.store(dgp + (n * tl.num_programs(2) + dt) * Tp + rows, tl.sum(x * cr, axis=1))  # this tile's dgamma part
 
 
-@_tuned(key=["DK", "DV", "BLOCK"], restore=("dk",))
+@_tuned(key=["DK", "DV", "BLOCK", "DOCS"], restore=("dk",))
 @triton.jit
 def _bwd_strips_kernel(
-    q, k, lse, gamma, lam, s, dgp, dgamma, L, dk, Wc, T, Tp, DK, DV, scale, chunk, n_dtiles,
-    BLOCK: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    q, k, lse, starts, first_key, last_row, gamma, lam, s, dgp, dgamma, L, dk, Wc, T, Tp, DK, DV, scale, chunk,
+    n_dtiles, BLOCK: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    DOCS: tl.constexpr,
 ):  # fmt: skip
-    """Programs 0..chunk: dlogits L[R, j] for key block j and dk[j] += L^T q_R. Programs after
-    them: the column strip Wc of chunk - 1 for its later row blocks (none for chunk 0)."""
+    """Programs 0..chunk: dlogits L[R, j] for key block j and dk[j] += L^T q_R (key blocks before
+    the rows' documents skipped). Programs after them: the column strip Wc of chunk - 1 for its
+    later row blocks (none for chunk 0; none past the rows that read its keys)."""
     n = tl.program_id(0)
     p = tl.program_id(1)
     ar = tl.arange(0, BLOCK)
+    nb = Tp // BLOCK
     if p > chunk:  # column strip of the next chunk (chunk - 1): later row block chunk + (p - chunk - 1)
-        _store_strip(q, k, lse, Wc, n, p - 1, chunk - 1, T, Tp, DK, scale, True, BLOCK, BK, DOT, PREC)
+        rb_end = nb
+        if DOCS:
+            rb_end = tl.load(last_row + n * nb + chunk - 1)
+        if p - 1 < rb_end:
+            _store_strip(q, k, lse, starts, Wc, n, p - 1, chunk - 1, T, Tp, DK, scale, True, BLOCK, BK, DOT, PREC, DOCS)
     else:
         rows = chunk * BLOCK + ar
         cols = p * BLOCK + ar
         rmask = rows < T
+        kb0 = 0
+        if DOCS:
+            kb0 = tl.load(first_key + n * nb + chunk)
         dg = tl.zeros((BLOCK,), dtype=tl.float32)
         for t in range(0, n_dtiles):
             dg += tl.load(dgp + (n * n_dtiles + t) * Tp + rows)
-        if p == 0:
+        if p == chunk:  # the diagonal block: computed whatever the documents
             tl.store(dgamma + n * T + rows, dg, mask=rmask)
-        A = _probs(q, k, lse, n, rows, cols, T, DK, scale, BLOCK, BK, DOT, PREC)
-        dP = _rows_dot_rows(lam + n * T * DV, s + n * T * DV, rows, cols, T, DV, BLOCK, BD, DOT, PREC)
-        g = tl.load(gamma + n * T + rows, mask=rmask, other=0.0).to(tl.float32)
-        dL = A * (dP - dg[:, None]) * (g * scale)[:, None]
-        tl.store(L + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :], dL.to(L.dtype.element_ty))
-        dLt = tl.trans(dL.to(tl.float32).to(DOT))
-        for e0 in range(0, DK, BK):  # dk of this key block: this program alone writes it
-            e = e0 + tl.arange(0, BK)
-            emask = e[None, :] < DK
-            qq = tl.load(q + n * T * DK + rows[:, None] * DK + e[None, :], mask=rmask[:, None] & emask, other=0.0)
-            ptrs = dk + n * T * DK + cols[:, None] * DK + e[None, :]
-            mask = (cols[:, None] < T) & emask
-            update = tl.dot(dLt, qq.to(tl.float32).to(DOT), input_precision=PREC)
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + update, mask=mask)
+        if p >= kb0:
+            A = _probs(q, k, lse, starts, n, rows, cols, T, DK, scale, BLOCK, BK, DOT, PREC, DOCS)
+            dP = _rows_dot_rows(lam + n * T * DV, s + n * T * DV, rows, cols, T, DV, BLOCK, BD, DOT, PREC)
+            g = tl.load(gamma + n * T + rows, mask=rmask, other=0.0).to(tl.float32)
+            dL = A * (dP - dg[:, None]) * (g * scale)[:, None]
+            tl.store(L + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :], dL.to(L.dtype.element_ty))
+            dLt = tl.trans(dL.to(tl.float32).to(DOT))
+            for e0 in range(0, DK, BK):  # dk of this key block: this program alone writes it
+                e = e0 + tl.arange(0, BK)
+                emask = e[None, :] < DK
+                qq = tl.load(q + n * T * DK + rows[:, None] * DK + e[None, :], mask=rmask[:, None] & emask, other=0.0)
+                ptrs = dk + n * T * DK + cols[:, None] * DK + e[None, :]
+                mask = (cols[:, None] < T) & emask
+                update = tl.dot(dLt, qq.to(tl.float32).to(DOT), input_precision=PREC)
+                tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + update, mask=mask)
 
 
-@_tuned(key=["DK", "BLOCK"], restore=("counts",))
+@_tuned(key=["DK", "BLOCK", "DOCS"], restore=("counts",))
 @triton.jit
 def _dq_kernel(
-    L, k, dq, part, counts, T, Tp, DK, chunk, nsplit,
-    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    L, k, first_key, dq, part, counts, T, Tp, DK, chunk, nsplit,
+    BLOCK: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0)
     sp = tl.program_id(1)
@@ -398,9 +430,12 @@ def _dq_kernel(
     ar = tl.arange(0, BLOCK)
     e = et * BK + tl.arange(0, BK)
     emask = e[None, :] < DK
-    lo, hi = _split_range(chunk + 1, sp, nsplit)
+    kb0 = 0
+    if DOCS:
+        kb0 = tl.load(first_key + n * (Tp // BLOCK) + chunk)
+    lo, hi = _split_range(chunk + 1 - kb0, sp, nsplit)
     acc = tl.zeros((BLOCK, BK), dtype=tl.float32)
-    for kb in range(lo, hi):
+    for kb in range(kb0 + lo, kb0 + hi):
         cols = kb * BLOCK + ar
         a = tl.load(L + n * BLOCK * Tp + ar[:, None] * Tp + cols[None, :]).to(tl.float32).to(DOT)
         kk = tl.load(k + n * T * DK + cols[:, None] * DK + e[None, :], mask=(cols[:, None] < T) & emask, other=0.0)
@@ -478,8 +513,31 @@ class _Launch:
         return self.empty(self.N, splits, self.block, width)
 
 
-def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
-    """q, k (N, T, Dk); f (N, T, Dv); gamma (N, T), contiguous. Returns float32 s, c (N, T, Dv), lse (N, T).
+class _Documents(NamedTuple):
+    """Packed documents as the kernels read them: each row's first key ``starts`` (N, T) int32,
+    per row block the first key block its rows read ``first_key`` (N, T/C), and per key block the
+    row blocks that can read it ``last_row`` (N, T/C: rows of later blocks start after it); DOCS."""
+
+    starts: torch.Tensor
+    first_key: torch.Tensor
+    last_row: torch.Tensor
+    DOCS: bool
+
+
+def _documents(starts: torch.Tensor | None, L: _Launch) -> _Documents:
+    if starts is None:  # one document: the kernels read none of these
+        unused = L.empty(1, dtype=torch.int32)
+        return _Documents(unused, unused, unused, False)
+    first_key = (starts[:, :: L.block] // L.block).to(torch.int32).contiguous()
+    ends = (torch.arange(1, L.nb + 1, device=starts.device) * L.block).expand(L.N, L.nb).contiguous()
+    readers = torch.searchsorted(starts.contiguous(), ends)  # rows whose document starts before a block's end
+    last_row = ((readers + L.block - 1) // L.block).to(torch.int32).contiguous()
+    return _Documents(starts.to(torch.int32).contiguous(), first_key, last_row, True)
+
+
+def triton_forward(q, k, f, gamma, starts, scale: float, block: int, prefix=None):
+    """q, k (N, T, Dk); f (N, T, Dv); gamma (N, T), contiguous; ``starts`` (N, T) each row's first
+    key (packed documents) or None. Returns float32 s, c (N, T, Dv), lse (N, T).
 
     ``prefix`` = (lse_p, h_p) continues a solve whose earlier rows live elsewhere, as in
     ``feedback_chunked.chunked_forward``: the row log-sum-exp joins the earlier keys' lse_p, and
@@ -487,67 +545,79 @@ def triton_forward(q, k, f, gamma, scale: float, block: int, prefix=None):
     """
     L = _Launch(q, f.shape[-1], scale, block)
     N, T, nb = L.N, L.T, L.nb
+    docs = _documents(starts, L)
     lse, s, c = L.empty(N, T), L.empty(N, T, L.DV), L.empty(N, T, L.DV)
     W, Dg = L.empty(N, block, L.Tp, dtype=L.strip_dtype), L.empty(N, nb, block, block)
     part, counts = L.parts(L.split_v, L.DV), L.counters(L.dv_tiles)
-    launch(_lse_kernel, (N, nb), q, k, lse, Dg, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
+    consts = {"BLOCK": block, "BK": L.BK, "DOCS": docs.DOCS, **L.prec}
+    launch(_lse_kernel, (N, nb), q, k, lse, docs.starts, docs.first_key, Dg, T, L.DK, scale, **consts)
     earlier = None
     if prefix is not None:
-        own = lse.clone()
-        own[:, 0] = float("-inf")  # the kernel writes 0 for the one row without an own earlier key
-        lse = torch.logaddexp(own, prefix[0].float()).contiguous()  # every row has earlier keys
-        launch(_diag_kernel, (N, nb), q, k, lse, Dg, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
-        earlier = prefix[1].float() * (prefix[0].float() - lse).exp().unsqueeze(-1)
+        rows = torch.arange(T, device=q.device)
+        alone = rows == (0 if starts is None else starts)  # rows without an own earlier key (the kernel wrote 0)
+        total = torch.logaddexp(torch.where(alone, float("-inf"), lse), prefix[0].float())
+        keys = ~torch.isneginf(total)
+        lse = torch.where(keys, total, 0.0).contiguous()
+        launch(_diag_kernel, (N, nb), q, k, lse, docs.starts, Dg, T, L.DK, scale, **consts)
+        weight = torch.where(keys, (prefix[0].float() - total).exp(), 0.0)
+        earlier = prefix[1].float() * weight.unsqueeze(-1)
         f = torch.addcmul(f.float(), gamma.float().unsqueeze(-1), earlier).contiguous()
     for ch in range(nb):
         if ch:
-            launch(_strip_kernel, (N, ch), q, k, lse, W, T, L.Tp, L.DK, scale, ch, BLOCK=block, BK=L.BK, **L.prec)
+            launch(
+                _strip_kernel, (N, ch), q, k, lse, docs.starts, docs.first_key, W, T, L.Tp, L.DK, scale, ch, **consts
+            )
         splits = max(1, min(L.split_v, ch))
         launch(
             _fwd_step_kernel, (N, splits, L.dv_tiles),
-            W, s, c, f, Dg, gamma, part, counts, T, L.Tp, L.DV, ch, splits,
-            BLOCK=block, BD=L.BD, **L.solve, **L.prec,
+            W, s, c, f, Dg, gamma, docs.first_key, part, counts, T, L.Tp, L.DV, ch, splits,
+            BLOCK=block, BD=L.BD, DOCS=docs.DOCS, **L.solve, **L.prec,
         )  # fmt: skip
     if earlier is not None:
         c += earlier
     return s, c, lse
 
 
-def triton_backward(grad_s, q, k, gamma, s, c, lse, scale: float, block: int):
+def triton_backward(grad_s, q, k, gamma, starts, s, c, lse, scale: float, block: int):
     """Adjoint of ``triton_forward``. Returns float32 dq, dk (N, T, Dk), df (N, T, Dv), dgamma (N, T)."""
     L = _Launch(q, s.shape[-1], scale, block)
     N, T, nb = L.N, L.T, L.nb
+    docs = _documents(starts, L)
     lam, dgamma = L.empty(N, T, L.DV), L.empty(N, T)
     dq, dk = L.empty(N, T, L.DK), L.empty(N, T, L.DK, zero=True)
     Wc, dL = L.empty(N, L.Tp, block, dtype=L.strip_dtype), L.empty(N, block, L.Tp, dtype=L.strip_dtype)
     dgp, Dg = L.empty(N, L.dv_tiles, L.Tp), L.empty(N, nb, block, block)
     part_v, counts_v = L.parts(L.split_v, L.DV), L.counters(L.dv_tiles)
     part_k, counts_k = L.parts(L.split_k, L.DK), L.counters(L.dk_tiles)
-    launch(_diag_kernel, (N, nb), q, k, lse, Dg, T, L.DK, scale, BLOCK=block, BK=L.BK, **L.prec)
+    consts = {"BLOCK": block, "BK": L.BK, "DOCS": docs.DOCS, **L.prec}
+    launch(_diag_kernel, (N, nb), q, k, lse, docs.starts, Dg, T, L.DK, scale, **consts)
     for ch in range(nb - 1, -1, -1):
         splits = max(1, min(L.split_v, nb - ch - 1))
         launch(
             _bwd_step_kernel, (N, splits, L.dv_tiles),
-            Wc, lam, grad_s, c, Dg, gamma, part_v, counts_v, dgp, T, L.Tp, L.DV, ch, nb, splits,
-            BLOCK=block, BD=L.BD, **L.solve, **L.prec,
+            Wc, lam, grad_s, c, Dg, gamma, docs.last_row, part_v, counts_v, dgp, T, L.Tp, L.DV, ch, nb, splits,
+            BLOCK=block, BD=L.BD, DOCS=docs.DOCS, **L.solve, **L.prec,
         )  # fmt: skip
         column = nb - ch if ch else 0  # the next chunk's later row blocks
         launch(
             _bwd_strips_kernel, (N, ch + 1 + column),
-            q, k, lse, gamma, lam, s, dgp, dgamma, dL, dk, Wc, T, L.Tp, L.DK, L.DV, scale, ch, L.dv_tiles,
-            BLOCK=block, BK=L.BK, BD=L.BD, **L.prec,
+            q, k, lse, docs.starts, docs.first_key, docs.last_row, gamma, lam, s, dgp, dgamma, dL, dk, Wc,
+            T, L.Tp, L.DK, L.DV, scale, ch, L.dv_tiles, BD=L.BD, **consts,
         )  # fmt: skip
         splits = max(1, min(L.split_k, ch + 1))
         launch(
             _dq_kernel, (N, splits, L.dk_tiles),
-            dL, k, dq, part_k, counts_k, T, L.Tp, L.DK, ch, splits, BLOCK=block, BK=L.BK, **L.prec,
+            dL, k, docs.first_key, dq, part_k, counts_k, T, L.Tp, L.DK, ch, splits, **consts,
         )  # fmt: skip
     return dq, dk, lam, dgamma
 
 
-def kernel_variants(block: int, dtype: torch.dtype, width: int = 1024) -> list[tuple[str, object, dict, dict]]:
+def kernel_variants(
+    block: int, dtype: torch.dtype, width: int = 1024, docs: bool = False
+) -> list[tuple[str, object, dict, dict]]:
     """Every (name, kernel, signature, constexprs) the host side launches for one BLOCK and input
-    dtype, with the feature tiles it takes for heads ``width`` wide: what an AOT compile must cover."""
+    dtype, with the feature tiles it takes for heads ``width`` wide, for one document or packed
+    ones (``docs``): what an AOT compile must cover."""
     tile = _tile(width, block)
     io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
@@ -557,14 +627,14 @@ def kernel_variants(block: int, dtype: torch.dtype, width: int = 1024) -> list[t
     f32, i32 = "*fp32", "*i32"
     types = {"q": io, "k": io, "f": io, "gamma": io, "G": io, "lse": f32, "s": f32, "c": f32, "lam": f32}
     types |= {"W": strip, "Wc": strip, "L": strip, "part": f32, "counts": i32, "dgp": f32, "dgamma": f32}
-    types |= {"dq": f32, "dk": f32, "Dg": f32, "scale": "fp32"}
-    tiles = {"BLOCK": block, "BK": tile, "BD": tile}
+    types |= {"dq": f32, "dk": f32, "Dg": f32, "scale": "fp32", "starts": i32, "first_key": i32, "last_row": i32}
+    tiles = {"BLOCK": block, "BK": tile, "BD": tile, "DOCS": docs}
 
     def variant(name: str, kernel, extra: dict) -> tuple[str, object, dict, dict]:
         names = kernel.arg_names  # an autotuner, a JIT function or (interpreting) its stand-in all have them
         signature = {a: types.get(a, "i32") if a not in (tiles | prec | solve) else "constexpr" for a in names}
         consts = {key: val for key, val in (tiles | prec | extra).items() if key in names}
-        return name, getattr(kernel, "fn", kernel), signature, consts
+        return name + ("+docs" if docs else ""), getattr(kernel, "fn", kernel), signature, consts
 
     return [
         variant("lse", _lse_kernel, {}),

@@ -41,7 +41,15 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from sessa_train import distributed as comm
-from sessa_train.ops.feedback import Prefix, Solved, Solver, flatten_heads, solve_backward, solve_forward
+from sessa_train.ops.feedback import (
+    Prefix,
+    Solved,
+    Solver,
+    flatten_heads,
+    flatten_starts,
+    solve_backward,
+    solve_forward,
+)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -83,6 +91,11 @@ def _pieces(n: int, chunk: int) -> list[slice]:
 
 def _rows(n: int, chunk: int, piece: int) -> int:
     return min(chunk, n - piece * chunk)
+
+
+def _piece_starts(starts: torch.Tensor | None, T: int, chunk: int) -> list[int]:
+    """Per piece of own rows, the earliest document start of its rows (0 for one document)."""
+    return [0] * len(_pieces(T, chunk)) if starts is None else starts[:, ::chunk].amin(dim=0).tolist()
 
 
 @lru_cache(maxsize=32)
@@ -157,10 +170,13 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
     the own rows are solved by ``ops.solve_forward``/``solve_backward`` continuing across ranks."""
 
     @staticmethod
-    def forward(ctx, q, k, f, gamma, scale: float, solver: Solver, group, sizes: tuple[int, ...]):  # type: ignore[override]
+    def forward(ctx, q, k, f, gamma, starts, scale: float, solver: Solver, group, sizes: tuple[int, ...]):  # type: ignore[override]
         N, T, dk = q.shape
         dv = f.shape[-1]
         rank, chunk = dist.get_rank(group), solver.block(T, dv)
+        offset = sum(sizes[:rank])  # the index of the first own row in the sequence
+        local = None if starts is None else (starts - offset).clamp_(min=0)  # own keys of each row's document
+        firsts = _piece_starts(starts, T, chunk)
         # the ring's own state is at least float32 whatever the solver computes in (like its accumulators)
         acc = {"dtype": torch.promote_types(q.dtype, torch.float32), "device": q.device}
         m = torch.full((N, T, 1), float("-inf"), **acc)
@@ -170,18 +186,24 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         seen: list[Msg] = []
 
         def solve() -> None:
-            prefix = Prefix((m + z.log()).squeeze(-1), h / z) if rank > 0 else None
-            solved.append(solve_forward(solver, q, k, f, gamma, scale, prefix))
+            prefix = Prefix((m + z.log()).squeeze(-1), torch.where(z > 0, h / z, 0.0)) if rank > 0 else None
+            solved.append(solve_forward(solver, q, k, f, gamma, scale, prefix, local))
 
         def received(msg: Msg, piece: torch.Tensor) -> None:  # an earlier block's (k_j, s_j) rows
             if rank + 1 < len(sizes):
                 relay[msg] = piece
             kj, sj = piece[..., :dk], piece[..., dk:]
-            for rows in _pieces(T, chunk):
+            base = sum(sizes[: msg.block]) + msg.piece * chunk  # the piece's first key in the sequence
+            for rows, first in zip(_pieces(T, chunk), firsts, strict=True):
+                if first >= base + kj.shape[1]:  # every document of these rows starts after the piece
+                    continue
                 L = torch.matmul(q[:, rows].to(kj.dtype), kj.transpose(1, 2)).mul_(scale)
+                if starts is not None:
+                    keys = torch.arange(base, base + kj.shape[1], device=q.device)
+                    L.masked_fill_(keys[None, None, :] < starts[:, rows, None], float("-inf"))
                 m_new = torch.maximum(m[:, rows], L.amax(dim=-1, keepdim=True))
                 decay = torch.where(torch.isneginf(m[:, rows]), 0.0, (m[:, rows] - m_new).exp())
-                e = L.sub_(m_new).exp_()
+                e = L.sub_(torch.where(torch.isneginf(m_new), 0.0, m_new)).exp_()
                 z[:, rows] = z[:, rows] * decay + e.sum(dim=-1, keepdim=True)
                 h[:, rows] = h[:, rows] * decay + torch.bmm(e, sj)
                 m[:, rows] = m_new
@@ -205,7 +227,7 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         s, c, lse = solved[0]
         ctx.save_for_backward(q, k, gamma, s, c, lse)
         ctx.dtypes = (q.dtype, k.dtype, f.dtype, gamma.dtype)
-        ctx.scale, ctx.solver, ctx.group, ctx.sizes = scale, solver, group, sizes
+        ctx.scale, ctx.solver, ctx.group, ctx.sizes, ctx.starts = scale, solver, group, sizes, starts
         return s.to(f.dtype)
 
     @staticmethod
@@ -217,7 +239,9 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         N, T, dk = q.shape
         dv = s.shape[-1]
         chunk = ctx.solver.block(T, dv)
-        width = 2 * dk + dv + 3  # q, lam, dq accumulator, lse, gamma, dgamma
+        offset, starts = sum(sizes[:rank]), ctx.starts
+        local = None if starts is None else (starts - offset).clamp(min=0)
+        width = 2 * dk + dv + 4  # q, lam, dq accumulator, lse, gamma, dgamma, document start
         f32 = {"dtype": torch.promote_types(q.dtype, torch.float32), "device": q.device}  # the ring's state
         push, dk_cross = grad_s.to(f32["dtype"]).clone(), torch.zeros(N, T, dk, **f32)
         relay: dict[Msg, torch.Tensor] = {}  # received pieces waiting to go on (rank 0: their dq, home)
@@ -226,20 +250,25 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         k32, s32 = k.to(f32["dtype"]), s.to(f32["dtype"])
 
         def solve() -> None:
-            done.extend(solve_backward(ctx.solver, push, q, k, gamma, Solved(s, c, lse), scale))
+            done.extend(solve_backward(ctx.solver, push, q, k, gamma, Solved(s, c, lse), scale, local))
 
         def received(msg: Msg, piece: torch.Tensor) -> None:
             if msg.kind == "dq":  # the own rows' dq over all earlier columns, home from rank 0
                 dq_home[:, _pieces(T, chunk)[msg.piece]] = piece
                 return
             qb, lamb, dqb = piece[..., :dk], piece[..., dk : dk + dv], piece[..., dk + dv : 2 * dk + dv]
-            lse_b, g_b, dg_b = (piece[..., 2 * dk + dv + i, None] for i in range(3))
-            A = torch.matmul(qb, k32.transpose(1, 2)).mul_(scale).sub_(lse_b).exp_()  # (N, C, T_r)
-            push.baddbmm_(A.transpose(1, 2), g_b * lamb)
-            P_ = torch.bmm(lamb, s32.transpose(1, 2)).sub_(dg_b).mul_(A)
-            w = g_b * scale
-            dk_cross.baddbmm_(P_.transpose(1, 2), qb * w)
-            dqb += torch.bmm(P_, k32).mul_(w)
+            lse_b, g_b, dg_b, start_b = (piece[..., 2 * dk + dv + i, None] for i in range(4))
+            if starts is None or int(start_b[:, 0].min()) < offset + T:  # else: their documents start after ours
+                logits = torch.matmul(qb, k32.transpose(1, 2)).mul_(scale)
+                if starts is not None:
+                    keys = torch.arange(offset, offset + T, device=q.device, dtype=start_b.dtype)
+                    logits.masked_fill_(keys[None, None, :] < start_b, float("-inf"))
+                A = logits.sub_(lse_b).exp_()  # (N, C, T_r)
+                push.baddbmm_(A.transpose(1, 2), g_b * lamb)
+                P_ = torch.bmm(lamb, s32.transpose(1, 2)).sub_(dg_b).mul_(A)
+                w = g_b * scale
+                dk_cross.baddbmm_(P_.transpose(1, 2), qb * w)
+                dqb += torch.bmm(P_, k32).mul_(w)
             relay[msg] = piece
             seen.append(msg)
             if len(seen) == need:
@@ -251,7 +280,8 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
             if msg.block == rank:  # own rows, made when sent: q, lam, a zero dq accumulator, lse, gamma, dgamma
                 rows = _pieces(T, chunk)[msg.piece]
                 lam, dgamma = done[2], done[3]
-                extras = torch.stack([lse[:, rows], gamma[:, rows], dgamma[:, rows]], dim=-1).to(f32["dtype"])
+                first = (torch.zeros_like(lse[:, rows]) if starts is None else starts[:, rows]).to(f32["dtype"])
+                extras = torch.stack([lse[:, rows], gamma[:, rows], dgamma[:, rows], first], dim=-1).to(f32["dtype"])
                 q_rows = q[:, rows].to(f32["dtype"])
                 return torch.cat([q_rows, lam[:, rows].to(f32["dtype"]), torch.zeros_like(q_rows), extras], dim=-1)
             return relay.pop(msg)
@@ -267,7 +297,7 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         _run(schedule(tuple(sizes), chunk, backward=True), rank, group, message, shape, received)
         dq, dk_own, lam, dgamma = done
         grads = (dq.to(f32["dtype"]) + dq_home, dk_own.to(f32["dtype"]) + dk_cross, lam, dgamma)
-        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None, None)
+        return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)), None, None, None, None, None)
 
 
 def feedback_solve_context_parallel(
@@ -279,17 +309,22 @@ def feedback_solve_context_parallel(
     solver: Solver,
     group,
     sizes: tuple[int, ...],
+    key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's rows of the solve. q, k (B, H, T_r, Dk); f (B, H, T_r, Dv); gamma (B, H, T_r);
     ``solver`` a blockwise one (``ops.select_solver``), its chunk also the size of the pieces that
-    travel; ``sizes``: T_r of every rank of ``group`` in rank order (they sum to the sequence length)."""
+    travel; ``sizes``: T_r of every rank of ``group`` in rank order (they sum to the sequence length);
+    ``key_start`` (B, T_r): packed documents, each own row's document start in the whole sequence (a
+    document that spans ranks carries its state across; keys before it are masked, and a piece of
+    keys that lies wholly before the documents of a rank's rows is skipped)."""
     B, H, T, _ = q.shape
     Dv = f.shape[-1]
     rank = dist.get_rank(group)
     if len(sizes) != dist.get_world_size(group) or sizes[rank] != T:
         raise ValueError(f"context-parallel block sizes {sizes} do not match this rank's {T} rows (rank {rank})")
     dtype = solver.record.compute_dtype(f.dtype)  # what the solver takes; the ring's own state is float32
+    starts = None if key_start is None else flatten_starts(key_start, H)
     s = ContextParallelFeedbackSolve.apply(
-        *(flatten_heads(x, dtype) for x in (q, k, f, gamma)), scale, solver, group, tuple(sizes)
+        *(flatten_heads(x, dtype) for x in (q, k, f, gamma)), starts, scale, solver, group, tuple(sizes)
     )
     return s.reshape(B, H, T, Dv).to(f.dtype)

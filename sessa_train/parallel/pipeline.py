@@ -83,16 +83,22 @@ class PipelineRunner:
         return total, torch.tensor(per_token.numel(), dtype=torch.int), stats
 
     def _forward_step(self, batches: Iterator[dict], adapter: _ScheduleModel):
-        tokens = next(batches)["tokens"].to(self.device)
+        batch = next(batches)
+        tokens = batch["tokens"].to(self.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        positions = batch.get("position_ids")  # packed documents (data.document_masking)
+        positions = None if positions is None else positions.to(self.device)
         st = self.state
         if st.cp > 1:  # this rank's block of every sequence
             block = inputs.shape[1] // st.cp
             rows = slice(st.cp_rank * block, (st.cp_rank + 1) * block)
             inputs, targets = inputs[:, rows], targets[:, rows]
+            positions = None if positions is None else positions[:, rows]
         model = adapter.module
         x = inputs if model.embed is not None else adapter.input_tensor.transpose(0, 1)
-        out = model(x, targets=targets)  # the last stage: per-token loss (B, T); others: (B, T, D)
+        out = model(
+            x, targets=targets, position_ids=positions
+        )  # the last stage: per-token loss (B, T); others: (B, T, D)
         if model.lm_head is None:
             return out.transpose(0, 1).contiguous(), None
         return out, self._loss

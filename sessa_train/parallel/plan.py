@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sessa_train.config import ComputeConfig, ModelConfig
@@ -105,19 +104,20 @@ class MegatronPlan(ModelPlan):
         return self.tp.copy_to_tensor_model_parallel_region(x)
 
     # -- sequence ---------------------------------------------------------------------------
-    def positions(self, length: int) -> Positions:
-        return Positions(self.state.cp_rank * length, length)  # this rank's block of every sequence
+    def positions(self, length: int, position_ids: torch.Tensor | None = None) -> Positions:
+        return Positions.of(self.state.cp_rank * length, length, position_ids)  # this rank's block of every sequence
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """Under context parallelism the keys and values of every rank are gathered and this rank's
+        rows attend to those up to their own (causal, aligned to the last key; documents masked)."""
         if self.state.cp == 1:
             return super().attend(q, k, v, pos)
         from sessa_train.parallel.context_parallel import gather_sequence
 
-        group = self.ps.get_context_parallel_group()  # rows see every key up to their global position
+        group = self.ps.get_context_parallel_group()
         k, v = gather_sequence(k, group, 2), gather_sequence(v, group, 2)
-        rows = pos.arange(q.device)[:, None]
-        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= rows
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        end = pos.start + pos.length  # later ranks' keys are never read
+        return super().attend(q, k[:, :, :end], v[:, :, :end], pos)
 
     def solver(self, device: torch.device) -> Solver:
         solver = super().solver(device)
@@ -128,14 +128,16 @@ class MegatronPlan(ModelPlan):
             )
         return solver
 
-    def solve(self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float):
+    def solve(
+        self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, scale: float, pos: Positions
+    ):
         if self.state.cp == 1:
-            return super().solve(q, k, f, gamma, scale)
+            return super().solve(q, k, f, gamma, scale, pos)
         from sessa_train.parallel.context_parallel import feedback_solve_context_parallel
 
         group, T = self.ps.get_context_parallel_group(), q.shape[2]
         return feedback_solve_context_parallel(
-            q, k, f, gamma, scale, self.solver(q.device), group, (T,) * self.state.cp
+            q, k, f, gamma, scale, self.solver(q.device), group, (T,) * self.state.cp, pos.doc_start
         )
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ def loader_args(cfg: TrainConfig, layout: ParallelState) -> dict:
         "world_size": layout.dp,
         "seed": cfg.data.seed,
         "tokenizer_path": cfg.data.tokenizer,
+        "document_masking": cfg.data.document_masking,
     }
 
 

@@ -2,7 +2,8 @@
 
     run(batches, n, forward_only=False) -> (2,) float64 tensor [loss sum, token count]
 
-runs ``n`` micro-batches of ``batches`` (dicts with "tokens" (B, T + 1)) through this rank's
+runs ``n`` micro-batches of ``batches`` (dicts with "tokens" (B, T + 1), and "position_ids" (B, T)
+of packed documents under ``data.document_masking``) through this rank's
 part of the model; unless ``forward_only`` it leaves the step's gradients, reduced over the
 data-parallel ranks, for DeepSpeed's ``step()``. The sums are this rank's share, counted so that
 their sum over every rank of the job counts each token once. Two implementations:
@@ -32,10 +33,16 @@ class EngineRunner:
     def run(self, batches: Iterator[dict], n: int, forward_only: bool = False) -> torch.Tensor:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(n):
-            tokens = next(batches)["tokens"].to(self.device)
+            batch = next(batches)
+            tokens = batch["tokens"].to(self.device)
+            positions = batch.get("position_ids")
             if not forward_only:
                 self.engine.set_gradient_accumulation_boundary(i == n - 1)
-            per_token = self.engine(tokens[:, :-1], targets=tokens[:, 1:])
+            per_token = self.engine(
+                tokens[:, :-1],
+                targets=tokens[:, 1:],
+                position_ids=None if positions is None else positions.to(self.device),
+            )
             if not forward_only:
                 self.engine.backward(per_token.mean() / n)
             total[0] += per_token.detach().sum().double()
