@@ -53,7 +53,7 @@ import torch
 from sessa_train import distributed as comm
 from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError
-from sessa_train.files import file_sha256, fsync, replace_durably
+from sessa_train.files import RunLock, file_sha256, fsync, readable_by_group, replace_durably
 
 FORMAT = "sessa-checkpoint-v3"
 READABLE = ("sessa-checkpoint-v2", FORMAT)  # v2: the same files, its meta flat (upgraded on read)
@@ -166,12 +166,24 @@ def write_json(path: Path, value) -> Path:
     return path
 
 
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def _written(path: Path, tensors: dict[str, torch.Tensor], partial: Path) -> dict[str, dict]:
+    """Write one shard durably; its manifest record."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata={"format": FORMAT})
-    return path
+    try:
+        save_file(
+            {k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata={"format": FORMAT}
+        )
+    except SafetensorError as e:  # how safetensors reports a failed write (a full disk): an OSError here
+        match = re.search(r"I/O error: (.*?)(?: \(os error (\d+)\))?$", str(e))
+        if match is None:
+            raise
+        raise OSError(int(match[2] or 5), match[1]) from None
+    readable_by_group(path)
+    fsync(path)
+    return {str(path.relative_to(partial)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}}
 
 
 def step_of(path: Path) -> int:
@@ -239,7 +251,15 @@ def find_checkpoint(path: str | Path) -> Path:
         path = path / (path / "latest").read_text().strip()
     if (path / "meta.json").is_file():
         return path
-    raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json); pass a step_N folder or its parent")
+    if folders := checkpoint_folders(path):
+        raise CheckpointError(
+            f"{path} holds checkpoints but no 'latest' file naming a complete one; pass one of its step_N folders "
+            f"(newest: {folders[-1]})"
+        )
+    raise CheckpointError(
+        f"{path} is not a complete checkpoint (no meta.json); pass a step_N folder, or the checkpoint.dir whose "
+        "'latest' names one"
+    )
 
 
 def read_meta(path: Path) -> Meta:
@@ -275,6 +295,21 @@ class CheckpointManager:
 
     def __init__(self, root: str | Path, keep_last: int, rank: int, world: int, log: Callable[[str], None]) -> None:
         self.root, self.keep_last, self.rank, self.world, self.log = Path(root), keep_last, rank, world, log
+        self.run_lock = RunLock(self.root)
+
+    def lock(self) -> None:
+        """Collective: claim the folder for this run (``files.RunLock``), before anything in it is
+        touched; a second run into the same folder stops with one line naming the first."""
+        problem = self.run_lock.acquire() if self.rank == 0 else None
+        if problem := comm.all_gather_objects(problem)[0]:
+            raise CheckpointError(problem)
+        if self.rank == 0:
+            import atexit
+
+            atexit.register(self.run_lock.release)
+
+    def unlock(self) -> None:
+        self.run_lock.release()
 
     # -- finding -----------------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -375,41 +410,69 @@ class CheckpointManager:
         tensor parts, rank 0 the record (with every part's JSON state), config and tokenizer."""
         name = f"step_{step:08d}"
         partial = self.root / f"{name}.partial"
+        problem = None
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        comm.barrier()
+            problem = self._attempt(partial, lambda: partial.mkdir(parents=True))
+        self._agree(problem, partial)
         states, records = {}, {}
-        for part_name, part in parts.items():
+        for part_name, part in parts.items():  # every rank takes part in every part's collectives
             states[part_name] = part.state_dict()
             for shard, tensors in (part.tensors() if hasattr(part, "tensors") else {}).items():
-                file = _write_shard(partial / part_name / f"{shard}.safetensors", tensors)
-                fsync(file)
-                records[str(file.relative_to(partial))] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+                file = partial / part_name / f"{shard}.safetensors"
+                problem = problem or self._attempt(
+                    partial, lambda f=file, t=tensors: records.update(_written(f, t, partial))
+                )
+        self._agree(problem, partial)
         every = comm.all_gather_objects(records)
         final = self.root / name
         if self.rank == 0:
-            meta = Meta(step, tokens, layout, data, states)
-            own = [write_json(partial / "meta.json", meta.to_json()), write_json(partial / "config.json", config)]
-            if tokenizer is not None:
-                own.append(partial / f"tokenizer{''.join(Path(tokenizer).suffixes) or '.model'}")
-                shutil.copyfile(tokenizer, own[-1])
-                fsync(own[-1])
             files = {k: v for rank_records in every for k, v in rank_records.items()}
-            files |= {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in own}
-            write_json(partial / "manifest.json", {"files": dict(sorted(files.items()))})
-            for sub in [p for p in partial.iterdir() if p.is_dir()] + [partial]:
-                fsync(sub)
-            if final.exists():  # saved again at the same step (e.g. at exit right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            fsync(self.root)
-            (self.root / "latest.tmp").write_text(name)
-            replace_durably(self.root / "latest.tmp", self.root / "latest")
-            for old in checkpoint_folders(self.root)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        comm.barrier()
+            meta = Meta(step, tokens, layout, data, states)
+            problem = self._attempt(partial, lambda: self._publish(partial, final, meta, config, tokenizer, files))
+        self._agree(problem, partial)
         return final
+
+    def _publish(self, partial: Path, final: Path, meta: Meta, config: dict, tokenizer, files: dict) -> None:
+        """Rank 0: the record, config, tokenizer and manifest, then the folder renamed into place."""
+        own = [write_json(partial / "meta.json", meta.to_json()), write_json(partial / "config.json", config)]
+        if tokenizer is not None:
+            own.append(partial / f"tokenizer{''.join(Path(tokenizer).suffixes) or '.model'}")
+            shutil.copyfile(tokenizer, own[-1])
+            fsync(own[-1])
+        files |= {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in own}
+        write_json(partial / "manifest.json", {"files": dict(sorted(files.items()))})
+        for sub in [p for p in partial.iterdir() if p.is_dir()] + [partial]:
+            fsync(sub)
+        if final.exists():  # saved again at the same step (e.g. at exit right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync(self.root)
+        (self.root / "latest.tmp").write_text(final.name)
+        replace_durably(self.root / "latest.tmp", self.root / "latest")
+        for old in checkpoint_folders(self.root)[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _attempt(self, partial: Path, write: Callable[[], object]) -> str | None:
+        """``write()``, or a one-line description of the OSError it raised (disk full, ...)."""
+        try:
+            write()
+        except OSError as e:
+            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+            return (
+                f"saving {partial.name.removesuffix('.partial')} into {self.root} failed on rank {self.rank}: "
+                f"{e.strerror or e} ({free / 2**20:.1f} MiB free there); the checkpoints before it are intact"
+            )
+        return None
+
+    def _agree(self, problem: str | None, partial: Path) -> None:
+        """Collective: every rank learns of any rank's failed write; the partial folder is removed
+        and each raises the same one-line error."""
+        problems = [p for p in comm.all_gather_objects(problem) if p]
+        if problems:
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(problems[0])
 
     @staticmethod
     def load(path: Path, parts: dict[str, Part]) -> Meta:

@@ -166,6 +166,7 @@ class DataConfig:
                     ok = False
                 _check(ok, f"{form} with positive weights; got weight {w!r}")
         _check(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.seed >= 0, f"data.seed must be >= 0 (it seeds numpy's shard order), got {self.seed}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.reader_slots >= 0, f"data.reader_slots must be >= 0 (0: automatic), got {self.reader_slots}")
         _check(
@@ -298,6 +299,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         for section, values in self.to_dict().items():
             for key, value in values.items() if isinstance(values, dict) else ():
                 if isinstance(value, float) and not math.isfinite(value):

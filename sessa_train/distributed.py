@@ -49,6 +49,19 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def shutdown() -> None:
+    """Leave the process group (if any): the ranks' communication threads end before the
+    interpreter does, so a process that stops on an error exits with its own status."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # -- the one rule for collectives ----------------------------------------------------------
 # Every tensor handed to a collective or point-to-point call lives on its group's communication
 # device: the current CUDA device for NCCL, the CPU for gloo. NCCL refuses CPU tensors ("No

@@ -28,3 +28,15 @@ class LaunchError(SessaError):
 
 class TrainError(SessaError):
     """A run that cannot start or go on (batch sizes that do not tile, steps that keep failing)."""
+
+
+def argument_parser(**kwargs):
+    """An ``argparse.ArgumentParser`` whose errors are one line (``prog: error: message``, status
+    2) without the usage block, as every other error of the command-line tools is."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # type: ignore[override]
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    return Parser(**kwargs)

@@ -31,3 +31,84 @@ def replace_durably(tmp: Path, final: Path) -> None:
     fsync(tmp)
     os.replace(tmp, final)
     fsync(final.parent)
+
+
+class RunLock:
+    """An exclusive claim of a folder by one run: ``<folder>/.lock`` holding the owner's host, pid
+    and job (Slurm's job id, or torchrun's run id), created atomically (O_EXCL).
+
+    A lock is taken over when it is stale: its owner ran on this host and is no longer alive, or
+    it belongs to this same job (a restarted worker group, a requeued Slurm job). Otherwise
+    ``acquire`` returns a one-line description of the owner (the caller refuses to start)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _owner() -> dict:
+        import socket
+        import time
+
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "job": job, "started": time.strftime("%F %T")}
+
+    def _stale(self, held: dict, me: dict) -> bool:
+        if held.get("job") and held.get("job") == me["job"]:
+            return True
+        if held.get("host") != me["host"]:
+            return False
+        try:
+            os.kill(int(held.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, OverflowError):
+            return False
+        return int(held.get("pid", -1)) == me["pid"]
+
+    def acquire(self) -> str | None:
+        """None once this process holds the lock, else who holds it (one line)."""
+        import json
+
+        me = self._owner()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    held = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    held = {}
+                if not isinstance(held, dict) or self._stale(held, me):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return (
+                    f"{self.path.parent} is in use by another run (pid {held.get('pid')} on {held.get('host')} since "
+                    f"{held.get('started')}); if that run is gone, delete {self.path}"
+                )
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(me))
+            self.held = True
+            return None
+        return f"{self.path} could not be taken over"
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_group(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a new file gets under
+    the user's umask (0644 / 0755 with the usual 022): libraries that write through temporary
+    files (safetensors) leave 0600, which other members of a group cannot read."""
+    mask = _umask()
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

@@ -1,11 +1,11 @@
-"""Text generation from an export with the recurrent decode path (prefill, then O(t·D) per token).
+"""Text generation with the recurrent decode path (prefill, then O(t·D) per token); the command
+``sessa-generate`` is ``cli.generate_main``.
 
 sessa-generate EXPORT --prompt "The module" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 
@@ -78,7 +78,7 @@ def generate(
         logits = model(ids.unsqueeze(1), cache, position_ids=positions)[:, -1]
 
 
-def _device(name: str) -> torch.device:
+def device_named(name: str) -> torch.device:
     """The --device argument, checked against this machine."""
     from sessa_train.errors import ConfigError
 
@@ -95,58 +95,27 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    from sessa_train.data import Tokenizer
-    from sessa_train.errors import SessaError
-    from sessa_train.export import load_pretrained
+def check_room(model: SessaLM, positions: int, device: torch.device) -> None:
+    """A one-line error when the decode state of ``positions`` tokens cannot fit the device's
+    memory (the caches grow as generation goes; this says at once that they could not grow so far)."""
+    from sessa_train.errors import ConfigError
 
-    p = argparse.ArgumentParser(prog="sessa-generate", description=__doc__.splitlines()[0])
-    p.add_argument("export", help="a folder written by sessa-export")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    try:
-        device = _device(args.device)
-        model = load_pretrained(args.export, device=device)
-        sp = Tokenizer(f"{args.export}/tokenizer.model").sp
-    except SessaError as e:
-        print(f"sessa-generate: error: {e}", file=sys.stderr)
-        return 2
-    ids = sp.encode(args.prompt)
-    if not ids:
-        p.error("--prompt encodes to no tokens")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    try:
-        steps = generate(
-            model,
-            torch.tensor([ids]),
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_id=sp.eos_id(),
-            generator=generator,
+    probe = model.init_cache(1, 1, device="meta")
+    per_token = sum(t.numel() * t.element_size() for c in probe.layers for t in vars(c).values() if torch.is_tensor(t))
+    need = per_token * positions
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        with open("/proc/meminfo") as fh:
+            have = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    if need > have:
+        raise ConfigError(
+            f"{positions:,} tokens of prompt and --max-new-tokens need {need / 2**30:,.1f} GiB of decode state, more "
+            f"than the {have / 2**30:.1f} GiB available; lower --max-new-tokens to at most {have // per_token:,}"
         )
-        out, shown = list(ids), sp.decode(ids)
-        print(shown, end="", flush=True)
-        for next_id in steps:
-            out.append(int(next_id[0]))
-            text = sp.decode(out)
-            print(text[len(shown) :], end="", flush=True)  # stream the new characters
-            shown = text
-    except ValueError as e:
-        print(f"\nsessa-generate: error: {e}", file=sys.stderr)
-        return 2
-    print()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sessa_train.cli import generate_main
+
+    sys.exit(generate_main())

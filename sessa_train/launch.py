@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessa_train.errors import LaunchError, SessaError
+from sessa_train.errors import LaunchError, SessaError, argument_parser
 
 # DeepSpeed's launcher (its ``deepspeed`` script) run by this very interpreter: no PATH or
 # activated environment needed, and its ranks run that interpreter too
@@ -103,9 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     trainer_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     ours = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(
-        prog="sessa-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argument_parser(prog="sessa-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("launcher", choices=["deepspeed", "torchrun"])
     p.add_argument("--hostfile", required=True, help="DeepSpeed hostfile: 'host slots=N' per line")
     p.add_argument("--node-rank", type=int, help="this node's index in the hostfile (no-ssh / torchrun)")

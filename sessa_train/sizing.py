@@ -1,4 +1,4 @@
-"""``sessa-plan``: per-rank memory and a throughput model of a config under a parallel layout.
+"""``sessa-plan`` (``cli.plan_main``): per-rank memory and a throughput model of a config under a parallel layout.
 
     sessa-plan --config configs/1.3b.yaml --seq-len 2048 --gpu H100 --nodes 2 --gpus-per-node 8 \\
         parallel.tensor=2 compute.recompute=selective
@@ -32,14 +32,13 @@ assumed not overlapped with compute (an upper bound on their cost).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig, load_config
+from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig
 from sessa_train.errors import SessaError
 from sessa_train.flops import forward_flops_per_token
 from sessa_train.hardware import GPUS, GiB
@@ -151,6 +150,20 @@ def replace_layers(cfg: ModelConfig, n: int) -> ModelConfig:
     return ModelConfig.from_dict(cfg.to_dict() | {"n_layers": n})
 
 
+def state_bytes(job: Job) -> dict[str, float]:
+    """Bytes per rank of the training state alone (weights, gradients, AdamW): what a model
+    needs before any activation, read off the model built on the meta device (nothing allocated)."""
+    P = stage_parameters(job.model, job.tensor, job.pipeline)
+    low = 2 if job.bf16 else 4
+    dp = job.data * job.context  # ZeRO partitions over the data x context-parallel replicas
+    return {
+        "weights": P * low / (dp if job.zero == 3 else 1),
+        "gradients": P * low / (dp if job.zero >= 2 else 1),
+        # DeepSpeed's ZeRO optimizer keeps an fp32 copy of its partition even when training in fp32
+        "optimizer": P * (8 + 4 * (job.bf16 or job.zero >= 1)) / (dp if job.zero >= 1 else 1),
+    }
+
+
 def memory(job: Job) -> dict[str, float]:
     """Bytes per rank, by item (the busiest rank: the first pipeline stage)."""
     P = stage_parameters(job.model, job.tensor, job.pipeline)
@@ -169,10 +182,7 @@ def memory(job: Job) -> dict[str, float]:
     )
     buffers = {0: 0, 1: 2 * min(ZERO_BUCKET, P) * low, 2: 2 * min(ZERO_BUCKET, P) * low, 3: ZERO3_PREFETCH * low}
     return {
-        "weights": P * low / (dp if job.zero == 3 else 1),
-        "gradients": P * low / (dp if job.zero >= 2 else 1),
-        # DeepSpeed's ZeRO optimizer keeps an fp32 copy of its partition even when training in fp32
-        "optimizer": P * (8 + 4 * (job.bf16 or job.zero >= 1)) / (dp if job.zero >= 1 else 1),
+        **state_bytes(job),
         # the first stage's layers and the last stage's logits taken together: exact without
         # pipeline parallelism, an upper bound with it
         "activations": layers * in_flight + ends,
@@ -215,35 +225,10 @@ def step_time(job: Job, gpu, gpus_per_node: int, efficiency: float) -> dict[str,
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="sessa-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", required=True)
-    p.add_argument("--seq-len", type=int, required=True)
-    p.add_argument("--gpu", choices=sorted(GPUS), default="H100")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the model's matmuls reach")
-    p.add_argument("--runtime-gib", type=float, default=1.0, help="CUDA context, NCCL and allocator slack per GPU")
-    p.add_argument("--fp32", action="store_true", help="plan fp32 instead of bf16")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides (parallel.tensor=2 ...)")
-    args = p.parse_args(argv)
-    try:
-        if args.seq_len < 1 or args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.efficiency <= 1:
-            raise SessaError(
-                f"need --seq-len, --nodes, --gpus-per-node >= 1 and 0 < --efficiency <= 1, got {args.seq_len}, "
-                f"{args.nodes}, {args.gpus_per_node}, {args.efficiency}"
-            )
-        cfg = load_config([args.config], args.overrides)
-        job = Job.of(cfg, args.seq_len, args.nodes * args.gpus_per_node, not args.fp32)
-        if job.global_batch % (job.micro_batch * job.data):
-            raise SessaError(
-                f"schedule.global_batch_size={job.global_batch} is not divisible by data.micro_batch_size="
-                f"{job.micro_batch} x {job.data} data-parallel ranks"
-            )
-    except (SessaError, ValueError) as e:
-        p.exit(2, f"sessa-plan: error: {e}\n")
+def plan(cfg: TrainConfig, args) -> str | None:
+    """Print the plan of ``cfg`` for the job ``args`` describes (seq_len, gpu, nodes, gpus_per_node,
+    efficiency, runtime_gib, fp32); the reason it does not fit, or None (``cli.plan_main``)."""
+    job = Job.of(cfg, args.seq_len, args.nodes * args.gpus_per_node, not args.fp32)
     gpu = GPUS[args.gpu]
     mem = memory(job) | {"runtime (not modelled)": args.runtime_gib * GiB}
     host = mem.pop("checkpoint staging")
@@ -261,14 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor all-reduces", "total"):
         print(f"| {item} | {t[item]:.3f} |")
     print(f"{t['tokens/s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (at {args.efficiency:.0%} matmul efficiency)")
-    if total > gpu.memory:
-        largest = max(mem, key=mem.get)
-        p.exit(
-            1,
-            f"sessa-plan: does not fit: {total / GiB:.1f} GiB per rank > {gpu.memory / GiB:.1f} GiB on {gpu.name}; "
-            f"the largest item is {largest} ({mem[largest] / GiB:.1f} GiB)\n",
-        )
+    if total <= gpu.memory:
+        return None
+    largest = max(mem, key=mem.get)
+    return (
+        f"does not fit: {total / GiB:.1f} GiB per rank > {gpu.memory / GiB:.1f} GiB on {gpu.name}; "
+        f"the largest item is {largest} ({mem[largest] / GiB:.1f} GiB)"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    from sessa_train.cli import plan_main
+
+    plan_main()

@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 from sessa_train.config import TrainConfig, load_config
-from sessa_train.errors import SessaError
+from sessa_train.errors import SessaError, argument_parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="sessa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argument_parser(prog="sessa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config",
         action="append",
@@ -42,16 +40,19 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sessa_train.distributed import init_distributed
-    from sessa_train.trainer import Trainer
+    args = parse_args(argv)  # before torch is imported: --help and argument errors answer at once
+    from sessa_train import distributed
 
-    args = parse_args(argv)
     try:
         cfg = config_of(args)
-        Trainer(cfg, init_distributed()).fit()
+        from sessa_train.trainer import Trainer
+
+        Trainer(cfg, distributed.init_distributed()).fit()
     except SessaError as e:
         print(f"sessa-train: error: {e}", file=sys.stderr)
+        distributed.shutdown()  # every process leaves cleanly after its one line
         return 2
+    distributed.shutdown()
     return 0
 
 

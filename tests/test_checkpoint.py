@@ -200,13 +200,28 @@ def test_nothing_the_project_loads_is_a_pickle(full, shards, tmp_path):
         "import sys, torch\n"
         "def refuse(*a, **k):\n    raise AssertionError('torch.load called')\n"
         "torch.load = refuse\n"
-        "from sessa_train.{module} import main\nsys.exit(main(sys.argv[1:]))\n"
+        "from sessa_train.{module} import {main} as main\nsys.exit(main(sys.argv[1:]))\n"
     )
     cfg = write_config(tmp_path / "c.yaml", shards, run)
-    resume = [sys.executable, "-c", no_pickle.format(module="train"), "--config", str(cfg), *STEPS, "--resume", "auto"]
+    resume = [
+        sys.executable,
+        "-c",
+        no_pickle.format(module="train", main="main"),
+        "--config",
+        str(cfg),
+        *STEPS,
+        "--resume",
+        "auto",
+    ]
     out = subprocess.run(resume, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=HANG_GUARD_S)
     assert out.returncode == 0 and "at step 4" in out.stdout, out.stderr[-2000:]
-    export = [sys.executable, "-c", no_pickle.format(module="export"), str(run / "ckpt"), str(tmp_path / "export")]
+    export = [
+        sys.executable,
+        "-c",
+        no_pickle.format(module="cli", main="export_main"),
+        str(run / "ckpt"),
+        str(tmp_path / "export"),
+    ]
     out = subprocess.run(export, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-2000:]
 

@@ -444,7 +444,7 @@ def test_missing_shard_and_wrong_tokenizer_are_named(corpus, tmp_path):
     PackedTokenLoader(corpus["dir"], micro_batch_size=4, tokenizer_path=corpus["model"])  # the right one is fine
     not_sp = tmp_path / "tokenizer.json"
     not_sp.write_text('{"model": {"type": "BPE"}}')
-    with pytest.raises(DataError, match=f"tokenizer {not_sp} is not a sentencepiece model"):
+    with pytest.raises(DataError, match=f"tokenizer {not_sp} is not a Hugging Face tokenizer.json"):
         PackedTokenLoader(corpus["dir"], micro_batch_size=4, tokenizer_path=not_sp)
 
 
@@ -475,7 +475,7 @@ def test_cli_tokenizer_and_shards_round_trip(corpus, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--seq-len", "0"], "seq_len must be >= 1, got 0"),
+        (["--seq-len", "0"], "argument --seq-len: must be >= 1, got 0"),
         (["--val-fraction", "1.5"], "val_fraction must be in [0, 1), got 1.5"),
         (["--input", "/nonexistent/dir"], "input not found: /nonexistent/dir"),
         (["--tokenizer", "/nonexistent.model"], "tokenizer model not found: /nonexistent.model"),

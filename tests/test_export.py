@@ -122,12 +122,19 @@ def test_export_errors_are_one_line(run, tmp_path, exported):
     assert bad.returncode == 2
     assert (
         bad.stderr.strip() == f"sessa-export: error: {tmp_path} is not a complete checkpoint "
-        "(no meta.json); pass a step_N folder or its parent"
+        "(no meta.json); pass a step_N folder, or the checkpoint.dir whose 'latest' names one"
     )
     with pytest.raises(SessaError, match=r"tokenizer model not found: /nonexistent\.model"):
         export_checkpoint(run / "ckpt", tmp_path / "e", tokenizer="/nonexistent.model")
-    with pytest.raises(CheckpointError, match="already holds an export"):
-        export_checkpoint(run / "ckpt", exported, tokenizer=exported / "tokenizer.model")
+    users = tmp_path / "users"  # #30: a folder of the user's own files is never written into
+    users.mkdir()
+    (users / "tokenizer.model").write_text("mine")
+    with pytest.raises(CheckpointError, match="is not empty and holds no export: choose an empty or new folder"):
+        export_checkpoint(run / "ckpt", users)
+    assert [p.name for p in users.iterdir()] == ["tokenizer.model"] and (
+        users / "tokenizer.model"
+    ).read_text() == "mine"
+    assert not (tmp_path / "users.partial").exists()
     with pytest.raises(CheckpointError, match="is not a sessa-train export"):
         load_pretrained(tmp_path)
 
@@ -154,7 +161,7 @@ def test_export_takes_the_tokenizer_the_checkpoint_carries(run, shards, tmp_path
     (bare / "step_00000008" / "tokenizer.model").unlink()
     del manifest["files"]["tokenizer.model"]
     (bare / "step_00000008" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"carries no tokenizer .* pass the sentencepiece model"):
+    with pytest.raises(CheckpointError, match=r"carries no tokenizer .* pass the tokenizer its data was written with"):
         export_checkpoint(bare / "step_00000008", tmp_path / "e3")
 
 

@@ -77,6 +77,21 @@ def test_cli_refuses_what_cannot_fit_naming_the_largest_item_and_bad_layouts():
     out = plan("--config", "configs/1.3b.yaml", "--seq-len", "8192", "--nodes", "1", "data.micro_batch_size=16")
     assert out.returncode == 1
     assert "does not fit" in out.stderr and "the largest item is activations" in out.stderr
-    out = plan("--config", "configs/1.3b.yaml", "--seq-len", "2048", "--gpus-per-node", "6", "parallel.tensor=4")
+    out = plan("--config", "configs/1.3b.yaml", "--seq-len", "2048", "--gpus-per-node", "6", "parallel.tensor=4",
+               "parallel.zero_stage=1")  # fmt: skip
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert "6 GPUs do not split into tensor x pipeline x context = 4" in out.stderr
+    assert "parallel.tensor=4 x parallel.pipeline=1 x parallel.context=1 does not divide the 6 ranks" in out.stderr
+
+
+def test_plan_refuses_exactly_what_the_trainer_refuses():
+    """One layout check: the 1.3b preset's ZeRO-2 with TP2 is refused by both, in the same words."""
+    from sessa_train.config import load_config
+    from sessa_train.errors import SessaError
+    from sessa_train.parallel.plan import check_layout
+
+    args = ["--config", "configs/1.3b.yaml", "--seq-len", "2048", "--nodes", "2", "parallel.tensor=2"]
+    out = plan(*args)
+    with pytest.raises(SessaError) as refused:
+        check_layout(load_config([REPO / "configs" / "1.3b.yaml"], ["parallel.tensor=2"]), 16)
+    assert out.returncode == 2 and out.stderr.strip() == f"sessa-plan: error: {refused.value}"
+    assert plan(*args, "parallel.zero_stage=1").returncode == 0

@@ -97,7 +97,7 @@ def test_sigterm_saves_and_stops(shards, tmp_path):
     last_step = losses(run)[-1][0]
     assert 3 <= last_step < 100000
     assert (run / "ckpt" / "latest").read_text().strip() == f"step_{last_step:08d}"
-    assert f"stopping at step {last_step} on signal {int(signal.SIGTERM)}: saving" in stdout
+    assert f"stopping at step {last_step} on SIGTERM received by rank 0: saving" in stdout
 
 
 # The trainer with its loss turned into NaN on the listed steps (all micro-batches of a step):

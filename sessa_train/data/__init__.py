@@ -1,28 +1,28 @@
-"""Data pipeline: sentencepiece tokenizer, webdataset shards of packed tokens, resumable loader."""
+"""Data pipeline: tokenizers (sentencepiece, Hugging Face), webdataset shards of packed tokens,
+the resumable loader. The names below load on first use, so that the data CLIs answer --help
+without importing torch."""
 
-from sessa_train.data.blend import BlendedLoader, merge_loader_states
-from sessa_train.data.loader import (
-    PackedTokenLoader,
-    StopRequestedError,
-    default_slots,
-    document_positions,
-    merge_states,
-)
-from sessa_train.data.shards import ShardError, find_tokenizer, load_index, write_shards
-from sessa_train.data.tokenizer import Tokenizer, train_tokenizer
+import importlib
 
-__all__ = [
-    "BlendedLoader",
-    "PackedTokenLoader",
-    "ShardError",
-    "StopRequestedError",
-    "Tokenizer",
-    "default_slots",
-    "document_positions",
-    "find_tokenizer",
-    "load_index",
-    "merge_loader_states",
-    "merge_states",
-    "train_tokenizer",
-    "write_shards",
-]
+_EXPORTS = {
+    "BlendedLoader": "blend",
+    "merge_loader_states": "blend",
+    "PackedTokenLoader": "loader",
+    "StopRequestedError": "loader",
+    "default_slots": "loader",
+    "document_positions": "loader",
+    "merge_states": "loader",
+    "ShardError": "shards",
+    "find_tokenizer": "shards",
+    "load_index": "shards",
+    "write_shards": "shards",
+    "Tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sessa_train.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sessa_train.data.{_EXPORTS[name]}"), name)

@@ -27,7 +27,6 @@ ends the stream between samples.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -37,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sessa_train.data.shards import INDEX_NAME, ShardError, load_index, read_shard
+from sessa_train.data.shards import INDEX_NAME, ShardError, index_sha256, load_index, read_shard
+from sessa_train.data.storage import Storage, is_remote
 from sessa_train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,10 @@ class PackedTokenLoader:
         stop: Callable[[], bool] = lambda: False,
         document_masking: bool = False,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = str(data_dir).rstrip("/") if is_remote(data_dir) else Path(data_dir)  # a folder or a URL
+        self.storage = Storage(self.data_dir)
         self.index = load_index(self.data_dir, tokenizer_path)
-        self.index_sha256 = hashlib.sha256((self.data_dir / INDEX_NAME).read_bytes()).hexdigest()
+        self.index_sha256 = index_sha256(self.data_dir)
         if split not in self.index["splits"]:
             raise DataError(f"split {split!r} not in {self.data_dir}; valid: {', '.join(self.index['splits'])}")
         self.shards = self.index["splits"][split]["shards"]
@@ -200,16 +201,15 @@ class PackedTokenLoader:
             log.warning(
                 "%s has no shard checksums (written by an earlier version): shards are checked for sample counts and "
                 "token range only; write them again to have them verified",
-                self.data_dir / INDEX_NAME,
+                self.storage.url(INDEX_NAME),
             )
 
     def read(self, shard: int, skipped: set[str]) -> list[np.ndarray] | None:
         """The samples of one shard in file order; None (and the shard added to ``skipped``) for an
         unreadable shard when skip_corrupt; DataError once the skipped ones are too many."""
         entry = self.shards[shard]
-        path = self.data_dir / entry["name"]
         try:
-            return read_shard(path, entry, self.index["sample_tokens"], self.index["dtype"], self.vocab_size)
+            return read_shard(self.storage, entry, self.index["sample_tokens"], self.index["dtype"], self.vocab_size)
         except ShardError as e:
             if not self.skip_corrupt:
                 raise

@@ -12,7 +12,12 @@ Layout of ``out_dir``::
     train-000000.tar ...       members <key>.tokens.npy, key = 10-digit sample number
     val-000000.tar ...
 
-Every file is written under a temporary name and renamed when complete; index.json last.
+The folder is written as ``<out_dir>.partial`` and renamed into place when index.json is in it:
+a failed run leaves no half-written output. Several jobs over parts of one corpus (one per node:
+``write_part``) each tokenize their share of the inputs into ``<out_dir>/parts/part-i-of-n/`` (the
+token streams of each split, in document order); ``merge_parts`` packs the parts' streams in part
+order into the shards, exactly what one job over all the inputs writes (same samples, same order,
+same files). The index and shards are read through ``storage.Storage``: a local folder or a URL.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -29,17 +35,20 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from sessa_train.data.storage import Storage, is_remote
 from sessa_train.data.tokenizer import Tokenizer
 from sessa_train.errors import DataError
-from sessa_train.files import file_sha256, replace_durably
+from sessa_train.files import file_sha256, readable_by_group, replace_durably
 
 INDEX_NAME = "index.json"
 FORMAT = "sessa-packed-tokens-v1"
+PART_FORMAT = "sessa-token-part-v1"
 SPLITS = ("train", "val")
-
+INDEX_KEYS = ("seq_len", "sample_tokens", "dtype", "eos_id", "vocab_size", "tokenizer_sha256", "splits")
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to whole records
+MERGE_TOKENS = 1 << 22  # tokens of a part read at a time by the merge (bounded memory)
 
 
 def tar_file_size(members_bytes: int) -> int:
@@ -73,7 +82,7 @@ def _encode_batch(task: tuple[list[str], float]) -> list[tuple[bool, np.ndarray]
     docs, val_fraction = task
     assert _WORKER_TOKENIZER is not None
     eos = _WORKER_TOKENIZER.eos_id
-    encoded = _WORKER_TOKENIZER.sp.encode(docs)
+    encoded = _WORKER_TOKENIZER.encode_batch(docs)
     return [
         (is_validation(d, val_fraction), np.array([*ids, eos], dtype=np.int64))
         for d, ids in zip(docs, encoded, strict=True)
@@ -155,6 +164,90 @@ class _SplitWriter:
         }
 
 
+def _check_shard_sizes(seq_len: int, samples_per_shard: int | None, shard_bytes: int | None) -> None:
+    if seq_len < 1:
+        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+    if (samples_per_shard is None) == (shard_bytes is None):
+        raise DataError("give exactly one of samples_per_shard or shard_bytes")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if shard_bytes is not None and shard_bytes < TAR_RECORD:
+        raise DataError(f"shard_bytes must be >= {TAR_RECORD} (one tar record), got {shard_bytes}")
+
+
+def _encoded(
+    documents: Iterable[str], tokenizer: Tokenizer, val_fraction: float, num_workers: int | None, docs_per_task: int
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, token ids + EOS) of every document in order, tokenized by ``num_workers`` processes."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if num_workers is not None and num_workers < 1:
+        raise DataError(f"workers must be >= 1, got {num_workers}")
+
+    def tasks() -> Iterator[tuple[list[str], float]]:
+        batch: list[str] = []
+        for doc in documents:
+            batch.append(doc)
+            if len(batch) == docs_per_task:
+                yield batch, val_fraction
+                batch = []
+        if batch:
+            yield batch, val_fraction
+
+    with Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+        # imap keeps the input order, so the shards do not depend on the number of workers
+        for encoded in pool.imap(_encode_batch, tasks(), chunksize=1):
+            for to_val, tokens in encoded:
+                yield ("val" if to_val else "train"), tokens
+
+
+def _progress(documents, enabled: bool, workers: int):
+    """A tqdm bar over the input: in bytes with a total (and an ETA) when the input knows its size."""
+    from tqdm import tqdm
+
+    size = getattr(documents, "size", None)
+    bar = tqdm(
+        total=size, unit="B" if size else "doc", unit_scale=bool(size), disable=not enabled, mininterval=0.5,
+        desc=f"tokenizing ({workers} workers)",
+    )  # fmt: skip
+    if size and hasattr(documents, "on_progress"):
+        documents.on_progress = bar.update
+    return bar
+
+
+class _Output:
+    """A folder written as ``<out>.partial`` and moved into place by ``publish``; removed on failure."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir)
+        if (self.out / INDEX_NAME).exists():
+            raise DataError(f"{self.out / INDEX_NAME} already exists: choose an empty output directory")
+        if self.out.exists() and not self.out.is_dir():
+            raise DataError(f"--out {self.out} is a file, not a folder")
+        self.partial = self.out.with_name(self.out.name + ".partial")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    def publish(self, keep: Iterable[str] = ()) -> None:
+        """Move the finished folder into place (files already in ``out`` named by ``keep`` stay)."""
+        if self.out.exists():
+            for name in keep:
+                if (self.out / name).exists():
+                    os.replace(self.out / name, self.partial / name)
+            if any(self.out.iterdir()):
+                raise DataError(f"--out {self.out} is not empty: choose an empty output directory")
+            self.out.rmdir()
+        readable_by_group(self.partial)
+        os.replace(self.partial, self.out)
+
+
 def write_shards(
     documents: Iterable[str],
     tokenizer_path: str | Path,
@@ -169,58 +262,32 @@ def write_shards(
     progress: bool = False,
 ) -> dict:
     """Tokenize ``documents`` and write train/val shards plus ``index.json``; returns the index."""
-    if seq_len < 1:
-        raise DataError(f"seq_len must be >= 1, got {seq_len}")
-    if (samples_per_shard is None) == (shard_bytes is None):
-        raise DataError("give exactly one of samples_per_shard or shard_bytes")
-    if samples_per_shard is not None and samples_per_shard < 1:
-        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if shard_bytes is not None and shard_bytes < TAR_RECORD:
-        raise DataError(f"shard_bytes must be >= {TAR_RECORD} (one tar record), got {shard_bytes}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_shard_sizes(seq_len, samples_per_shard, shard_bytes)
     tokenizer = Tokenizer(tokenizer_path)
-    out = _empty_output(out_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: _SplitWriter(out, split, seq_len + 1, dtype, samples_per_shard, shard_bytes) for split in SPLITS}
-
-    def tasks() -> Iterator[tuple[list[str], float]]:
-        batch: list[str] = []
-        for doc in documents:
-            batch.append(doc)
-            if len(batch) == docs_per_task:
-                yield batch, val_fraction
-                batch = []
-        if batch:
-            yield batch, val_fraction
-
-    from tqdm import tqdm
-
-    n_docs = {split: 0 for split in SPLITS}
-    workers = num_workers or os.cpu_count() or 1
-    with (
-        Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool,
-        tqdm(unit="doc", desc=f"tokenizing ({workers} workers)", disable=not progress, mininterval=0.5) as bar,
-    ):
-        # imap keeps the input order, so the shards do not depend on the number of workers
-        for encoded in pool.imap(_encode_batch, tasks(), chunksize=1):
-            for to_val, tokens in encoded:
-                split = "val" if to_val else "train"
+    output = _Output(out_dir)
+    with output as out:
+        dtype = token_dtype(tokenizer.vocab_size)
+        writers = {s: _SplitWriter(out, s, seq_len + 1, dtype, samples_per_shard, shard_bytes) for s in SPLITS}
+        n_docs = dict.fromkeys(SPLITS, 0)
+        with _progress(documents, progress, num_workers or os.cpu_count() or 1) as bar:
+            for split, tokens in _encoded(documents, tokenizer, val_fraction, num_workers, docs_per_task):
                 writers[split].add(tokens)
                 n_docs[split] += 1
-            bar.update(len(encoded))
-    splits = {split: {"documents": n_docs[split], **writers[split].finish()} for split in SPLITS}
-    tok = {"eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size}
-    tok |= {"tokenizer_sha256": tokenizer.sha256, "tokenizer_file": tokenizer.path.name}
-    return _write_index(out, seq_len, dtype, tok, splits)
+                if not getattr(documents, "size", None):
+                    bar.update(1)
+        splits = {split: {"documents": n_docs[split], **writers[split].finish()} for split in SPLITS}
+        index = _write_index(out, seq_len, dtype, _tokenizer_record(tokenizer), splits)
+        output.publish()
+    return index
 
 
-def _empty_output(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists():
-        raise DataError(f"{out / INDEX_NAME} already exists: choose an empty output directory")
-    return out
+def _tokenizer_record(tokenizer: Tokenizer) -> dict:
+    return {
+        "eos_id": tokenizer.eos_id,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer.sha256,
+        "tokenizer_file": tokenizer.path.name,
+    }
 
 
 def _write_index(out: Path, seq_len: int, dtype: np.dtype, tokenizer: dict, splits: dict) -> dict:
@@ -230,6 +297,106 @@ def _write_index(out: Path, seq_len: int, dtype: np.dtype, tokenizer: dict, spli
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     replace_durably(tmp, out / INDEX_NAME)
+    return index
+
+
+# -- several jobs, one dataset ------------------------------------------------------------
+
+
+def part_folder(out_dir: str | Path, part: int, parts: int) -> Path:
+    return Path(out_dir) / "parts" / f"part-{part}-of-{parts}"
+
+
+def write_part(
+    documents: Iterable[str],
+    tokenizer_path: str | Path,
+    out_dir: str | Path,
+    part: tuple[int, int],
+    *,
+    seq_len: int,
+    samples_per_shard: int | None = None,
+    shard_bytes: int | None = None,
+    val_fraction: float = 0.0,
+    num_workers: int | None = None,
+    docs_per_task: int = 64,
+    progress: bool = False,
+) -> dict:
+    """Tokenize part ``(i, n)`` of a corpus (``documents``: this part's share, in corpus order) into
+    ``part_folder(out_dir, i, n)``: each split's token stream and a record with the settings that
+    every part must share; ``merge_parts`` packs them once all n are written."""
+    i, n = part
+    _check_shard_sizes(seq_len, samples_per_shard, shard_bytes)
+    tokenizer = Tokenizer(tokenizer_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    output = _Output(part_folder(out_dir, i, n))
+    with output as folder:
+        files = {s: open(folder / f"{s}.tokens", "wb") for s in SPLITS}  # noqa: SIM115 (closed below)
+        counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+        try:
+            with _progress(documents, progress, num_workers or os.cpu_count() or 1) as bar:
+                for split, tokens in _encoded(documents, tokenizer, val_fraction, num_workers, docs_per_task):
+                    files[split].write(tokens.astype(dtype).tobytes())
+                    counts[split]["documents"] += 1
+                    counts[split]["tokens"] += len(tokens)
+                    if not getattr(documents, "size", None):
+                        bar.update(1)
+        finally:
+            for fh in files.values():
+                fh.close()
+        record = {"format": PART_FORMAT, "part": i, "parts": n, "seq_len": seq_len, "dtype": dtype.name}
+        record |= {"samples_per_shard": samples_per_shard, "shard_bytes": shard_bytes, "val_fraction": val_fraction}
+        record |= _tokenizer_record(tokenizer) | {"splits": counts}
+        (folder / "part.json").write_text(json.dumps(record, indent=1))
+        output.publish()
+    return record
+
+
+def merge_parts(out_dir: str | Path, progress: bool = False) -> dict:
+    """Pack the token streams of every part of ``out_dir/parts`` (all n, the same settings) into
+    the shards and index of ``out_dir``, in part order; the parts are removed once it is complete."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    records = []
+    for folder in sorted((out / "parts").glob("part-*-of-*")) if (out / "parts").is_dir() else []:
+        try:
+            records.append((folder, json.loads((folder / "part.json").read_text())))
+        except (OSError, ValueError):
+            raise DataError(f"{folder} is not a finished part (no readable part.json)") from None
+    if not records:
+        raise DataError(f"no parts under {out / 'parts'}: run sessa-write-shards --part i/n first")
+    n = records[0][1]["parts"]
+    shared = ("parts", "seq_len", "dtype", "samples_per_shard", "shard_bytes", "val_fraction", "tokenizer_sha256")
+    for folder, r in records:
+        if differ := [k for k in shared if r.get(k) != records[0][1].get(k)]:
+            raise DataError(f"{folder} was written with other {', '.join(differ)} than {records[0][0]}")
+    found = {r["part"] for _, r in records}
+    if missing := sorted(set(range(1, n + 1)) - found):
+        raise DataError(f"parts {missing} of {n} are missing under {out / 'parts'}: run them before the merge")
+    records.sort(key=lambda fr: fr[1]["part"])
+    first = records[0][1]
+    dtype = np.dtype(first["dtype"])
+    per_shard, shard_bytes = first["samples_per_shard"], first["shard_bytes"]
+    output = _Output(out)
+    total = sum(r["splits"][s]["tokens"] for _, r in records for s in SPLITS)
+    with output as target, tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="merging") as bar:
+        writers = {s: _SplitWriter(target, s, first["seq_len"] + 1, dtype, per_shard, shard_bytes) for s in SPLITS}
+        for folder, r in records:
+            for split in SPLITS:
+                tokens = (
+                    np.memmap(folder / f"{split}.tokens", dtype=dtype, mode="r") if r["splits"][split]["tokens"] else []
+                )
+                for start in range(0, len(tokens), MERGE_TOKENS):
+                    writers[split].add(np.asarray(tokens[start : start + MERGE_TOKENS], dtype=np.int64))
+                    bar.update(min(MERGE_TOKENS, len(tokens) - start))
+        splits = {
+            s: {"documents": sum(r["splits"][s]["documents"] for _, r in records), **writers[s].finish()}
+            for s in SPLITS
+        }
+        tok = {k: first[k] for k in ("eos_id", "vocab_size", "tokenizer_sha256", "tokenizer_file")}
+        index = _write_index(target, first["seq_len"], dtype, tok, splits)
+        output.publish(keep=["parts"])
+    shutil.rmtree(out / "parts")
     return index
 
 
@@ -244,47 +411,71 @@ def write_sample_shards(
 ) -> dict:
     """Write ready-made samples of exactly seq_len + 1 token ids (synthetic data, no tokenizer)
     as train/val shards plus ``index.json``, in the format ``write_shards`` produces."""
-    out = _empty_output(out_dir)
-    dtype = token_dtype(vocab_size)
-    written = {}
-    for split in SPLITS:
-        writer = _SplitWriter(out, split, seq_len + 1, dtype, samples_per_shard, None)
-        n = 0
-        for row in splits.get(split, ()):
-            if row.shape != (seq_len + 1,) or row.min() < 0 or row.max() >= vocab_size:
-                raise DataError(f"{split} sample {n}: need {seq_len + 1} ids in [0, {vocab_size}), got {row}")
-            writer.add(row)
-            n += 1
-        written[split] = {"documents": n, **writer.finish()}
-    tok = {"eos_id": eos_id, "vocab_size": vocab_size, "tokenizer_sha256": None, "tokenizer_file": None}
-    return _write_index(out, seq_len, dtype, tok, written)
+    output = _Output(out_dir)
+    with output as out:
+        dtype = token_dtype(vocab_size)
+        written = {}
+        for split in SPLITS:
+            writer = _SplitWriter(out, split, seq_len + 1, dtype, samples_per_shard, None)
+            n = 0
+            for row in splits.get(split, ()):
+                if row.shape != (seq_len + 1,) or row.min() < 0 or row.max() >= vocab_size:
+                    raise DataError(f"{split} sample {n}: need {seq_len + 1} ids in [0, {vocab_size}), got {row}")
+                writer.add(row)
+                n += 1
+            written[split] = {"documents": n, **writer.finish()}
+        tok = {"eos_id": eos_id, "vocab_size": vocab_size, "tokenizer_sha256": None, "tokenizer_file": None}
+        index = _write_index(out, seq_len, dtype, tok, written)
+        output.publish()
+    return index
+
+
+# -- reading ------------------------------------------------------------------------------
 
 
 def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -> dict:
-    """Read and check ``index.json``: format, every listed shard present with consistent counts,
-    tokenizer checksum."""
-    path = Path(data_dir) / INDEX_NAME
-    if not path.is_file():
-        raise ShardError(f"no {INDEX_NAME} in {data_dir}: write shards with tools/write_shards.py first")
+    """Read and check ``index.json`` (a local folder or a URL prefix): format, keys, counts,
+    every listed shard present, tokenizer checksum; ShardError names what is wrong."""
+    storage = Storage(data_dir)
+    where = storage.url(INDEX_NAME)
+    if not storage.exists(INDEX_NAME):
+        raise ShardError(f"no {INDEX_NAME} in {data_dir}: write shards with sessa-write-shards first")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(storage.read(INDEX_NAME).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{where}: not UTF-8 at byte {e.start} (damaged)") from None
     except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if index.get("format") != FORMAT:
-        raise ShardError(f"{path}: format {index.get('format')!r} is not {FORMAT!r}")
-    for name, split in index["splits"].items():
-        for shard in split["shards"]:
-            if not (Path(data_dir) / shard["name"]).is_file():
-                raise ShardError(f"shard listed in {path} is missing: {Path(data_dir) / shard['name']}")
-            if shard["tokens"] != shard["samples"] * index["sample_tokens"]:
-                raise ShardError(
-                    f"{path}: {shard['name']} has tokens={shard['tokens']}, but {shard['samples']} samples of "
-                    f"{index['sample_tokens']} tokens make {shard['samples'] * index['sample_tokens']}"
-                )
-        for key in ("samples", "tokens"):
-            if split[key] != sum(s[key] for s in split["shards"]):
-                raise ShardError(f"{path}: split {name!r} has {key}={split[key]}, its shards sum to "
-                                 f"{sum(s[key] for s in split['shards'])}")  # fmt: skip
+        raise ShardError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ShardError(
+            f"{where}: format {index.get('format') if isinstance(index, dict) else None!r} is not {FORMAT!r}"
+        )
+    if missing := [k for k in INDEX_KEYS if k not in index]:
+        raise ShardError(f"{where} lacks {', '.join(missing)}: written by another tool, or damaged")
+    if index["sample_tokens"] != index["seq_len"] + 1:
+        raise ShardError(
+            f"{where}: sample_tokens={index['sample_tokens']} disagrees with seq_len={index['seq_len']} "
+            f"(a sample holds seq_len + 1 tokens)"
+        )
+    try:
+        for name, split in index["splits"].items():
+            for shard in split["shards"]:
+                if shard["tokens"] != shard["samples"] * index["sample_tokens"]:
+                    raise ShardError(
+                        f"{where}: {shard['name']} has tokens={shard['tokens']}, but {shard['samples']} samples of "
+                        f"{index['sample_tokens']} tokens make {shard['samples'] * index['sample_tokens']}"
+                    )
+            for key in ("samples", "tokens"):
+                if split[key] != sum(s[key] for s in split["shards"]):
+                    raise ShardError(f"{where}: split {name!r} has {key}={split[key]}, its shards sum to "
+                                     f"{sum(s[key] for s in split['shards'])}")  # fmt: skip
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"{where}: malformed split or shard entry ({type(e).__name__}: {e})") from None
+    if not storage.remote:
+        for split in index["splits"].values():
+            for shard in split["shards"]:
+                if not storage.exists(shard["name"]):
+                    raise ShardError(f"shard listed in {where} is missing: {storage.url(shard['name'])}")
     if tokenizer_path is not None:
         sha = Tokenizer(tokenizer_path).sha256
         if sha != index["tokenizer_sha256"]:
@@ -295,52 +486,72 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
     return index
 
 
+def index_sha256(data_dir: str | Path) -> str:
+    return hashlib.sha256(Storage(data_dir).read(INDEX_NAME)).hexdigest()
+
+
 def find_tokenizer(data_dir: str | Path, index: dict, given: str | Path | None) -> Path | None:
-    """The tokenizer the shards were written with: ``given`` (checked by ``load_index``), else
-    the index's ``tokenizer_file`` in the shard folder or its parent when its checksum matches."""
+    """The tokenizer the shards were written with: ``given`` (checked by ``load_index``), else the
+    index's ``tokenizer_file`` in the shard folder or its parent when its checksum matches (for a
+    remote folder: fetched once into ``~/.cache/sessa-train/tokenizers/<sha256>/``)."""
     if given is not None:
         return Path(given).resolve()
-    if not index.get("tokenizer_file"):
+    name, sha = index.get("tokenizer_file"), index.get("tokenizer_sha256")
+    if not name:
         return None
+    if is_remote(data_dir):
+        cached = Path.home() / ".cache" / "sessa-train" / "tokenizers" / str(sha) / name
+        if not cached.is_file():
+            storage = Storage(data_dir)
+            if not storage.exists(name):
+                return None
+            data = storage.read(name)
+            if hashlib.sha256(data).hexdigest() != sha:
+                return None
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_bytes(data)
+        return cached
     for folder in (Path(data_dir), Path(data_dir).parent):
-        candidate = folder / index["tokenizer_file"]
-        if candidate.is_file() and file_sha256(candidate) == index["tokenizer_sha256"]:
+        candidate = folder / name
+        if candidate.is_file() and file_sha256(candidate) == sha:
             return candidate.resolve()
     return None
 
 
-def read_shard(path: str | Path, entry: dict, sample_tokens: int, dtype: str, vocab_size: int) -> list[np.ndarray]:
+def read_shard(
+    storage: Storage, entry: dict, sample_tokens: int, dtype: str, vocab_size: int, read: Callable | None = None
+) -> list[np.ndarray]:
     """All samples of one shard, in file order, checked against its index ``entry`` (sha256 of the
-    file, sample count) and every token against the vocabulary. ShardError names a damaged file;
-    DataError an intact file (its checksum matches) that index.json miscounts."""
-    if entry.get("sha256") and (found := file_sha256(path)) != entry["sha256"]:
-        raise ShardError(f"{path}: checksum {found[:12]}... differs from index.json's {entry['sha256'][:12]}...")
+    bytes received, sample count) and every token against the vocabulary. ShardError names a
+    damaged file; DataError an intact file (its checksum matches) that index.json miscounts."""
+    where = storage.url(entry["name"])
+    data = (read or storage.read)(entry["name"])
+    if entry.get("sha256") and (found := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
+        raise ShardError(f"{where}: checksum {found[:12]}... differs from index.json's {entry['sha256'][:12]}...")
     samples = []
     try:
-        stream = wds.WebDataset(
-            str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-        for sample in stream:
+        members = wds.tariterators.tar_file_expander([{"url": where, "stream": io.BytesIO(data)}])
+        for sample in wds.tariterators.group_by_keys(members):
             tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
             if tokens.shape != (sample_tokens,) or tokens.dtype != np.dtype(dtype):
                 raise ShardError(
-                    f"{path}: sample {sample['__key__']} has {tokens.dtype} {tokens.shape}, "
+                    f"{where}: sample {sample['__key__']} has {tokens.dtype} {tokens.shape}, "
                     f"index says {dtype} ({sample_tokens},)"
                 )
             if tokens.max() >= vocab_size:
                 raise ShardError(
-                    f"{path}: sample {sample['__key__']} holds token {tokens.max()} >= vocab_size {vocab_size}"
+                    f"{where}: sample {sample['__key__']} holds token {tokens.max()} >= vocab_size {vocab_size}"
                 )
             samples.append(tokens)
     except ShardError:
         raise
     except Exception as e:  # tarfile.ReadError, KeyError, ValueError from np.load, ...
-        raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        raise ShardError(f"{where}: unreadable shard ({type(e).__name__}: {e})") from None
     if len(samples) != entry["samples"]:
         if entry.get("sha256"):
             raise DataError(
-                f"{Path(path).parent / INDEX_NAME} says {Path(path).name} holds samples={entry['samples']}, the shard "
+                f"{storage.url(INDEX_NAME)} says {entry['name']} holds samples={entry['samples']}, the shard "
                 f"(its checksum matches) holds {len(samples)}: the index was edited or written for other shards"
             )
-        raise ShardError(f"{path}: {len(samples)} samples, index.json says {entry['samples']} (truncated?)")
+        raise ShardError(f"{where}: {len(samples)} samples, index.json says {entry['samples']} (truncated?)")
     return samples

@@ -16,13 +16,13 @@ import functools
 import torch
 from torch import nn
 
-from sessa_train.config import ComputeConfig, ModelConfig
+from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig
 from sessa_train.errors import ConfigError
 from sessa_train.models import ModelPlan, Positions, SessaLM, Split
 from sessa_train.models.registry import RECORDS
 from sessa_train.ops import Solver
 from sessa_train.parallel.layout import rank_initial_state, shard_state, stage_splits
-from sessa_train.parallel.state import ParallelState, mark_norm_owners
+from sessa_train.parallel.state import ParallelState, check_sizes, mark_norm_owners
 
 _KEEP = nn.init.zeros_  # weights come from layout (rank_initial_state, shard_state) or a checkpoint
 
@@ -43,6 +43,32 @@ def check_parallel_model(cfg: ModelConfig, tensor: int, pipeline: int, context: 
             raise ConfigError(f"model.{name}={value} must be{one} divisible by parallel.tensor={tensor}")
     if cfg.n_layers < pipeline:
         raise ConfigError(f"model.n_layers={cfg.n_layers} is fewer than parallel.pipeline={pipeline} stages")
+
+
+def micro_batches(cfg: TrainConfig, data_parallel: int) -> int:
+    """Micro-batches per optimizer step on each rank; a one-line error when the batch does not tile."""
+    per_step = cfg.data.micro_batch_size * data_parallel
+    if cfg.schedule.global_batch_size % per_step:
+        raise ConfigError(
+            f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by "
+            f"data.micro_batch_size={cfg.data.micro_batch_size} x {data_parallel} data-parallel ranks"
+        )
+    return cfg.schedule.global_batch_size // per_step
+
+
+def check_layout(cfg: TrainConfig, world_size: int) -> None:
+    """One-line errors for a layout a run cannot have: the one check ``sessa-train`` and
+    ``sessa-plan`` both make."""
+    par = cfg.parallel
+    model_parallel = par.tensor * par.pipeline * par.context
+    if model_parallel > 1 and par.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage={par.zero_stage} with tensor/pipeline/context parallelism; valid: 0 or 1 "
+            "(ZeRO-2/3 partition gradients during a backward that megatron-core's schedule drives)"
+        )
+    check_parallel_model(cfg.model, par.tensor, par.pipeline, par.context)
+    check_sizes(par.tensor, par.pipeline, par.context, world_size)
+    micro_batches(cfg, world_size // model_parallel)
 
 
 def megatron_config(cfg: ModelConfig, state: ParallelState, dtype: torch.dtype, cuda: bool):

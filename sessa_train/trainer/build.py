@@ -12,25 +12,11 @@ from sessa_train.data import BlendedLoader, PackedTokenLoader
 from sessa_train.distributed import DistInfo
 from sessa_train.errors import CheckpointError, DataError, TrainError
 from sessa_train.models import SessaLM
-from sessa_train.parallel.plan import build_model, check_parallel_model
+from sessa_train.parallel.plan import build_model, check_layout, micro_batches
 from sessa_train.parallel.state import ParallelState, init_parallel
 from sessa_train.trainer.engine import Engine
 from sessa_train.trainer.optim import deepspeed_config, init_optimizer_state, make_optimizer
 from sessa_train.trainer.runner import EngineRunner
-
-
-def check_layout(cfg: TrainConfig, world_size: int) -> None:
-    """One-line errors for a layout this run cannot have (``sessa-plan`` refuses the same)."""
-    from sessa_train.parallel.state import check_sizes
-
-    par = cfg.parallel
-    if par.tensor * par.pipeline * par.context > 1 and par.zero_stage > 1:
-        raise TrainError(
-            f"parallel.zero_stage={par.zero_stage} with tensor/pipeline/context parallelism; valid: 0 or 1 "
-            "(ZeRO-2/3 partition gradients during a backward that megatron-core's schedule drives)"
-        )
-    check_parallel_model(cfg.model, par.tensor, par.pipeline, par.context)
-    check_sizes(par.tensor, par.pipeline, par.context, world_size)
 
 
 def parallel_state(cfg: TrainConfig, info: DistInfo) -> ParallelState:
@@ -40,14 +26,40 @@ def parallel_state(cfg: TrainConfig, info: DistInfo) -> ParallelState:
     return init_parallel(par.tensor, par.pipeline, par.context, info.world_size, info.rank)
 
 
-def micro_batches_per_step(cfg: TrainConfig, layout: ParallelState) -> int:
-    per_step = cfg.data.micro_batch_size * layout.dp
-    if cfg.schedule.global_batch_size % per_step:
+def check_memory(cfg: TrainConfig, state: ParallelState, seq_len: int, device: torch.device) -> None:
+    """A one-line error, before anything is allocated, for a model whose weights, gradients and
+    AdamW state alone (``sizing.state_bytes``) exceed this rank's memory (the GPU's, or the
+    host's available memory shared by the ranks of this node)."""
+    import os
+
+    from sessa_train.sizing import Job, state_bytes
+    from sessa_train.trainer.optim import precision
+
+    job = Job.of(cfg, seq_len, state.model_parallel * state.dp, precision(cfg, device) == "bf16")
+    need = sum(state_bytes(job).values())
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"GPU {device}"
+    else:
+        with open("/proc/meminfo") as fh:
+            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+        have, where = free / int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "this rank's share of the host's memory"
+    if need > have:
+        params = sum(p.numel() for p in _meta_model(cfg).parameters())
         raise TrainError(
-            f"schedule.global_batch_size={cfg.schedule.global_batch_size} is not divisible by "
-            f"data.micro_batch_size={cfg.data.micro_batch_size} x {layout.dp} data-parallel ranks"
+            f"the model ({params / 1e9:.3g}B parameters: model.d_model={cfg.model.d_model}, model.n_layers="
+            f"{cfg.model.n_layers}, model.vocab_size={cfg.model.vocab_size}) needs {need / 2**30:.1f} GiB per rank for "
+            f"weights, gradients and AdamW state alone, more than the {have / 2**30:.1f} GiB of {where}; "
+            "see sessa-plan for a layout that fits"
         )
-    return cfg.schedule.global_batch_size // per_step
+
+
+def _meta_model(cfg: TrainConfig) -> SessaLM:
+    with torch.device("meta"):
+        return SessaLM(cfg.model)
+
+
+def micro_batches_per_step(cfg: TrainConfig, layout: ParallelState) -> int:
+    return micro_batches(cfg, layout.dp)
 
 
 def loader_args(cfg: TrainConfig, layout: ParallelState) -> dict:
@@ -117,8 +129,8 @@ def build_engine(
     import deepspeed
 
     gas = micro_batches_per_step(cfg, state)
-    with torch.device("meta"):
-        n_params = SessaLM(cfg.model).num_parameters()
+    check_memory(cfg, state, seq_len, info.device)
+    n_params = _meta_model(cfg).num_parameters()
     # the same initial weights under every layout (models/lm.py); this rank's part only
     model = build_model(cfg.model, cfg.compute, state, cfg.seed, info.device, weights)
     model.plan.solver(info.device)  # the solve's backend, chosen once; one that cannot run here fails now

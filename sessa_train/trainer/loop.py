@@ -37,34 +37,43 @@ from sessa_train.trainer.state import LoaderState, ModelState, RngState
 log = logging.getLogger("sessa_train")
 
 
+def _location(path: str) -> str:
+    """A data path as the checkpoint records it: a URL as given, a local folder absolute."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
         self.cfg, self.dist = cfg, info
         logs.setup(info.rank)
         self.stop_signal: int | None = None
+        self.stop_reason = ""
         self.state = parallel_state(cfg, info)
         par = cfg.parallel
         self.layout = Layout(info.world_size, par.tensor, par.pipeline, par.context, self.state.dp, par.zero_stage)
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(ck.dir, ck.keep_last, info.rank, info.world_size, self.print)
         self.checkpoints.check_writable()
+        self._check_log_dir()
+        self.checkpoints.lock()  # before anything in the folder is touched: one run per folder
         self.checkpoints.clear_partial()
         comm.barrier()
         self.resume_from = self.checkpoints.resolve(ck.resume, ck.resume_older)
         meta = read_meta(self.resume_from) if self.resume_from else None
-        if meta and (differ := architecture_difference(read_config(self.resume_from)["model"], cfg.model)):
+        saved = read_config(self.resume_from) if meta else None
+        if meta and (differ := architecture_difference(saved["model"], cfg.model)):
             raise TrainError(f"{self.resume_from} holds a model with {differ}")
         slots = self._saved_slots(meta) if meta else None
         stop = lambda: self.stop_signal is not None  # noqa: E731
         self.train_loader = build_loader(cfg, self.state, slots, stop)
         index = self.train_loader.index
         self.seq_len = index["seq_len"]
-        sources = ", ".join(f"{w} {Path(p).resolve()}" for w, p in cfg.data.sources)
+        sources = ", ".join(f"{w} {_location(p)}" for w, p in cfg.data.sources)
         self.data_identity = DataIdentity(
             index_sha256=self.train_loader.index_sha256,
             seq_len=self.seq_len,
             tokenizer_sha256=index["tokenizer_sha256"],
-            path=sources if cfg.data.blend else str(Path(cfg.data.path).resolve()),
+            path=sources if cfg.data.blend else _location(cfg.data.path),
         )
         if meta:
             self._check_data(meta.data)
@@ -85,6 +94,7 @@ class Trainer:
         }
         self.step, self.tokens, self.first_step = 0, 0, 0
         if meta:
+            self._report_schedule_change(saved, meta.step)
             if meta.layout != self.layout:
                 self.print(f"resharding {self.resume_from.name} from {meta.layout.phrase()} to {self.layout.phrase()}")
             self.checkpoints.load(self.resume_from, self.parts)
@@ -103,6 +113,37 @@ class Trainer:
     def print(self, message: str) -> None:
         if self.dist.is_main:
             log.info(message)
+
+    def _check_log_dir(self) -> None:
+        """Collective: logging.dir can be created and written, now rather than at the first metric."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                Path(self.cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                problem = f"logging.dir={self.cfg.logging.dir} cannot be used as a folder ({e.strerror})"
+        if problem := comm.all_gather_objects(problem)[0]:
+            raise TrainError(problem)
+
+    def _report_schedule_change(self, saved: dict, step: int) -> None:
+        """One line when a resumed run's learning-rate schedule differs from the one it was saved with."""
+        from sessa_train.config import load_config
+        from sessa_train.trainer.optim import lr_lambda
+
+        keys = [("optimizer", k) for k in ("lr", "min_lr")] + [
+            ("schedule", k) for k in ("train_steps", "warmup_steps", "decay")
+        ]
+        now = {(s, k): getattr(getattr(self.cfg, s), k) for s, k in keys}
+        changed = [f"{s}.{k} {saved[s][k]} -> {v}" for (s, k), v in now.items() if saved.get(s, {}).get(k, v) != v]
+        if not changed:
+            return
+        before = load_config([], [f"{s}.{k}={saved[s][k]}" for s, k in keys])
+        was = before.optimizer.lr * lr_lambda(before)(step)
+        lr = self.cfg.optimizer.lr * lr_lambda(self.cfg)(step)
+        self.print(
+            f"resuming with {', '.join(changed)}: the learning rate at step {step} goes from {was:.3g} to {lr:.3g}, "
+            f"and the schedule now ends at step {self.cfg.schedule.train_steps} with {self.cfg.optimizer.min_lr:.3g}"
+        )
 
     # -- state -------------------------------------------------------------------------
     def _saved_slots(self, meta: Meta):
@@ -147,12 +188,20 @@ class Trainer:
         except StopRequestedError:
             batches = None
         stopping = batches is None or self.stop_signal is not None
-        # shards found unreadable since the last step (each read by one data-parallel rank)
+        # shards found unreadable since the last step (each read by one data-parallel rank), and
+        # the signal each rank received (so that the stop can name it and the rank)
         new = len(self.train_loader.skipped) - self.seen_skipped
         self.seen_skipped += new
-        agreed = comm.sum_values([float(stopping), float(new if self.state.data_rank_of_record else 0)]).tolist()
+        signals = [0.0] * self.dist.world_size
+        signals[self.dist.rank] = float(self.stop_signal or 0)
+        agreed = comm.sum_values([float(stopping), float(new if self.state.data_rank_of_record else 0), *signals])
+        agreed = agreed.tolist()
         self.unreadable += int(agreed[1])
         if agreed[0] > 0:
+            self.stop_reason = next(
+                (f"{signal.Signals(int(sig)).name} received by rank {r}" for r, sig in enumerate(agreed[2:]) if sig),
+                "the data loader's stop",
+            )
             self.train_loader.rewind()
             return None
         return batches
@@ -213,11 +262,11 @@ class Trainer:
                 self.save()
                 last_saved = self.step
         if self.step < stop_at:
-            why = f"signal {self.stop_signal}" if self.stop_signal is not None else "the data loader's stop"
-            self.metrics.print(f"stopping at step {self.step} on {why}: saving")
+            self.metrics.print(f"stopping at step {self.step} on {self.stop_reason}: saving")
         if last_saved != self.step:
             self.save()
         self.metrics.close()
+        self.checkpoints.unlock()
         return losses
 
     def _sample_ids(self, batches: list[dict]) -> list[int]:

@@ -1,0 +1,144 @@
+"""Command-line front-ends of export, generation and planning: ``sessa-export``, ``sessa-generate``
+and ``sessa-plan`` (``python -m sessa_train.export`` etc. run the same).
+
+Each parses its arguments before importing torch or the library it drives, so ``--help`` and
+argument errors answer at once. Bad input ends with one line on stderr and exit status 2; a
+plan that does not fit with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from sessa_train.errors import SessaError, argument_parser
+
+
+def _finite(kind: type, low: float | None = None):
+    """An argparse type: a number of ``kind`` that is finite (and >= ``low``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or (low is not None and value < low):
+            bound = f" >= {low}" if low is not None else ""
+            raise argparse.ArgumentTypeError(f"{text!r}: need a finite number{bound}")
+        return value
+
+    return parse
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argument_parser(prog="sessa-export", description="Export a sessa-train checkpoint for inference.")
+    p.add_argument("checkpoint", help="a step_N checkpoint folder, or a checkpoint root with a 'latest' file")
+    p.add_argument("out", help="the export folder to create (an earlier export there is replaced)")
+    p.add_argument("--tokenizer", help="the tokenizer file (default: the one the checkpoint carries)")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    args = p.parse_args(argv)
+    from sessa_train.checkpoint import find_checkpoint
+    from sessa_train.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
+    except SessaError as e:
+        print(f"sessa-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {find_checkpoint(args.checkpoint)} to {out}")
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """sessa-generate EXPORT --prompt "The module" --max-new-tokens 64 --temperature 0.8 --top-p 0.95"""
+    p = argument_parser(prog="sessa-generate", description="Generate text from an export (recurrent decode).")
+    p.add_argument("export", help="a folder written by sessa-export")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=_finite(int, 1), default=64)
+    p.add_argument("--temperature", type=_finite(float, 0.0), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=_finite(int, 0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=_finite(float), default=1.0, help="in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    args = p.parse_args(argv)
+    if not 0 < args.top_p <= 1:
+        p.error(f"argument --top-p: {args.top_p} is not in (0, 1]")
+    import torch
+
+    from sessa_train.data import Tokenizer
+    from sessa_train.export import load_pretrained, read_export
+    from sessa_train.generate import check_room, device_named, generate
+
+    try:
+        device = device_named(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _, meta = read_export(args.export)
+        tokenizer = Tokenizer(_tokenizer_file(args.export))
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise SessaError("--prompt encodes to no tokens")
+        model = load_pretrained(args.export, device=device)
+        check_room(model, len(ids) + args.max_new_tokens, device)
+    except SessaError as e:
+        print(f"sessa-generate: error: {e}", file=sys.stderr)
+        return 2
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    steps = generate(
+        model,
+        torch.tensor([ids]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+        document_eos=tokenizer.eos_id if meta.get("document_masking") else None,
+    )
+    out, shown = list(ids), tokenizer.decode(ids)
+    print(shown, end="", flush=True)
+    for next_id in steps:
+        out.append(int(next_id[0]))
+        text = tokenizer.decode(out)
+        print(text[len(shown) :], end="", flush=True)  # stream the new characters
+        shown = text
+    print()
+    return 0
+
+
+def _tokenizer_file(export: str) -> str:
+    from pathlib import Path
+
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (Path(export) / name).is_file():
+            return str(Path(export) / name)
+    raise SessaError(f"{export} holds no tokenizer (tokenizer.model or tokenizer.json)")
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    p = argument_parser(
+        prog="sessa-plan",
+        description="Per-rank memory and a step-time model of a config under a layout (sessa_train/sizing.py).",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--seq-len", type=_finite(int, 1), required=True)
+    p.add_argument("--gpu", choices=["A100", "H100", "H200"], default="H100")
+    p.add_argument("--nodes", type=_finite(int, 1), default=1)
+    p.add_argument("--gpus-per-node", type=_finite(int, 1), default=8)
+    p.add_argument("--efficiency", type=_finite(float), default=0.5, help="fraction of peak the model's matmuls reach")
+    p.add_argument("--runtime-gib", type=_finite(float, 0.0), default=1.0, help="CUDA context, NCCL, allocator slack")
+    p.add_argument("--fp32", action="store_true", help="plan fp32 instead of bf16")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (parallel.tensor=2 ...)")
+    args = p.parse_args(argv)
+    if not 0 < args.efficiency <= 1:
+        p.error(f"argument --efficiency: {args.efficiency} is not in (0, 1]")
+    from sessa_train.config import load_config
+    from sessa_train.parallel.plan import check_layout
+    from sessa_train.sizing import plan
+
+    try:
+        cfg = load_config([args.config], args.overrides)
+        check_layout(cfg, args.nodes * args.gpus_per_node)  # what sessa-train refuses, refused here
+    except SessaError as e:
+        p.exit(2, f"sessa-plan: error: {e}\n")
+    if problem := plan(cfg, args):
+        p.exit(1, f"sessa-plan: {problem}\n")
