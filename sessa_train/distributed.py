@@ -43,8 +43,20 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # under torchrun the ranks meet in the agent's store, which outlives a restart of the worker
+        # group: a restarted rank could read a dead peer's address from the attempt before (and
+        # hang). Each attempt meets under its own prefix.
+        from datetime import timedelta
+
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False,
+                              timeout=timedelta(minutes=30))  # fmt: skip
+        store = dist.PrefixStore(f"sessa-train/attempt-{attempt}", agent)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # on our group if there is one
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

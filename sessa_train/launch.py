@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def node_commands(args: argparse.Namespace, hosts: dict[str, int]) -> list[NodeC
         ranks = range(first[i], first[i] + per_node)
         if args.launcher == "torchrun":
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(names))]
-            argv += ["--nproc-per-node", str(per_node), "--node-rank", str(i)]
+            argv += ["--nproc-per-node", str(per_node), "--node-rank", str(i), "--max-restarts", str(args.max_restarts)]
             argv += ["--master-addr", master, "--master-port", str(args.master_port), *trainer]
         elif args.no_ssh:
             argv = [*DEEPSPEED, "--hostfile", args.hostfile, "--no_ssh", f"--node_rank={i}"]
@@ -112,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--omp-threads", type=int, default=4, help="OMP_NUM_THREADS of every rank")
     p.add_argument("--log-dir", default="logs")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun: restart the worker group this often after a failure; the restarted ranks "
+                   "resume from the newest complete checkpoint on their own")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
     args = p.parse_args(ours)
     args.trainer_args = trainer_args
@@ -121,6 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--master-port must be in 1..65535, got {args.master_port}")
     if args.omp_threads < 1:
         p.error(f"--omp-threads must be >= 1, got {args.omp_threads}")
+    if args.max_restarts < 0:
+        p.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.max_restarts and args.launcher != "torchrun":
+        p.error("--max-restarts needs the torchrun launcher (DeepSpeed's launcher does not restart workers)")
     configs = [trainer_args[i + 1] for i, a in enumerate(trainer_args[:-1]) if a == "--config"]
     if missing := [c for c in configs if not Path(c).is_file()]:
         p.error(f"--config {missing[0]}: no such file (paths are relative to {Path.cwd()})")
@@ -162,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(
             commands[rank].argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        # a stop asked of the launcher (Slurm's signal before preemption: USR1; TERM; INT) reaches the
+        # ranks as SIGTERM, on which every rank saves the same step and ends
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: proc.send_signal(signal.SIGTERM))
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.buffer.write(line)

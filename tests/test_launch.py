@@ -154,3 +154,106 @@ def test_slurm_script_runs_two_nodes(shards, tmp_path, two_processes):
     assert "2 ranks" in (tmp_path / "logs" / "node0.log").read_text()
     assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == "step_00000004"
     assert losses(tmp_path / "run") == two_processes
+
+
+LONG = ["schedule.train_steps=8", "schedule.warmup_steps=1", "checkpoint.every_steps=2", "logging.eval_every_steps=0"]
+
+
+def _ranks(parent: int) -> dict[int, int]:
+    """RANK -> pid of the trainer processes below ``parent``."""
+    found = {}
+    for pid in subprocess.run(["pgrep", "-f", "sessa_train.train"], capture_output=True, text=True).stdout.split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat_ppid = Path(f"/proc/{pid}/stat").read_text().split()[3]
+        except OSError:
+            continue
+        rank = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None and _descends(int(pid), parent):
+            found[int(rank)] = int(pid)
+        del stat_ppid
+    return found
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().split()[3])
+        except OSError:
+            return False
+    return False
+
+
+def _wait_for_step(run: Path, step: int) -> None:
+    import json
+    import time
+
+    metrics, deadline = run / "tb" / "metrics.jsonl", time.time() + HANG_GUARD_S
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()
+                                    if x.strip().endswith("}")):  # fmt: skip
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run} never reached step {step}")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_and_the_job_follows_the_uninterrupted_run(shards, tmp_path):
+    """sessa-launch torchrun --max-restarts 1: rank 1 killed (SIGKILL) mid-way; torchrun restarts the
+    worker group, which resumes from the newest complete checkpoint by itself; the losses equal an
+    uninterrupted run's."""
+    import signal
+
+    reference = tmp_path / "reference"
+    train(write_config(tmp_path / "r.yaml", shards, reference), *LONG, nproc=2)
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    cmd = [sys.executable, "-m", "sessa_train.launch", "torchrun", "--hostfile", str(tmp_path / "hosts"),
+           "--master-addr", "127.0.0.1", "--master-port", str(29400 + os.getpid() % 300), "--omp-threads", "1",
+           "--max-restarts", "1", "--log-dir", str(tmp_path / "logs"), "--", "--config", str(cfg), *LONG]  # fmt: skip
+    job = subprocess.Popen(cmd, env=PLAIN_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(tmp_path / "run", 3)
+    os.kill(_ranks(job.pid)[1], signal.SIGKILL)
+    out, _ = job.communicate(timeout=HANG_GUARD_S)
+    assert job.returncode == 0, out[-3000:]
+    assert "restart 1 of this job: resuming from the newest complete checkpoint" in out
+    assert losses(tmp_path / "run") == losses(reference)
+
+
+@pytest.mark.slow
+def test_slurm_preemption_saves_and_requeues(shards, tmp_path):
+    """USR1 to the batch shell (Slurm's --signal=B:USR1@120): the ranks save the same step and stop,
+    then the script requeues its job (scontrol requeue, a stub that records it)."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.log"
+    stubs = {
+        "scontrol": f'#!/bin/bash\necho "$@" >> {record}\n[ "$1" = show ] && printf "localhost\\n"\nexit 0\n',
+        # as srun does, USR1 and TERM are passed on to the tasks
+        "srun": "#!/bin/bash\nshift\nSLURM_NODEID=0 \"$@\" &\ntask=$!\ntrap 'kill -USR1 $task' USR1\n"
+        "wait $task; wait $task\n",
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
+    env = PLAIN_ENV | {"PATH": f"{bin_dir}:{PLAIN_ENV['PATH']}", "SLURM_JOB_ID": "78", "SLURM_JOB_NODELIST": "n1"}
+    env |= {"SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "1", "LOG_DIR": str(tmp_path / "logs")}
+    env |= {"PYTHON": sys.executable, "MASTER_PORT": str(29450 + os.getpid() % 300)}
+    steps = ["schedule.train_steps=100000", "checkpoint.every_steps=1000", "logging.eval_every_steps=0"]
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", str(cfg), *steps], env=env,
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    _wait_for_step(tmp_path / "run", 2)
+    time.sleep(0.5)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=HANG_GUARD_S)
+    assert job.returncode == 0, out[-3000:]
+    assert "requeue 78" in record.read_text()
+    last = losses(tmp_path / "run")[-1][0]
+    assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == f"step_{last:08d}"
+    assert "on SIGTERM received by rank 0: saving" in (tmp_path / "logs" / "node0.log").read_text()

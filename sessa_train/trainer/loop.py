@@ -37,6 +37,13 @@ from sessa_train.trainer.state import LoaderState, ModelState, RngState
 log = logging.getLogger("sessa_train")
 
 
+def _restart_count() -> int:
+    """How often this job's workers were started again: torchrun's restarts, Slurm's requeues."""
+    import os
+
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) + int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
 def _location(path: str) -> str:
     """A data path as the checkpoint records it: a URL as given, a local folder absolute."""
     return path if "://" in path else str(Path(path).resolve())
@@ -58,7 +65,11 @@ class Trainer:
         self.checkpoints.lock()  # before anything in the folder is touched: one run per folder
         self.checkpoints.clear_partial()
         comm.barrier()
-        self.resume_from = self.checkpoints.resolve(ck.resume, ck.resume_older)
+        resume = ck.resume
+        if resume == "none" and (restarted := _restart_count()):
+            resume = "auto"  # a restarted worker group (torchrun) or a requeued job (Slurm) goes on
+            self.print(f"restart {restarted} of this job: resuming from the newest complete checkpoint")
+        self.resume_from = self.checkpoints.resolve(resume, ck.resume_older)
         meta = read_meta(self.resume_from) if self.resume_from else None
         saved = read_config(self.resume_from) if meta else None
         if meta and (differ := architecture_difference(saved["model"], cfg.model)):
@@ -105,7 +116,7 @@ class Trainer:
         if meta:
             marker = {"event": "resume", "step": self.step, "checkpoint": str(self.resume_from)}
             self.metrics.event(marker | {"layout": vars(self.layout)})
-        elif ck.resume == "auto":
+        elif resume == "auto":
             self.print(f"no checkpoint in {ck.dir}: starting from scratch")
         if self.tokenizer is None:
             self.print(f"no tokenizer found for {cfg.data.path} (data.tokenizer): checkpoints will not carry one")
@@ -209,7 +220,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------
     def fit(self) -> list[float]:
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: Slurm's warning before preemption
             signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
         self.metrics.print(
             f"Sessa LM {self.engine.n_params / 1e6:.2f}M parameters, {self.dist.world_size} ranks, "
