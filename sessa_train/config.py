@@ -259,6 +259,23 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
+class LmEvalConfig:
+    """lm-evaluation-harness during training: every ``every_steps`` (0: off) rank 0 exports the
+    step's checkpoint and runs ``tasks`` (lm-eval names or local task YAML files) on it."""
+
+    every_steps: int = 0
+    tasks: list[str] = field(default_factory=list)
+    batch_size: int = 4
+    limit: int = 0  # documents per task (0: all)
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"logging.lm_eval.every_steps must be >= 0, got {self.every_steps}")
+        _check(self.batch_size >= 1, f"logging.lm_eval.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.limit >= 0, f"logging.lm_eval.limit must be >= 0, got {self.limit}")
+        _check(not self.every_steps or bool(self.tasks), "logging.lm_eval.every_steps needs logging.lm_eval.tasks")
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     project: str = ""  # "" = no wandb
     entity: str = ""
@@ -278,8 +295,16 @@ class LoggingConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: the GPU's from hardware.py (none on CPU: no MFU)
     sample_ids: bool = False  # metrics.jsonl rows list each step's samples (one gather per step)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # [start, end]: a torch.profiler trace of those steps (and a CUDA memory snapshot) in <dir>/profile
+    profile_steps: list[int] = field(default_factory=list)
+    lm_eval: LmEvalConfig = field(default_factory=lambda: LmEvalConfig())
 
     def __post_init__(self) -> None:
+        ps = list(self.profile_steps)
+        _check(
+            not ps or (len(ps) == 2 and 1 <= ps[0] <= ps[1]),
+            f"logging.profile_steps must be [] or [start, end] with 1 <= start <= end, got {ps}",
+        )
         for name in ("every_steps", "eval_batches", "max_bad_steps"):
             value = getattr(self, name)
             _check(value >= 1, f"logging.{name} must be >= 1, got {value}")

@@ -83,6 +83,11 @@ def shutdown() -> None:
 # them) and are posted as batches that progress together (``exchange``).
 
 
+def _labelled():
+    """The profiler's label of every collective and point-to-point call (trainer/profiling.py)."""
+    return torch.profiler.record_function("sessa.communication")
+
+
 def comm_device(group=None) -> torch.device:
     """The device collectives on ``group`` take their tensors on."""
     import torch.distributed as dist
@@ -104,7 +109,8 @@ def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
     import torch.distributed as dist
 
     _check([tensor], group)
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
+    with _labelled():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group)
     return tensor
 
 
@@ -120,7 +126,8 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     import torch.distributed as dist
 
     _check([tensor], group)
-    dist.broadcast(tensor, src=src, group=group)
+    with _labelled():
+        dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 
@@ -130,7 +137,8 @@ def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
 
     _check([tensor], group)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    with _labelled():
+        dist.all_gather(parts, tensor.contiguous(), group=group)
     return parts
 
 
@@ -139,14 +147,16 @@ def all_gather_objects(obj, group=None) -> list:
     import torch.distributed as dist
 
     out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _labelled():
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
 def barrier(group=None) -> None:
     import torch.distributed as dist
 
-    dist.barrier(group=group)
+    with _labelled():
+        dist.barrier(group=group)
 
 
 def exchange(ops: list[tuple[str, torch.Tensor, int]], group) -> None:
@@ -161,5 +171,6 @@ def exchange(ops: list[tuple[str, torch.Tensor, int]], group) -> None:
                    dist.get_global_rank(group, peer), group)
         for kind, t, peer in ops
     ]  # fmt: skip
-    for work in dist.batch_isend_irecv(p2p):
-        work.wait()
+    with _labelled():
+        for work in dist.batch_isend_irecv(p2p):
+            work.wait()

@@ -51,11 +51,18 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
 
 
 def train(
-    config: Path, *overrides: str, nproc: int = 1, check: bool = True, threads: int = 1, entry: list[str] = TRAINER
+    config: Path,
+    *overrides: str,
+    nproc: int = 1,
+    check: bool = True,
+    threads: int = 1,
+    entry: list[str] = TRAINER,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """``threads``: intra-op threads per rank (one rank alone may use both cores of CI)."""
+    """``threads``: intra-op threads per rank (one rank alone may use both cores of CI); ``env``:
+    variables added to the trainer's environment."""
     cmd = command(config, *overrides, nproc=nproc, entry=entry)
-    env = ENV | {"OMP_NUM_THREADS": str(threads)}
+    env = ENV | {"OMP_NUM_THREADS": str(threads)} | (env or {})
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=HANG_GUARD_S)
     if check and out.returncode != 0:
         raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

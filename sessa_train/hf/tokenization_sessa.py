@@ -43,7 +43,16 @@ class SessaSentencePieceTokenizer(PreTrainedTokenizer):
         return self.sp.id_to_piece(index)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return self.sp.decode_pieces(tokens)
+        """sentencepiece's text of the pieces; special tokens (EOS, ...) as their own text, which
+        sentencepiece would drop (tools such as lm-eval stop on the EOS's text)."""
+        out, pieces = "", []
+        for token in tokens:
+            if token in self.all_special_tokens:
+                out += self.sp.decode_pieces(pieces) + token
+                pieces = []
+            else:
+                pieces.append(token)
+        return out + self.sp.decode_pieces(pieces)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         name = (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model"

@@ -31,7 +31,8 @@ class MLP(nn.Module):
         self.fc2 = plan.row(hidden, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        with torch.profiler.record_function("sessa.mlp"):
+            return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SessaLayer(nn.Module):

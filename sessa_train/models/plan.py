@@ -128,7 +128,8 @@ class ModelPlan:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
         """Causal attention of q (B, H, T, d) at rows ``pos`` over k, v (B, Hkv, pos.start + T, d)
         (``models.attention.attend``)."""
-        return attend(q, k, v, pos)
+        with torch.profiler.record_function("sessa.attention"):
+            return attend(q, k, v, pos)
 
     def recompute(self, kind: str, fn, *args):
         """``fn(*args)``; when training with ``compute.recompute == kind`` its activations are not
@@ -153,7 +154,8 @@ class ModelPlan:
     ):
         """The feedback solve of this rank's heads and channels (``ops.feedback_solve`` shapes),
         each row over the earlier rows of its own document."""
-        return feedback_solve(q, k, f, gamma, scale=scale, solver=self.solver(q.device), key_start=pos.doc_start)
+        with torch.profiler.record_function("sessa.solve"):
+            return feedback_solve(q, k, f, gamma, scale=scale, solver=self.solver(q.device), key_start=pos.doc_start)
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy (B, T) in float32 of logits (B, T, V) against targets (B, T)."""

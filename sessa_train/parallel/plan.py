@@ -162,9 +162,10 @@ class MegatronPlan(ModelPlan):
         from sessa_train.parallel.context_parallel import feedback_solve_context_parallel
 
         group, T = self.ps.get_context_parallel_group(), q.shape[2]
-        return feedback_solve_context_parallel(
-            q, k, f, gamma, scale, self.solver(q.device), group, (T,) * self.state.cp, pos.doc_start
-        )
+        with torch.profiler.record_function("sessa.solve"):
+            return feedback_solve_context_parallel(
+                q, k, f, gamma, scale, self.solver(q.device), group, (T,) * self.state.cp, pos.doc_start
+            )
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.tp.vocab_parallel_cross_entropy(logits.float(), targets)

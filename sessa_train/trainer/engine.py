@@ -65,7 +65,8 @@ class Engine:
         norm = self.grad_norm() if own else math.nan
         if not math.isfinite(loss) and not hasattr(self.ds.optimizer, "overflow"):
             self.optimizer.skip_next = True
-        self.ds.step()
+        with torch.profiler.record_function("sessa.optimizer"):
+            self.ds.step()
         if not own:
             norm = float(self.ds.get_global_grad_norm())
         return math.isfinite(loss) and self.ds.skipped_steps == skipped_before, norm

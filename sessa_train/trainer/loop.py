@@ -32,6 +32,7 @@ from sessa_train.hardware import peak_tflops
 from sessa_train.trainer.build import build_engine, build_loader, initial_weights, loader_args, parallel_state
 from sessa_train.trainer.metrics import Metrics
 from sessa_train.trainer.optim import precision
+from sessa_train.trainer.profiling import StepProfiler
 from sessa_train.trainer.state import LoaderState, ModelState, RngState
 
 log = logging.getLogger("sessa_train")
@@ -234,13 +235,16 @@ class Trainer:
         stop_at = cfg.schedule.train_steps
         if cfg.schedule.stop_after_steps:
             stop_at = min(stop_at, self.step + cfg.schedule.stop_after_steps)
+        profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.dir, self.dist.rank, self.dist.device)
         while self.step < stop_at:
             batches = self._next_step(stream)
             if batches is None:
                 break
+            profiler.before(self.step + 1)
             t0 = time.perf_counter()
             loss, applied, grad_norm = self.engine.train_step(iter(batches))
             step_time = time.perf_counter() - t0
+            profiler.after(self.step + 1)
             ids = self._sample_ids(batches) if cfg.logging.sample_ids else None
             self.train_loader.advance()
             self.step += 1
@@ -263,6 +267,12 @@ class Trainer:
                 self.metrics.print(
                     f"step {self.step}: validation loss {val:.4f}, perplexity {scalars['val/perplexity']:.2f}"
                 )
+            lm = cfg.logging.lm_eval
+            if lm.every_steps and self.step % lm.every_steps == 0:
+                if last_saved != self.step:
+                    self.save()
+                    last_saved = self.step
+                scalars |= self._lm_eval()
             extras = {"sample_ids": ids} if ids is not None else {}
             if sources := getattr(self.train_loader, "source_tokens", dict)():  # a blend's tokens by shard set
                 extras["source_tokens"] = sources
@@ -279,6 +289,24 @@ class Trainer:
         self.metrics.close()
         self.checkpoints.unlock()
         return losses
+
+    def _lm_eval(self) -> dict[str, float]:
+        """Collective: rank 0 runs lm-evaluation-harness on the step's checkpoint (the others wait);
+        its scalars, as every rank sees them."""
+        from sessa_train.evaluation.harness import evaluate, scalars_of
+
+        scalars = {}
+        if self.dist.is_main:
+            lm = self.cfg.logging.lm_eval
+            path = Path(self.cfg.checkpoint.dir) / f"step_{self.step:08d}"
+            results, out = evaluate(
+                path, list(lm.tasks), batch_size=lm.batch_size, limit=lm.limit, device=self.dist.device
+            )
+            scalars = scalars_of(results)
+            self.print(
+                f"step {self.step}: lm-eval " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()) + f" ({out})"
+            )
+        return comm.all_gather_objects(scalars)[0]
 
     def _sample_ids(self, batches: list[dict]) -> list[int]:
         """The step's global batch: every data-parallel rank's sample ids, sorted."""

@@ -1,0 +1,316 @@
+"""The tools a team already uses, on the export and the run of a small model: transformers
+(AutoModelForCausalLM, AutoTokenizer, padded batches), lm-evaluation-harness (sessa-eval and during
+training), wandb (offline), the torch profiler, the command-line tools' start-up and file modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import HANG_GUARD_S
+from tests.trainer import ENV, REPO, losses, train, write_config
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["The module", "A class that defines the", "Return the", "If the argument", "This function"]
+
+
+def write_tasks(folder: Path, mc: list[dict], gen: list[dict]) -> list[Path]:
+    """A multiple-choice (loglikelihood) and a generate_until task of lm-eval over local JSONL files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\ntarget_delimiter: ''\n"
+    (folder / "sessa_mc.yaml").write_text(
+        f"task: sessa_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    (folder / "sessa_gen.yaml").write_text(
+        f"task: sessa_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return [folder / "sessa_mc.yaml", folder / "sessa_gen.yaml"]
+
+
+@pytest.fixture(scope="module")
+def instrumented(shards, tmp_path_factory) -> Path:
+    """4 steps of a model with an MLP, with lm-eval every 2 steps, wandb offline and a profile of
+    steps 2-3 (one run for all of them)."""
+    root = tmp_path_factory.mktemp("instrumented")
+    tasks = write_tasks(root / "tasks", [{"question": "The", "choices": [" a", " b"], "label": 0}],
+                        [{"prompt": "The", "answer": " x"}])  # fmt: skip
+    cfg = write_config(root / "c.yaml", shards, root / "run", ffn_hidden_size=48)
+    train(
+        cfg,
+        "schedule.train_steps=4",
+        "checkpoint.every_steps=2",
+        "logging.eval_every_steps=0",
+        "logging.lm_eval.every_steps=2",
+        f"logging.lm_eval.tasks=[{tasks[0]},{tasks[1]}]",
+        "logging.wandb.project=sessa-test",
+        "logging.wandb.mode=offline",
+        "logging.profile_steps=[2,3]",
+        env={"WANDB_SILENT": "true", "HF_MODULES_CACHE": str(root / "hf_modules")},
+    )
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(instrumented, tmp_path_factory) -> Path:
+    from sessa_train.export import export_checkpoint
+
+    return export_checkpoint(instrumented / "ckpt", tmp_path_factory.mktemp("tools_export") / "export")
+
+
+# -- transformers ------------------------------------------------------------------------------
+
+
+def test_autotokenizer_encodes_as_the_training_tokenizer(exported, shards):
+    from transformers import AutoTokenizer
+
+    from sessa_train.data import Tokenizer
+
+    ours = Tokenizer(shards.parent / "tok.model")
+    theirs = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    from pydoc_data.topics import topics
+
+    for text in [topics[name][:400] for name in sorted(topics)[:20]] + ["  two  spaces\nand a newline", "café 42"]:
+        assert theirs(text)["input_ids"] == ours.encode(text), text[:40]
+        assert theirs.decode(ours.encode(text)) == text
+
+
+def test_padded_batches_compute_what_each_row_computes_alone(exported):
+    """Left and right padding: the logits of real positions equal the unpadded ones (fp64), and a
+    left-padded batch of prompts generates, greedily, exactly each prompt's own tokens (the
+    transformers model and sessa_train.generate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sessa_train.export import load_pretrained
+    from sessa_train.generate import generate
+
+    tok = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True).double().eval()
+    ours = load_pretrained(exported, dtype=torch.float64)
+    alone = [torch.tensor([tok(p)["input_ids"]]) for p in PROMPTS]
+    for side in ("left", "right"):
+        tok.padding_side = side
+        batch = tok(PROMPTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = hf(**batch).logits
+            for row, ids in enumerate(alone):
+                real = batch["attention_mask"][row].bool()
+                want = hf(ids).logits[0]
+                assert (logits[row, real] - want).abs().max() < 1e-10, (side, row)
+    tok.padding_side = "left"
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    new = hf.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[:, -6:]
+    ours_new = torch.stack(list(generate(ours, batch["input_ids"], 6, attention_mask=batch["attention_mask"])), 1)
+    for row, ids in enumerate(alone):
+        single = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, -6:]  # fmt: skip
+        assert torch.equal(new[row], single) and torch.equal(ours_new[row], single), row
+
+
+TRANSFORMERS_CHECK = """
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+hf = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+ids = torch.tensor([tok(texts[0])["input_ids"]])
+lengths = []
+hf.embed.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                  pad_token_id=tok.pad_token_id)
+first = list(lengths)
+tok.padding_side = "left"
+batch = tok(texts, return_tensors="pt", padding=True)
+padded = hf.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)[:, -4:]
+with torch.no_grad():
+    logits = hf(ids).logits
+print(json.dumps({"version": transformers.__version__, "ids": [tok(t)["input_ids"] for t in texts],
+                  "new": out[0, ids.shape[1]:].tolist(), "lengths": first, "padded": padded.tolist(),
+                  "logits": logits[0, -1].tolist()}))
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SESSA_TEST_TRANSFORMERS"), reason="set SESSA_TEST_TRANSFORMERS=4.57.6 (a version)"
+)
+def test_the_export_works_with_a_second_transformers_version(exported, shards, tmp_path):
+    """SESSA_TEST_TRANSFORMERS=4.57.6 pytest tests/test_tools.py -k second: that release (with its
+    own tokenizers and huggingface-hub) is installed into a throwaway folder put before the venv's
+    packages, and the export loads, encodes, generates with its cache and with padding there as it
+    does with the installed release."""
+    from sessa_train.data import Tokenizer
+    from sessa_train.export import load_pretrained
+    from sessa_train.generate import generate
+
+    version = os.environ["SESSA_TEST_TRANSFORMERS"]
+    target = tmp_path / f"transformers-{version}"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), f"transformers=={version}"]
+    subprocess.run(pip, check=True, timeout=HANG_GUARD_S)
+    for shadowing in target.glob("numpy*"):  # keep the venv's numpy: torch was built against it
+        subprocess.run(["rm", "-rf", str(shadowing)], check=True)
+    env = ENV | {"PYTHONPATH": str(target), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = subprocess.run([sys.executable, "-c", TRANSFORMERS_CHECK, str(exported), json.dumps(PROMPTS)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_GUARD_S)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["version"] == version
+    ours, model = Tokenizer(shards.parent / "tok.model"), load_pretrained(exported)
+    assert got["ids"] == [ours.encode(p) for p in PROMPTS]
+    ids = torch.tensor([got["ids"][0]])
+    assert got["new"] == torch.stack(list(generate(model, ids, 5))).flatten().tolist()
+    assert got["lengths"] == [ids.shape[1]] + [1] * 4
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(got["logits"]), model(ids)[0, -1], atol=1e-5)
+    for row, p in enumerate(PROMPTS):
+        assert (
+            got["padded"][row]
+            == torch.stack(list(generate(model, torch.tensor([ours.encode(p)]), 4))).flatten().tolist()
+        )
+
+
+# -- lm-evaluation-harness ---------------------------------------------------------------------
+
+
+def continuation_logprob(model, tok, context: str, continuation: str) -> float:
+    """What lm-eval's hf model scores: log p(continuation | context), the pair encoded together."""
+    whole, ctx = tok(context + continuation)["input_ids"], tok(context)["input_ids"]
+    cont = whole[len(ctx) :]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = model(ids[:, :-1]).log_softmax(-1)[0]
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_sessa_eval_runs_lm_eval_whose_numbers_we_recompute(exported, tmp_path):
+    """A multiple-choice task (labels: our own argmax for some items, another choice for others)
+    and a generate_until task at batch size 4 (answers: our own greedy continuation for some), so
+    that lm-eval's accuracy and exact match are known in advance."""
+    from transformers import AutoTokenizer
+
+    from sessa_train.export import load_pretrained
+    from sessa_train.generate import generate
+
+    tok = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    model = load_pretrained(exported)
+    mc, right = [], []
+    for i, prompt in enumerate(PROMPTS):
+        choices = [" is", " the", " of"]
+        best = max(range(3), key=lambda c: continuation_logprob(model, tok, prompt, choices[c]))
+        label = best if i % 2 == 0 else (best + 1) % 3
+        mc.append({"question": prompt, "choices": choices, "label": label})
+        right.append(label == best)
+    gen, matched = [], []
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        text = tok.decode(torch.stack(list(generate(model, ids, 4))).flatten().tolist()).split("\n")[0]
+        answer = text if i in (0, 3) else text + " nothing"
+        gen.append({"prompt": prompt, "answer": answer})
+        matched.append(i in (0, 3))
+    tasks = write_tasks(tmp_path / "tasks", mc, gen)
+    cmd = [sys.executable, "-m", "sessa_train.evaluation.harness", str(exported), "--tasks", *map(str, tasks)]
+    out = subprocess.run([*cmd, "--batch-size", "4"], capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S,
+                         env=ENV | {"HF_MODULES_CACHE": str(tmp_path / "modules")})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((exported / "lm_eval.json").read_text())["results"]
+    assert results["sessa_mc"]["acc,none"] == pytest.approx(sum(right) / len(right))
+    assert results["sessa_gen"]["exact_match,none"] == pytest.approx(sum(matched) / len(matched))
+    assert f"lm_eval/sessa_mc/acc: {sum(right) / len(right):.4f}" in out.stdout
+
+
+def test_lm_eval_during_training_is_logged_at_its_steps(instrumented):
+    rows = [json.loads(x) for x in (instrumented / "tb" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows if "train/loss" in r}
+    for step in (2, 4):
+        assert "lm_eval/sessa_mc/acc" in by_step[step] and "lm_eval/sessa_gen/exact_match" in by_step[step]
+        results = json.loads((instrumented / "tb" / "lm_eval" / f"step_{step:08d}.json").read_text())
+        assert results["results"]["sessa_mc"]["acc,none"] == by_step[step]["lm_eval/sessa_mc/acc"]
+    assert "lm_eval/sessa_mc/acc" not in by_step[1]
+
+
+# -- wandb, profiler ---------------------------------------------------------------------------
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline wandb run file (LevelDB-style records of wandb's protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, rows = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if (left := 32768 - pos % 32768) < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_holds_the_scalars_of_metrics_jsonl(instrumented):
+    (run_file,) = (instrumented / "tb" / "wandb").glob("offline-run-*/run-*.wandb")
+    history = {r["_step"]: r for r in wandb_history(run_file)}
+    rows = {r["step"]: r for r in map(json.loads, (instrumented / "tb" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(history) == [1, 2, 3, 4]
+    for step, row in history.items():
+        for key, value in row.items():
+            if not key.startswith("_"):
+                assert rows[step][key] == pytest.approx(value), (step, key)
+        assert {k for k in rows[step] if "/" in k} == {k for k in row if not k.startswith("_")}
+
+
+def test_the_profile_holds_the_labels_of_the_work(instrumented):
+    traces = list((instrumented / "tb" / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
+    for label in ("sessa.solve", "sessa.attention", "sessa.mlp", "sessa.optimizer", "sessa.communication"):
+        assert label in names, label
+
+
+# -- command-line tools ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["sessa_train.train:main", "sessa_train.cli:export_main", "sessa_train.cli:generate_main",
+     "sessa_train.cli:plan_main", "sessa_train.data.cli:write_shards_main", "sessa_train.data.cli:train_tokenizer_main",
+     "sessa_train.evaluation.harness:main", "sessa_train.launch:main"],
+)  # fmt: skip
+def test_help_answers_without_importing_torch(entry):
+    module, function = entry.split(":")
+    code = (
+        f"import sys\nfrom {module} import {function} as main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'light')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "light", out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_exported_and_checkpoint_files_are_readable_by_the_group(instrumented, exported):
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in (exported, instrumented / "ckpt" / "step_00000004"):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+    assert losses(instrumented)[-1][0] == 4
