@@ -29,15 +29,22 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
+def default_data(tmp_path_factory) -> Path:
+    """The offline default corpus, its tokenizer and shards (sessa-prepare-default-data)."""
+    from sessa_train.data.cli import prepare_default_data_main
+
+    data = tmp_path_factory.mktemp("default") / "default"
+    assert prepare_default_data_main(["--out-dir", str(data)]) == 0
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_run(default_data, tmp_path_factory) -> dict[str, Path]:
     """configs/tiny.yaml for its 300 steps in one process on the offline default corpus
     (checkpoints every 100 steps); {"data": prepared data folder, "run": run folder}."""
-    from sessa_train.data.cli import prepare_default_data_main
     from tests.trainer import REPO, train
 
-    root = tmp_path_factory.mktemp("tiny")
-    data, run = root / "default", root / "run"
-    assert prepare_default_data_main(["--out-dir", str(data)]) == 0
+    data, run = default_data, tmp_path_factory.mktemp("tiny") / "run"
     train(
         REPO / "configs" / "tiny.yaml",
         *tiny_overrides(data, run),

@@ -1,12 +1,12 @@
 """Documents from the files a corpus comes in, streamed in bounded memory, in a stable order.
 
-Inputs (files, folders searched recursively in sorted order, or ``s3://`` / ``https://`` URLs of
-files, all opened through fsspec):
+Inputs (files, folders searched recursively in sorted order, ``s3://`` / ``https://`` URLs of
+files or an ``s3://`` prefix listed in sorted order, all opened through fsspec):
 
     .txt .md               one document per file
     .jsonl .jsonl.gz .jsonl.zst
                            one document per line, its text under ``text_key`` (gzip and zstandard
-                           decompressed by fsspec as they stream: Dolma, the Pile, SlimPajama)
+                           decompressed as they stream: Dolma, the Pile, SlimPajama)
     .parquet               one document per row, column ``text_key``, read a row group at a
                            time with pyarrow (FineWeb, FineWeb-Edu)
     a datasets folder      ``datasets.save_to_disk`` output (dataset_info.json / state.json),
@@ -20,6 +20,8 @@ a one-line ``DataError`` naming the file and the position. ``DocumentSource.size
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,7 +75,7 @@ def _open(location: str):
     import fsspec
 
     try:
-        return fsspec.open(location, "rb", compression="infer").open()
+        return fsspec.open(location, "rb").open()
     except FileNotFoundError:
         raise DataError(f"input not found: {location}") from None
     except ImportError as e:
@@ -88,20 +90,74 @@ def _decode(data: bytes, where: str, line: int | None = None) -> str:
         raise DataError(f"{where}: not valid UTF-8 at {at} ({e.reason}); re-encode the file as UTF-8") from None
 
 
+def _decompressed(raw, src: DocumentSource):
+    """A buffered reader of the decompressed bytes of ``raw`` (gzip, zstandard or none)."""
+    if src.kind.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if src.kind.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a zstandard file of one or more frames. Unlike zstandard's
+    ``stream_reader``, a stream that ends inside a frame (a truncated file) is an error."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw) -> None:
+        import zstandard
+
+        self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
+        self.inner, self.pending, self.in_frame = self.new(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(self.CHUNK)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstandard frame (truncated)")
+                return 0
+            self.pending = self._decompress(chunk)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            out.append(self.inner.decompress(chunk))
+            self.in_frame = not self.inner.eof
+            chunk = self.inner.unused_data if self.inner.eof else b""
+            if self.inner.eof:
+                self.inner = self.new()
+        return b"".join(out)
+
+
+def _compression_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return (OSError, EOFError, ValueError, zstandard.ZstdError)  # gzip.BadGzipFile is an OSError
+
+
 def _jsonl(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
-    raw = _raw_size_reader(src)
-    with _open(src.location) as fh:
+    broken = _compression_errors()
+    with _open(src.location) as raw, _decompressed(raw, src) as fh:
         lineno, told = 0, 0
         while True:
             try:
                 line = fh.readline()
-            except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile, zstd errors
-                raise DataError(f"{src.location}: corrupt compressed data after line {lineno} ({e})") from None
+            except broken as e:
+                raise DataError(f"{src.location}: corrupt compressed data after line {lineno} ({_why(e)})") from None
             if not line:
                 break
             lineno += 1
-            if lineno % 256 == 0:
-                now = raw(fh)
+            if lineno % 256 == 0:  # progress in bytes of the file as stored (compressed)
+                now = min(raw.tell(), src.size)
                 progress(now - told)
                 told = now
             text = _decode(line, src.location, lineno)
@@ -117,21 +173,6 @@ def _jsonl(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
     progress(src.size - told)
 
 
-def _raw_size_reader(src: DocumentSource):
-    """Bytes of the (compressed) file consumed so far, where the stream tells; else 0."""
-
-    def consumed(fh) -> int:
-        inner = getattr(fh, "fileobj", None) or getattr(fh, "raw", None) or getattr(fh, "_fp", None)
-        for f in (inner, fh):
-            try:
-                return min(int(f.tell()), src.size)
-            except (AttributeError, OSError, ValueError, TypeError):
-                continue
-        return 0
-
-    return consumed
-
-
 def _parquet(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -140,12 +181,18 @@ def _parquet(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
         try:
             pf = pq.ParquetFile(fh)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{src.location}: not a readable parquet file ({e})") from None
+            raise DataError(f"{src.location}: not a readable parquet file ({_why(e)})") from None
         if text_key not in pf.schema_arrow.names:
             raise DataError(
                 f"{src.location} has no column {text_key!r} (its columns: {', '.join(pf.schema_arrow.names)}); "
                 "pass --text-key"
             )
+        # progress in file bytes: each row group's share of the compressed data, the rest at the end
+        sizes = [
+            sum(pf.metadata.row_group(g).column(c).total_compressed_size for c in range(pf.metadata.num_columns))
+            for g in range(pf.num_row_groups)
+        ]
+        done, told = 0, 0
         for group in range(pf.num_row_groups):
             try:
                 for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group], columns=[text_key]):
@@ -153,8 +200,12 @@ def _parquet(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
                         if text is not None:
                             yield text
             except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{src.location}: row group {group} is corrupt ({e})") from None
-            progress(pf.metadata.row_group(group).total_byte_size)
+                raise DataError(f"{src.location}: row group {group} is corrupt ({_why(e)})") from None
+            done += sizes[group]
+            now = src.size * done // max(1, sum(sizes))
+            progress(now - told)
+            told = now
+        progress(src.size - told)
 
 
 def _dataset(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
@@ -167,11 +218,19 @@ def _dataset(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
         raise DataError(f"{src.location} is a DatasetDict ({', '.join(ds)}): pass one split's folder")
     if text_key not in ds.column_names:
         raise DataError(f"{src.location} has no column {text_key!r} (its columns: {', '.join(ds.column_names)})")
-    step = max(1, src.size // max(1, len(ds)))
+    told = 0
     for start in range(0, len(ds), PARQUET_BATCH):
         texts = ds[start : start + PARQUET_BATCH][text_key]
         yield from (t for t in texts if t is not None)
-        progress(step * len(texts))
+        now = src.size * (start + len(texts)) // max(1, len(ds))
+        progress(now - told)
+        told = now
+    progress(src.size - told)
+
+
+def _why(error: BaseException) -> str:
+    """An error's message on one line (pyarrow's and thrift's span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[DocumentSource]:
@@ -179,10 +238,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[DocumentSource]:
     sources: list[DocumentSource] = []
     for item in map(str, inputs):
         if _remote(item):
-            kind = _kind(item)
-            if kind is None:
-                raise DataError(f"unsupported input {item}: expected a file ending in {', '.join(SUFFIXES)}")
-            sources.append(DocumentSource(item, kind, _remote_size(item)))
+            sources += _remote_sources(item)
             continue
         path = Path(item)
         if _is_dataset_folder(path):
@@ -206,16 +262,25 @@ def expand_inputs(inputs: list[str | Path]) -> list[DocumentSource]:
     return sources
 
 
-def _remote_size(url: str) -> int:
+def _remote_sources(url: str) -> list[DocumentSource]:
+    """A file URL, or the files under a URL prefix (listed, in sorted order)."""
     import fsspec
 
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        return int(fs.size(path) or 0)
+        if _kind(url):
+            return [DocumentSource(url, _kind(url), int(fs.size(path) or 0))]
+        found = {name: info for name, info in fs.find(path, detail=True).items() if _kind(name)}
     except FileNotFoundError:
         raise DataError(f"input not found: {url}") from None
     except ImportError as e:
         raise DataError(f"reading {url} needs {e.name or e} (pip install 'sessa-train[cloud]')") from None
+    if not found:
+        raise DataError(f"no {', '.join(SUFFIXES)} files under {url}")
+    return [
+        DocumentSource(fs.unstrip_protocol(name), _kind(name), int(info.get("size") or 0))
+        for name, info in sorted(found.items())
+    ]
 
 
 def read_documents(path: str | Path, text_key: str = "text") -> Iterator[str]:

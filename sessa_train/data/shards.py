@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -48,6 +50,7 @@ INDEX_KEYS = ("seq_len", "sample_tokens", "dtype", "eos_id", "vocab_size", "toke
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to whole records
+IN_FLIGHT = 4  # tokenizer tasks read ahead per worker process
 MERGE_TOKENS = 1 << 22  # tokens of a part read at a time by the merge (bounded memory)
 
 
@@ -154,6 +157,12 @@ class _SplitWriter:
         os.replace(self.out_dir / (entry["name"] + ".tmp"), self.out_dir / entry["name"])
         self._writer = self._fh = None
 
+    def abandon(self) -> None:
+        """Close an open shard without publishing it (the run failed)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._fh = None
+
     def finish(self) -> dict:
         self._close_shard()
         return {
@@ -194,11 +203,18 @@ def _encoded(
         if batch:
             yield batch, val_fraction
 
-    with Pool(num_workers or os.cpu_count() or 1, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        # imap keeps the input order, so the shards do not depend on the number of workers
-        for encoded in pool.imap(_encode_batch, tasks(), chunksize=1):
-            for to_val, tokens in encoded:
-                yield ("val" if to_val else "train"), tokens
+    workers = num_workers or os.cpu_count() or 1
+    with Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+        # results are taken in submission order, so the shards do not depend on the number of
+        # workers; at most IN_FLIGHT tasks a worker are read ahead (Pool.imap would read the
+        # whole input into its queue when tokenizing is slower than reading)
+        pending: deque = deque()
+        for task in itertools.chain(tasks(), [None]):
+            if task is not None:
+                pending.append(pool.apply_async(_encode_batch, (task,)))
+            while pending and (task is None or len(pending) > IN_FLIGHT * workers):
+                for to_val, tokens in pending.popleft().get():
+                    yield ("val" if to_val else "train"), tokens
 
 
 def _progress(documents, enabled: bool, workers: int):
@@ -269,12 +285,17 @@ def write_shards(
         dtype = token_dtype(tokenizer.vocab_size)
         writers = {s: _SplitWriter(out, s, seq_len + 1, dtype, samples_per_shard, shard_bytes) for s in SPLITS}
         n_docs = dict.fromkeys(SPLITS, 0)
-        with _progress(documents, progress, num_workers or os.cpu_count() or 1) as bar:
-            for split, tokens in _encoded(documents, tokenizer, val_fraction, num_workers, docs_per_task):
-                writers[split].add(tokens)
-                n_docs[split] += 1
-                if not getattr(documents, "size", None):
-                    bar.update(1)
+        try:
+            with _progress(documents, progress, num_workers or os.cpu_count() or 1) as bar:
+                for split, tokens in _encoded(documents, tokenizer, val_fraction, num_workers, docs_per_task):
+                    writers[split].add(tokens)
+                    n_docs[split] += 1
+                    if not getattr(documents, "size", None):
+                        bar.update(1)
+        except BaseException:
+            for writer in writers.values():
+                writer.abandon()
+            raise
         splits = {split: {"documents": n_docs[split], **writers[split].finish()} for split in SPLITS}
         index = _write_index(out, seq_len, dtype, _tokenizer_record(tokenizer), splits)
         output.publish()
@@ -438,10 +459,10 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
     every listed shard present, tokenizer checksum; ShardError names what is wrong."""
     storage = Storage(data_dir)
     where = storage.url(INDEX_NAME)
-    if not storage.exists(INDEX_NAME):
+    if (data := storage.find(INDEX_NAME)) is None:
         raise ShardError(f"no {INDEX_NAME} in {data_dir}: write shards with sessa-write-shards first")
     try:
-        index = json.loads(storage.read(INDEX_NAME).decode("utf-8"))
+        index = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ShardError(f"{where}: not UTF-8 at byte {e.start} (damaged)") from None
     except json.JSONDecodeError as e:
@@ -502,11 +523,8 @@ def find_tokenizer(data_dir: str | Path, index: dict, given: str | Path | None) 
     if is_remote(data_dir):
         cached = Path.home() / ".cache" / "sessa-train" / "tokenizers" / str(sha) / name
         if not cached.is_file():
-            storage = Storage(data_dir)
-            if not storage.exists(name):
-                return None
-            data = storage.read(name)
-            if hashlib.sha256(data).hexdigest() != sha:
+            data = Storage(data_dir).find(name)
+            if data is None or hashlib.sha256(data).hexdigest() != sha:
                 return None
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_bytes(data)

@@ -60,13 +60,22 @@ class Storage:
     def exists(self, name: str) -> bool:
         if not self.remote:
             return (Path(self.root) / name).is_file()
-        return self._retried(name, lambda: self.fs.exists(f"{self.base}/{name}"))
+        return self.find(name) is not None  # not fs.exists: it answers False for a server that fails
 
     def read(self, name: str) -> bytes:
         """The bytes of file ``name`` (retried on transient errors; DataError when it cannot be read)."""
+        data = self.find(name)
+        if data is None:
+            raise DataError(f"{self.url(name)} does not exist")
+        return data
+
+    def find(self, name: str) -> bytes | None:
+        """The bytes of file ``name``, or None when there is no such file."""
         if not self.remote:
             try:
                 return (Path(self.root) / name).read_bytes()
+            except FileNotFoundError:
+                return None
             except OSError as e:
                 raise DataError(f"{self.url(name)} cannot be read ({e.strerror})") from None
         return self._retried(name, lambda: self.fs.cat_file(f"{self.base}/{name}"))
@@ -77,7 +86,7 @@ class Storage:
             try:
                 return call()
             except FileNotFoundError:
-                raise DataError(f"{self.url(name)} does not exist") from None
+                return None
             except Exception as e:  # the transport's own error types (aiohttp, botocore)
                 if not _transient(e) or attempt == RETRIES:
                     why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
