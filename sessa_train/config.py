@@ -17,7 +17,7 @@ from sessa_train.errors import ConfigError
 # the feedback solve's backends (records in ops/feedback.py; ``auto`` picks one per device)
 FEEDBACK_BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "triton")
 # the model's architectures (records in models/registry.py)
-ARCHITECTURES: tuple[str, ...] = ("sessa", "transformer")
+ARCHITECTURES: tuple[str, ...] = ("sessa", "transformer", "mamba2")
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -325,6 +325,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(
+            not (self.data.document_masking and self.model.arch == "mamba2"),
+            "data.document_masking=true is not supported by model.arch=mamba2 (its scan has no per-document "
+            "reset); set data.document_masking=false",
+        )
         for section, values in self.to_dict().items():
             for key, value in values.items() if isinstance(values, dict) else ():
                 if isinstance(value, float) and not math.isfinite(value):

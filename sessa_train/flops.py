@@ -1,4 +1,4 @@
-"""Model FLOPs of a Sessa LM (or the Transformer baseline), for throughput and MFU, read off the
+"""Model FLOPs of a Sessa LM (or a baseline: Transformer, Mamba-2), for throughput and MFU, read off the
 one model definition.
 
 Per token, forward, counting a multiply-add as 2 FLOPs:

@@ -131,7 +131,7 @@ def activation_bytes(job: Job) -> tuple[float, float, float]:
     with the loss, one layer's activations)."""
     cfg, dtype = job.model, torch.bfloat16 if job.bf16 else torch.float32
     small = replace_layers(cfg, 1), replace_layers(cfg, 2)
-    t0 = 64  # linear in T (no T x T tensor is kept): per token from T = 64 and 128
+    t0 = 256  # linear in T (no T x T tensor is kept): per token from T = 256 and 512 (whole SSD chunks)
     per_token = [(saved_bytes(c, 2 * t0, dtype, "none") - saved_bytes(c, t0, dtype, "none")) / t0 for c in small]
     layer, rest = per_token[1] - per_token[0], 2 * per_token[0] - per_token[1]  # per layer; embedding + head
     tokens = job.micro_batch * job.seq_len / job.context

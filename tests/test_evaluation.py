@@ -11,7 +11,7 @@ import torch
 from sessa_train import ModelConfig, SessaLM
 from sessa_train.evaluation import tasks
 from sessa_train.evaluation.evaluate import task_accuracy
-from sessa_train.evaluation.memory_tail import fit_power_law, influence_by_lag
+from sessa_train.evaluation.memory_tail import fit_power_law, fits, influence_by_lag
 from sessa_train.evaluation.report import write_outputs
 
 
@@ -26,11 +26,10 @@ def solve_by_rule(task: str, tokens: np.ndarray, answer: int) -> int:
         key = seen[-1]
         at = next(i for i in range(len(seen) - 2) if seen[i] == tasks.NEEDLE and seen[i + 1] == key)
         return int(seen[at + 2])
-    styles = [int(seen[start : start + 8][0] % 2) for start in (0, len(seen) - 9)]  # soup: parity of the blocks
-    return int(tasks.VALUES[2 * styles[0] + styles[1]])
+    raise AssertionError(f"no rule for {task}")
 
 
-@pytest.mark.parametrize(("task", "kwargs"), [("recall", {}), ("needle", {"lag": 40}), ("needle", {}), ("soup", {})])
+@pytest.mark.parametrize(("task", "kwargs"), [("recall", {}), ("needle", {"lag": 40}), ("needle", {})])
 def test_generators_are_deterministic_and_solvable_by_rule(task, kwargs):
     for index in range(50):
         a, b = tasks.make(task, 96, 7, index, **kwargs), tasks.make(task, 96, 7, index, **kwargs)
@@ -52,7 +51,7 @@ def test_needle_sits_at_the_requested_lag():
 def test_bad_task_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match=r"needle lag must be in \[3, seq_len - 3\] = \[3, 61\], got 62"):
         tasks.make("needle", 64, 0, 0, lag=62)
-    with pytest.raises(ValueError, match="unknown task 'copy'; valid: recall, needle, soup"):
+    with pytest.raises(ValueError, match="unknown task 'copy'; valid: recall, needle, symbol_soup"):
         tasks.make("copy", 64, 0, 0)
 
 
@@ -131,3 +130,11 @@ def test_power_law_fit_recovers_the_exponent():
     lags = torch.arange(0, 200, dtype=torch.float64).clamp_min(1)
     beta, c = fit_power_law(3.0 * lags**-0.7, 4, 150)
     assert abs(beta - 0.7) < 1e-9 and abs(c - np.log(3.0)) < 1e-9
+
+
+def test_the_residuals_tell_a_power_law_from_an_exponential_tail():
+    lags = torch.arange(0, 200, dtype=torch.float64).clamp_min(1)
+    power, exponential = fits(3.0 * lags**-0.7, 4, 150), fits(2.0 * torch.exp(-0.05 * lags), 4, 150)
+    assert abs(power["beta"] - 0.7) < 1e-9 and power["rms_power"] < 1e-9 < 0.1 < power["rms_exp"]
+    assert abs(exponential["lambda"] - 0.05) < 1e-9 and abs(exponential["c_exp"] - np.log(2.0)) < 1e-9
+    assert exponential["rms_exp"] < 1e-9 < 0.1 < exponential["rms_power"]

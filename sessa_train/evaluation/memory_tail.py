@@ -4,8 +4,14 @@
 
 x = the token embeddings (B, T, D), h = the output of the last layer (before the final norm).
 Each target t takes D backward passes (one per output channel), each giving a row of the
-Jacobian against every earlier position at once. The tail exponent beta is the least-squares
-slope of log I(l) = c - beta log l over l in [l_min, l_max].
+Jacobian against every earlier position at once. Two shapes are fitted by least squares to
+log I(l) over l in [l_min, l_max]:
+
+    power law     log I = c - beta log l        (the paper's claim for Sessa: a heavy tail)
+    exponential   log I = c - lambda l          (a state-space model's decay, e.g. Mamba)
+
+and both fits' residuals (RMS of log I minus the fit) are reported: the smaller one says which
+shape the measured tail has, whatever the exponents are.
 
     python tools/memory_tail.py --model sessa=runs/x/ckpt --random sessa-random=configs/tiny.yaml \\
         --seq-len 256 --out runs/memory_tail
@@ -50,13 +56,28 @@ def influence_by_lag(model: SessaLM, tokens: torch.Tensor, targets: list[int]) -
     return total / counts
 
 
+def _fit(influence: torch.Tensor, l_min: int, l_max: int, feature) -> tuple[float, float, float]:
+    """(-slope, c, rms residual) of log I(l) = c + slope * feature(l) over l_min <= l <= l_max."""
+    lags = torch.arange(l_min, l_max + 1, dtype=torch.float64)
+    y = influence[l_min : l_max + 1].double().log()
+    X = torch.stack([torch.ones_like(lags), feature(lags)], dim=1)
+    solution = torch.linalg.lstsq(X, y.unsqueeze(1)).solution
+    rms = float((X @ solution - y.unsqueeze(1)).square().mean().sqrt())
+    c, slope = solution.squeeze(1).tolist()
+    return -slope, c, rms
+
+
 def fit_power_law(influence: torch.Tensor, l_min: int, l_max: int) -> tuple[float, float]:
     """(beta, c) of log I(l) = c - beta log l by least squares over l_min <= l <= l_max."""
-    lags = torch.arange(l_min, l_max + 1, dtype=torch.float64)
-    y = influence[l_min : l_max + 1].log()
-    X = torch.stack([torch.ones_like(lags), lags.log()], dim=1)
-    c, slope = torch.linalg.lstsq(X, y.unsqueeze(1)).solution.squeeze(1).tolist()
-    return -slope, c
+    beta, c, _ = _fit(influence, l_min, l_max, torch.log)
+    return beta, c
+
+
+def fits(influence: torch.Tensor, l_min: int, l_max: int) -> dict[str, float]:
+    """Both shapes' parameters and residuals: beta, c, rms_power, lambda, c_exp, rms_exp."""
+    beta, c, rms_power = _fit(influence, l_min, l_max, torch.log)
+    lam, c_exp, rms_exp = _fit(influence, l_min, l_max, lambda lags: lags)
+    return {"beta": beta, "c": c, "rms_power": rms_power, "lambda": lam, "c_exp": c_exp, "rms_exp": rms_exp}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,21 +131,28 @@ def main(argv: list[str] | None = None) -> int:
     l_max = args.l_max or args.seq_len // 2
     if not args.l_min < l_max <= targets[0]:
         p.error(f"--l-max must be in ({args.l_min}, {targets[0]}], got {l_max}")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     rows = []
-    print("| model | beta | fit range |\n|---|---|---|")
+    print("| model | power law: beta | rms | exponential: lambda | rms | closer fit |\n|---|---|---|---|---|---|")
     for name, model in models.items():
         g = torch.Generator().manual_seed(args.seed)
         tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq_len), generator=g)
         influence = influence_by_lag(model, tokens, targets)
-        beta, c = fit_power_law(influence, args.l_min, l_max)
-        rows.append(
-            {"model": name, "beta": beta, "c": c, "l_min": args.l_min, "l_max": l_max, "influence": influence.tolist()}
+        f = fits(influence, args.l_min, l_max)
+        closer = "power law" if f["rms_power"] < f["rms_exp"] else "exponential"
+        rows.append({"model": name, **f, "closer": closer, "l_min": args.l_min, "l_max": l_max,
+                     "influence": influence.tolist()})  # fmt: skip
+        print(
+            f"| {name} | {f['beta']:.3f} | {f['rms_power']:.3f} | {f['lambda']:.4f} | {f['rms_exp']:.3f} | {closer} |"
         )
-        print(f"| {name} | {beta:.3f} | {args.l_min}-{l_max} |")
         lags = list(range(1, len(influence)))
-        ax.loglog(lags, influence[1:].tolist(), label=f"{name} (beta={beta:.2f})")
-        ax.loglog([args.l_min, l_max], [math.exp(c) * lag**-beta for lag in (args.l_min, l_max)], "k:", lw=0.8)
+        (line,) = ax.loglog(lags, influence[1:].tolist(), label=f"{name}: {closer}")
+        ends = (args.l_min, l_max)
+        ax.loglog(ends, [math.exp(f["c"]) * lag ** -f["beta"] for lag in ends], ":", color=line.get_color(), lw=0.8)
+        span = range(args.l_min, l_max + 1)
+        ax.loglog(span, [math.exp(f["c_exp"] - f["lambda"] * lag) for lag in span], "--", color=line.get_color(),
+                  lw=0.6)  # fmt: skip
+    ax.set_title("dotted: power-law fit, dashed: exponential fit", fontsize=8)
     ax.set_xlabel("lag l")
     ax.set_ylabel("|| d h_t / d x_{t-l} ||")
     ax.legend(fontsize=8)

@@ -10,9 +10,9 @@ the task's answer (predictable), everything else is context or unpredictable fil
              for every pair in a shuffled order (answers: the values after the queries)
 ``needle``   needle in a haystack: filler with NEEDLE key value at distance ``lag`` before the
              final QUERY key -> value (one answer)
-``soup``     SymbolSoup-like classification: a block of filler of one style (even or odd ids),
-             long mixed filler, a second styled block, then CLS -> label = 2 * style1 + style2
-             encoded as value ids 20-23 (one answer)
+``symbol_soup``
+             the paper's 20-class SymbolSoup as the reference repository specifies it, with its
+             own token ids (``symbol_soup.py``; one answer: the class after ``<label>``)
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
+from sessa_train.evaluation.symbol_soup import EOS as SOUP_EOS
+from sessa_train.evaluation.symbol_soup import sample_tokens as symbol_soup_sample
+
 VOCAB_SIZE = 64
 SEP, NEEDLE, QUERY, CLS = 0, 1, 2, 3
 KEYS = np.arange(4, 20)
 VALUES = np.arange(20, 36)
 FILLER = np.arange(36, 64)
-TASKS = ("recall", "needle", "soup")
+TASKS = ("recall", "needle", "symbol_soup")
+EOS_ID = {"recall": SEP, "needle": SEP, "symbol_soup": SOUP_EOS}
 
 
 @dataclass(frozen=True)
@@ -74,23 +78,16 @@ def needle(seq_len: int, seed: int, index: int, lag: int | None = None) -> Sampl
     return Sample(tokens.astype(np.int64), [end - 1])
 
 
-def soup(seq_len: int, seed: int, index: int, block: int = 8) -> Sample:
-    if seq_len < 2 * block + 4:
-        raise ValueError(f"soup needs seq_len >= {2 * block + 4} for blocks of {block}, got {seq_len}")
-    rng = _rng("soup", seed, index)
-    tokens = rng.choice(FILLER, seq_len + 1)
-    styles = rng.integers(0, 2, 2)
-    for style, start in zip(styles, (0, seq_len - 1 - block), strict=True):
-        tokens[start : start + block] = rng.choice(FILLER[style::2], block)  # even or odd filler ids
-    tokens[seq_len - 1] = CLS
-    tokens[seq_len] = VALUES[2 * styles[0] + styles[1]]
-    return Sample(tokens.astype(np.int64), [seq_len - 1])
+def symbol_soup(seq_len: int, seed: int, index: int) -> Sample:
+    """The paper's SymbolSoup (``symbol_soup.py``): 20 classes, the answer after ``<label>``."""
+    tokens, label_at = symbol_soup_sample(seq_len, seed, index)
+    return Sample(tokens, [label_at])
 
 
 def make(task: str, seq_len: int, seed: int, index: int, **kwargs) -> Sample:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-    return {"recall": recall, "needle": needle, "soup": soup}[task](seq_len, seed, index, **kwargs)
+    return {"recall": recall, "needle": needle, "symbol_soup": symbol_soup}[task](seq_len, seed, index, **kwargs)
 
 
 def write_task_shards(
@@ -115,6 +112,6 @@ def write_task_shards(
         out_dir,
         seq_len=seq_len,
         vocab_size=VOCAB_SIZE,
-        eos_id=SEP,
+        eos_id=EOS_ID[task],
         samples_per_shard=samples_per_shard,
     )

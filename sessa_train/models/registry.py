@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sessa_train.models.architecture import Architecture
 from sessa_train.models.layer import SESSA
+from sessa_train.models.mamba2 import MAMBA2
 from sessa_train.models.transformer import TRANSFORMER
 
-RECORDS: dict[str, Architecture] = {a.name: a for a in (SESSA, TRANSFORMER)}
+RECORDS: dict[str, Architecture] = {a.name: a for a in (SESSA, TRANSFORMER, MAMBA2)}

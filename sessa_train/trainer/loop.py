@@ -224,7 +224,7 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: Slurm's warning before preemption
             signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
         self.metrics.print(
-            f"Sessa LM {self.engine.n_params / 1e6:.2f}M parameters, {self.dist.world_size} ranks, "
+            f"{cfg.model.arch} LM {self.engine.n_params / 1e6:.2f}M parameters, {self.dist.world_size} ranks, "
             f"{self.engine.gas} accumulation steps, seq_len {self.seq_len}, {self.train_loader.slots} reader slots, "
             f"steps {self.step} -> {cfg.schedule.train_steps}, tensorboard: {cfg.logging.dir}"
         )
