@@ -9,7 +9,9 @@ host is the master unless ``--master-addr`` says otherwise. ``deepspeed`` withou
 is started once, on the first host, and DeepSpeed's runner reaches the others over pdsh;
 ``--no-ssh`` and ``torchrun`` start one launcher per node (Slurm: launch/slurm.sbatch does so
 with srun). Every node gets the same environment (NCCL error handling, OMP threads) and appends
-its output to ``<log-dir>/node<rank>.log``. ``--dry-run`` prints each node's exact command.
+its output to ``<log-dir>/node<rank>.log``; OpenMP waits passively and DeepSpeed's extension
+builds stay in the environment's own folder unless set otherwise (``process_env.py``).
+``--dry-run`` prints each node's exact command.
 Arguments after ``--`` go to the trainer unchanged (``--config``, ``--resume auto``, overrides).
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sessa_train.errors import LaunchError, SessaError, argument_parser
+from sessa_train.process_env import runtime_defaults
 
 # DeepSpeed's launcher (its ``deepspeed`` script) run by this very interpreter: no PATH or
 # activated environment needed, and its ranks run that interpreter too
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sessa-launch: error: {e}", file=sys.stderr)
         return 2
     env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(args.omp_threads)}
+    env |= {k: os.environ.get(k, v) for k, v in runtime_defaults().items()}  # the user's values win
     world = sum(len(c.ranks) for c in commands)
     if args.node_rank is not None and not 0 <= args.node_rank < len(commands):
         print(f"sessa-launch: error: --node-rank {args.node_rank} is not in 0..{len(commands) - 1}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sessa_train.config import TrainConfig, load_config
 from sessa_train.errors import SessaError, argument_parser
+from sessa_train.process_env import apply_runtime_defaults
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +42,7 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # before torch is imported: --help and argument errors answer at once
+    apply_runtime_defaults()  # OpenMP and DeepSpeed read them when torch loads (process_env.py)
     from sessa_train import distributed
 
     try:

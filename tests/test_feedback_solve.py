@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,29 @@ def test_bf16_model_hands_the_solve_bf16_and_it_accumulates_in_fp32(monkeypatch,
     with torch.no_grad():  # and the bf16 model computes what the fp32 one does, to bf16's precision
         reference = model.float()(ids[:, :-1], targets=ids[:, 1:])
     assert ((loss.float() - reference).abs().mean() / reference.mean()).item() < 2e-2
+
+
+def test_the_chunked_default_block_is_the_measured_tables_choice():
+    """ops/feedback.py's table is the sweep's result (docs/bench_feedback_blocks.json, written by
+    tools/bench_feedback.py --blocks), and a solver takes the block of the nearest measured shape."""
+    import json
+    import math
+
+    from sessa_train.ops.feedback import CHUNKED_BLOCKS, select_solver
+
+    sweep = json.loads((Path(__file__).parent.parent / "docs" / "bench_feedback_blocks.json").read_text())
+    assert {(b["T"], b["width"]): b["block"] for b in sweep["best"]} == CHUNKED_BLOCKS
+    for row in sweep["best"]:  # the choice: the fastest, or a smaller block within 3% of it
+        times = {
+            r["block"]: r["chunked"]["time_s"]
+            for r in sweep["rows"]
+            if (r["T"], r["width"]) == (row["T"], row["width"])
+        }
+        assert row["block"] == min(b for b, t in times.items() if t <= 1.03 * min(times.values()))
+    solver = select_solver("chunked", "cpu")
+    for (T, width), block in CHUNKED_BLOCKS.items():
+        assert solver.block(T, width) == block
+        assert solver.block(int(T * 1.3), int(width * 0.8)) == block  # nearer to it than to any other
+    far = min(CHUNKED_BLOCKS, key=lambda s: (abs(math.log2(s[0] / 100_000)) + abs(math.log2(s[1] / 16)), s))
+    assert solver.block(100_000, 16) == CHUNKED_BLOCKS[far]
+    assert select_solver("chunked", "cpu", chunk_size=32).block(8192, 1024) == 32  # the config's own wins

@@ -257,3 +257,26 @@ def test_slurm_preemption_saves_and_requeues(shards, tmp_path):
     last = losses(tmp_path / "run")[-1][0]
     assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == f"step_{last:08d}"
     assert "on SIGTERM received by rank 0: saving" in (tmp_path / "logs" / "node0.log").read_text()
+
+
+def test_passive_openmp_and_a_per_environment_extension_folder_unless_set(capsys, hostfile, monkeypatch):
+    """The launcher's ranks and the trainer itself get OMP_WAIT_POLICY=PASSIVE and
+    TORCH_EXTENSIONS_DIR under this environment's prefix; values the user set are kept."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    own = f"{sys.prefix}/torch_extensions"
+    for _, cmd in dry_run(capsys, "torchrun", "--hostfile", str(hostfile)):
+        assert " OMP_WAIT_POLICY=PASSIVE " in cmd and f" TORCH_EXTENSIONS_DIR={own} " in cmd
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for _, cmd in dry_run(capsys, "torchrun", "--hostfile", str(hostfile)):
+        assert " OMP_WAIT_POLICY=ACTIVE " in cmd
+    probe = (
+        "import os; from sessa_train.train import main; main(['--config', 'configs/tiny.yaml', 'model.d_model=0']);"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['TORCH_EXTENSIONS_DIR'])"
+    )
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "TORCH_EXTENSIONS_DIR")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["PASSIVE", own] and "model.d_model must be a positive integer" in out.stderr
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env | {"TORCH_EXTENSIONS_DIR": "/x"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.stdout.split() == ["PASSIVE", "/x"]

@@ -7,6 +7,10 @@ vs a causal scaled_dot_product_attention of the same shape (B, 1, T, D): time, t
 TFLOP/s and peak memory (torch.cuda.max_memory_allocated), in this process.
 --documents 1 8: each sample packed of that many equal documents (document masking): the
 chunked solve (or the layer) at each count, time and peak memory side by side.
+--blocks 64 128 256 --widths 64 256 1024: the chunked solve (one head of each width) at each
+block size and T; the fastest block per (T, width) (a smaller one within 3% of it) is the table
+``ops/feedback.py`` reads (``CHUNKED_BLOCKS``; the JSON's ``best``; tests/test_feedback_solve.py
+checks the two agree).
 
 Each (backend, T) point runs in a fresh subprocess. Peak memory is the growth of the
 process's resident-set high-water mark (VmHWM) over its resident set just before the
@@ -18,6 +22,8 @@ skipped where its measured quadratic growth predicts more than --max-gib.
     python tools/bench_feedback.py --T 1024 2048 --json runs/bench.json
     python tools/bench_feedback.py --device cuda --T 2048 8192 32768 --d-model 1024
     python tools/bench_feedback.py --scope solve --T 8192 --d-model 1024 --documents 1 8
+    python tools/bench_feedback.py --scope solve --T 1024 2048 4096 8192 --widths 64 256 1024 \
+        --blocks 64 128 256 --json docs/bench_feedback_blocks.json
 """
 
 from __future__ import annotations
@@ -202,6 +208,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="--device cuda only")
     p.add_argument("--backends", nargs="+", default=["triton", "chunked", "reference"], help="--device cuda only")
     p.add_argument("--documents", type=int, nargs="+", default=[1], help="equal documents per sample (CPU)")
+    p.add_argument("--blocks", type=int, nargs="+", help="sweep the chunked solve's block size (CPU, --scope solve)")
+    p.add_argument("--widths", type=int, nargs="+", help="head widths of the block sweep (default: --d-model)")
     p.add_argument("--worker", choices=["reference", "chunked"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if any(n < 1 for n in args.documents):
@@ -243,6 +251,11 @@ def main() -> None:
     if args.documents != [1]:
         documents_table(args, meta)
         return
+    if args.blocks:
+        if args.scope != "solve" or min(args.blocks) < 1:
+            p.error(f"--blocks needs --scope solve and blocks >= 1, got --scope {args.scope} {args.blocks}")
+        blocks_table(args, meta)
+        return
     columns = ["T", "reference time (s)", "reference peak (MiB)", "chunked time (s)", "chunked peak (MiB)"]
     columns += ["speed-up", "memory ratio"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
@@ -283,6 +296,30 @@ def documents_table(args: argparse.Namespace, meta: dict) -> None:
             rows.append({"T": T, "documents": n, "chunked": point})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta | {"documents": args.documents}, "rows": rows}, indent=1))
+    print(f"wrote {args.json}")
+
+
+def blocks_table(args: argparse.Namespace, meta: dict) -> None:
+    """The chunked solve at each block size, per (T, width): the fastest block is the default."""
+    print("| T | width | " + " | ".join(f"block {b} time (s) | peak (MiB)" for b in args.blocks) + " | fastest |")
+    print("|---|---|" + "---|---|" * len(args.blocks) + "---|")
+    rows, best = [], []
+    for T in sorted(args.T):
+        for width in args.widths or [args.d_model]:
+            points = {}
+            for block in args.blocks:
+                point = run_point(argparse.Namespace(**{**vars(args), "d_model": width, "chunk_size": block}),
+                                  "chunked", T)  # fmt: skip
+                points[block] = point
+                rows.append({"T": T, "width": width, "block": block, "chunked": point})
+            timed = {b: p["time_s"] for b, p in points.items() if "time_s" in p}
+            # the fastest, or a smaller block within 3% of it (less memory, and not a coin toss)
+            fastest = min(b for b in timed if timed[b] <= 1.03 * min(timed.values())) if timed else None
+            best.append({"T": T, "width": width, "block": fastest})
+            cells = [f"{_cell(p, 'time_s', '.3f')} | {_cell(p, 'peak_mib', '.0f')}" for p in points.values()]
+            print(f"| {T} | {width} | " + " | ".join(cells) + f" | {fastest} |", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta | {"blocks": args.blocks}, "rows": rows, "best": best}, indent=1))
     print(f"wrote {args.json}")
 
 

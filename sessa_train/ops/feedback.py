@@ -110,8 +110,32 @@ def _triton_check(block: int, dtype: torch.dtype, device: torch.device) -> None:
     feedback_triton.check_block(block, dtype, device)
 
 
+# The chunked solve's fastest block (rows) per (T, head width Dv), measured on the project's CPU
+# (2 cores, fp32 forward + backward; a smaller block within 3% of the fastest wins):
+# tools/bench_feedback.py --blocks, docs/bench_feedback_blocks.json, docs/benchmarks.md.
+CHUNKED_BLOCKS: dict[tuple[int, int], int] = {
+    (1024, 64): 64,
+    (1024, 256): 256,
+    (1024, 1024): 64,
+    (2048, 64): 128,
+    (2048, 256): 128,
+    (2048, 1024): 128,
+    (4096, 64): 256,
+    (4096, 256): 256,
+    (4096, 1024): 256,
+    (8192, 64): 128,
+    (8192, 256): 256,
+    (8192, 1024): 256,
+}
+
+
 def _chunked_block(T: int, Dv: int) -> int:
-    return 128  # measured on CPU (docs/benchmarks.md)
+    """The measured block of the nearest measured shape (distance in log2 T + log2 Dv)."""
+
+    def distance(shape: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+        return abs(math.log2(shape[0] / T)) + abs(math.log2(shape[1] / Dv)), shape
+
+    return CHUNKED_BLOCKS[min(CHUNKED_BLOCKS, key=distance)]
 
 
 BACKENDS: dict[str, Backend] = {
