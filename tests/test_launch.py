@@ -261,7 +261,8 @@ def test_slurm_preemption_saves_and_requeues(shards, tmp_path):
 
 def test_passive_openmp_and_a_per_environment_extension_folder_unless_set(capsys, hostfile, monkeypatch):
     """The launcher's ranks and the trainer itself get OMP_WAIT_POLICY=PASSIVE and
-    TORCH_EXTENSIONS_DIR under this environment's prefix; values the user set are kept."""
+    TORCH_EXTENSIONS_DIR under this environment's prefix (values the user set are kept), and
+    the environment's bin folder first on PATH, so one ninja builds the extensions."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     own = f"{sys.prefix}/torch_extensions"
@@ -272,11 +273,12 @@ def test_passive_openmp_and_a_per_environment_extension_folder_unless_set(capsys
         assert " OMP_WAIT_POLICY=ACTIVE " in cmd
     probe = (
         "import os; from sessa_train.train import main; main(['--config', 'configs/tiny.yaml', 'model.d_model=0']);"
-        "print(os.environ['OMP_WAIT_POLICY'], os.environ['TORCH_EXTENSIONS_DIR'])"
+        "import shutil; print(os.environ['OMP_WAIT_POLICY'], os.environ['TORCH_EXTENSIONS_DIR'], shutil.which('ninja'))"
     )
-    env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "TORCH_EXTENSIONS_DIR")}
+    env = {k: v for k, v in PLAIN_ENV.items() if k not in ("OMP_WAIT_POLICY", "TORCH_EXTENSIONS_DIR")}
+    ninja = f"{VENV_BIN}/ninja"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.stdout.split() == ["PASSIVE", own] and "model.d_model must be a positive integer" in out.stderr
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env | {"TORCH_EXTENSIONS_DIR": "/x"},
-                         capture_output=True, text=True)  # fmt: skip
-    assert out.stdout.split() == ["PASSIVE", "/x"]
+    assert out.stdout.split() == ["PASSIVE", own, ninja] and "model.d_model must be a positive integer" in out.stderr
+    activated = env | {"TORCH_EXTENSIONS_DIR": "/x", "PATH": f"{VENV_BIN}:{env['PATH']}"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=activated, capture_output=True, text=True)
+    assert out.stdout.split() == ["PASSIVE", "/x", ninja]
