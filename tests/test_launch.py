@@ -92,6 +92,19 @@ VENV_BIN = str(Path(sys.executable).parent)
 PLAIN_ENV = ENV | {"PATH": ":".join(p for p in os.environ["PATH"].split(":") if p != VENV_BIN)}
 
 
+def slurm_env(tmp_path: Path, stubs: dict[str, str], job: str, nodes: str, port: int) -> dict[str, str]:
+    """The environment of launch/slurm.sbatch run outside Slurm: the given stub commands
+    (scontrol, srun) first on PATH, the job's variables, one CPU and GPU per task."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = PLAIN_ENV | {"PATH": f"{bin_dir}:{PLAIN_ENV['PATH']}", "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": nodes}
+    env |= {"SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "1", "LOG_DIR": str(tmp_path / "logs")}
+    return env | {"PYTHON": sys.executable, "MASTER_PORT": str(port)}
+
+
 @pytest.fixture(scope="module")
 def two_processes(shards, tmp_path_factory) -> list:
     """The reference: the same run as 2 processes of one torchrun."""
@@ -126,21 +139,14 @@ def test_two_nodes_through_the_launcher_train_like_two_processes(launcher, shard
 @pytest.mark.slow
 def test_slurm_script_runs_two_nodes(shards, tmp_path, two_processes):
     """scontrol and srun are stubs: the job's node list, and one real task per node."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     stubs = {
         "scontrol": "#!/bin/bash\nprintf 'localhost\\n127.0.0.1\\n'\n",
         # srun --kill-on-bad-exit=1 bash -c CMD: CMD once per node, concurrently, as Slurm does
         "srun": '#!/bin/bash\nshift\nfor id in 0 1; do SLURM_NODEID=$id "$@" & done\nfail=0\n'
         "for job in $(jobs -p); do wait $job || fail=1; done\nexit $fail\n",
     }
-    for name, text in stubs.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(stat.S_IRWXU)
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
-    env = PLAIN_ENV | {"PATH": f"{bin_dir}:{PLAIN_ENV['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]"}
-    env |= {"SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "1", "LOG_DIR": str(tmp_path / "logs")}
-    env |= {"PYTHON": sys.executable, "MASTER_PORT": str(29500 + os.getpid() % 300)}
+    env = slurm_env(tmp_path, stubs, job="77", nodes="n[1-2]", port=29500 + os.getpid() % 300)
     out = subprocess.run(
         ["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", str(cfg), *STEPS],
         capture_output=True,
@@ -229,8 +235,6 @@ def test_slurm_preemption_saves_and_requeues(shards, tmp_path):
     import signal
     import time
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     record = tmp_path / "scontrol.log"
     stubs = {
         "scontrol": f'#!/bin/bash\necho "$@" >> {record}\n[ "$1" = show ] && printf "localhost\\n"\nexit 0\n',
@@ -238,13 +242,8 @@ def test_slurm_preemption_saves_and_requeues(shards, tmp_path):
         "srun": "#!/bin/bash\nshift\nSLURM_NODEID=0 \"$@\" &\ntask=$!\ntrap 'kill -USR1 $task' USR1\n"
         "wait $task; wait $task\n",
     }
-    for name, text in stubs.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(stat.S_IRWXU)
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run")
-    env = PLAIN_ENV | {"PATH": f"{bin_dir}:{PLAIN_ENV['PATH']}", "SLURM_JOB_ID": "78", "SLURM_JOB_NODELIST": "n1"}
-    env |= {"SLURM_CPUS_PER_TASK": "1", "GPUS_PER_NODE": "1", "LOG_DIR": str(tmp_path / "logs")}
-    env |= {"PYTHON": sys.executable, "MASTER_PORT": str(29450 + os.getpid() % 300)}
+    env = slurm_env(tmp_path, stubs, job="78", nodes="n1", port=29450 + os.getpid() % 300)
     steps = ["schedule.train_steps=100000", "checkpoint.every_steps=1000", "logging.eval_every_steps=0"]
     job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), "--config", str(cfg), *steps], env=env,
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
