@@ -92,71 +92,112 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def attention_flops(T: int, D: int, batch: int) -> float:
-    """FLOPs of causal attention fwd+bwd over (batch, 1, T, D): 2 GEMMs of T^2/2 x D forward,
-    2.5x that backward. The feedback solve's work has the same form (logits, then A @ s), so
-    the same count is used for every row: TFLOP/s ratios are time ratios."""
-    return 3.5 * 2 * 2 * batch * (T * T / 2) * D
+    """FLOPs of causal attention fwd+bwd over (batch, heads, T, D), D the width of all heads together:
+    2 GEMMs of T^2/2 x D forward, 2.5x that backward. The feedback solve's work has the same form
+    (logits, then A @ s), so the same count is used for every row: TFLOP/s ratios are time ratios."""
+    return 3.5 * forward_flops(T, D, batch)
+
+
+def forward_flops(T: int, D: int, batch: int) -> float:
+    """FLOPs of causal attention's forward: 2 GEMMs of T^2/2 x D."""
+    return 2 * 2 * batch * (T * T / 2) * D
+
+
+def _deltaformer_solve():
+    """flash-linear-attention's DeltaFormer solve u = v - beta * A u (A the strictly causal softmax
+    of q k^T / sqrt(D)), i.e. the feedback system with beta = -gamma, on (B, T, H, D) tensors; its
+    autotuning pruned to two configs per kernel (compile time), one for heads wider than 128."""
+    import triton
+    from fla.ops.deltaformer import parallel
+
+    for kernel in vars(parallel).values():
+        if isinstance(kernel, triton.runtime.Autotuner) and len(kernel.configs) > 2:
+            small = [c for c in kernel.configs if c.kwargs.get("BLOCK_C") == 64 and c.kwargs.get("BLOCK_T", 32) == 32]
+            kernel.configs = small[:2] or kernel.configs[:2]
+
+    def solve(q, k, f, gamma):  # (B, T, H, D) and (B, T, H)
+        return parallel.ParallelDeltaformerFunction.apply(q, k, f, -gamma)
+
+    return solve
 
 
 def cuda_table(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from sessa_train.ops import feedback_solve
+    from sessa_train.ops import Solver, feedback_solve
 
     dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name()
-    print(f"# feedback solve fwd+bwd on {name}, {args.dtype}, B={args.batch}, one head of width D={args.d_model}")
-    columns = ["T", "backend", "time (ms)", "tokens/s", "TFLOP/s", "peak (GiB)", "vs SDPA"]
+    H, D = args.heads, args.d_model
+    print(f"# feedback solve on {name}, {args.dtype}, {H} head(s) of width {D}, B*T = {args.tokens or 'B'} tokens")
+    columns = ["T", "B", "backend", "pass", "time (ms)", "tokens/s", "TFLOP/s", "peak (GiB)", "vs SDPA"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    runs = {
+        "sdpa (causal)": lambda q, k, f, gamma: F.scaled_dot_product_attention(q, k, f, is_causal=True),
+        "triton": functools.partial(feedback_solve, solver=Solver("triton", args.chunk_size, False)),
+        "triton-graphs": functools.partial(feedback_solve, solver=Solver("triton", args.chunk_size, True)),
+        "chunked": functools.partial(feedback_solve, backend="chunked"),
+        "reference": functools.partial(feedback_solve, backend="reference"),
+    }
     rows = []
     for T in sorted(args.T):
+        B = max(1, args.tokens // T) if args.tokens else args.batch
         g = torch.Generator(device="cuda").manual_seed(0)
-        shape = (args.batch, 1, T, args.d_model)
-        q, k, f = (torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3))
-        gamma = (0.999 * torch.rand(shape[:3], device="cuda", generator=g)).to(dtype).requires_grad_()
-        runs = {
-            "sdpa (causal)": lambda q, k, f, gamma: F.scaled_dot_product_attention(q, k, f, is_causal=True),
-            "triton": functools.partial(feedback_solve, backend="triton", chunk_size=args.chunk_size),
-            "chunked": functools.partial(feedback_solve, backend="chunked"),
-            "reference": functools.partial(feedback_solve, backend="reference"),
-        }
-        sdpa_ms = None
-        for backend, fn in runs.items():
-            if backend not in args.backends and backend != "sdpa (causal)":
-                continue
-            row = {"T": T, "backend": backend} | _cuda_point(fn, (q, k, f, gamma), args.repeats)
-            if "ms" in row:
-                row["tokens_per_s"] = args.batch * T / (row["ms"] / 1e3)
-                row["tflops"] = attention_flops(T, args.d_model, args.batch) / (row["ms"] / 1e3) / 1e12
-                sdpa_ms = row["ms"] if backend.startswith("sdpa") else sdpa_ms
-                ratio = f"{row['ms'] / sdpa_ms:.2f}x" if sdpa_ms else "-"
-                cells = [f"{row['ms']:.2f}", f"{row['tokens_per_s']:.3g}", f"{row['tflops']:.1f}"]
-                cells += [f"{row['peak_gib']:.2f}", ratio]
-            else:
-                cells = [row["error"], "-", "-", "-", "-"]
-            print(f"| {T} | {backend} | " + " | ".join(cells) + " |", flush=True)
-            rows.append(row)
+        shape = (B, H, T, D)
+        q, k, f = (torch.randn(shape, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+        gamma = (0.999 * torch.rand(shape[:3], device="cuda", generator=g)).to(dtype)
+        sdpa_ms: dict[str, float] = {}
+        for backend in ["sdpa (causal)", *args.backends]:
+            fn, inputs = runs.get(backend), (q, k, f, gamma)
+            if backend == "deltaformer":
+                try:
+                    fn = _deltaformer_solve()
+                except ImportError as e:
+                    print(f"| {T} | {B} | deltaformer | - | not installed: {e} | - | - | - | - |", flush=True)
+                    continue
+                inputs = tuple(x.transpose(1, 2).contiguous() for x in inputs)  # (B, T, H, ...)
+            for pass_ in args.passes:
+                row = {"T": T, "B": B, "heads": H, "d": D, "backend": backend, "pass": pass_}
+                row |= _cuda_point(fn, inputs, args.repeats, backward=pass_ == "fwdbwd")
+                if "ms" in row:
+                    flops = (attention_flops if pass_ == "fwdbwd" else forward_flops)(T, H * D, B)
+                    row["tokens_per_s"] = B * T / (row["ms"] / 1e3)
+                    row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
+                    if backend.startswith("sdpa"):
+                        sdpa_ms[pass_] = row["ms"]
+                    row["vs_sdpa"] = row["ms"] / sdpa_ms[pass_] if pass_ in sdpa_ms else None
+                    cells = [f"{row['ms']:.2f}", f"{row['tokens_per_s']:.3g}", f"{row['tflops']:.1f}"]
+                    cells += [f"{row['peak_gib']:.2f}", f"{row['vs_sdpa']:.2f}x" if row["vs_sdpa"] else "-"]
+                else:
+                    cells = [row["error"], "-", "-", "-", "-"]
+                print(f"| {T} | {B} | {backend} | {pass_} | " + " | ".join(cells) + " |", flush=True)
+                rows.append(row)
+        del q, k, f, gamma
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": name,
-        "dtype": args.dtype,
-        "batch": args.batch,
-        "d_model": args.d_model,
-        "torch": torch.__version__,
-    }
+    meta = {"device": name, "dtype": args.dtype, "tokens": args.tokens, "heads": H, "d_model": D}
+    meta |= {"torch": torch.__version__, "block": args.chunk_size, "repeats": args.repeats}
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.json}")
 
 
-def _cuda_point(fn, inputs, repeats: int) -> dict:
+def _cuda_point(fn, inputs, repeats: int, backward: bool) -> dict:
+    """Median time (CUDA events) of ``repeats`` runs after one warm-up, and the peak memory above
+    what was allocated before; forward only (no autograd graph) unless ``backward``."""
     import torch
 
-    def step() -> None:
-        fn(*inputs).float().square().mean().backward()
-        for x in inputs:
-            x.grad = None
+    leaves = [x.detach().requires_grad_(backward) for x in inputs]
 
+    def step() -> None:
+        if backward:
+            fn(*leaves).float().square().mean().backward()
+            for x in leaves:
+                x.grad = None
+        else:
+            with torch.no_grad():
+                fn(*leaves)
+
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -173,6 +214,8 @@ def _cuda_point(fn, inputs, repeats: int) -> dict:
             times.append(start.elapsed_time(end))
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
+    except Exception as e:  # a backend that cannot run this shape (a compile error, say): one cell
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
     return {"ms": statistics.median(times), "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
@@ -206,7 +249,16 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=Path("runs/bench_feedback.json"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="--device cuda only")
-    p.add_argument("--backends", nargs="+", default=["triton", "chunked", "reference"], help="--device cuda only")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["triton", "triton-graphs", "chunked"],
+        help="--device cuda only",
+        choices=["triton", "triton-graphs", "chunked", "reference", "deltaformer"],
+    )
+    p.add_argument("--tokens", type=int, default=0, help="--device cuda: B = tokens // T (0: --batch)")
+    p.add_argument("--heads", type=int, default=1, help="--device cuda: feedback heads of width --d-model")
+    p.add_argument("--passes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"], help="--device cuda")
     p.add_argument("--documents", type=int, nargs="+", default=[1], help="equal documents per sample (CPU)")
     p.add_argument("--blocks", type=int, nargs="+", help="sweep the chunked solve's block size (CPU, --scope solve)")
     p.add_argument("--widths", type=int, nargs="+", help="head widths of the block sweep (default: --d-model)")
