@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sessa_train.config import ModelConfig
@@ -97,44 +96,21 @@ def _library_config(cfg: ModelConfig):
     )  # fmt: skip
 
 
-class Mamba2Cache:
-    """One layer's decode state in the protocol ``Mamba2Mixer`` reads (transformers' linear-attention
-    cache layer, for the one layer this object belongs to): ``conv`` (B, conv_dim, CONV) the last
-    inputs of the causal conv, ``ssm`` (B, heads, head_dim, state). Both None before the prefill;
-    a fixed size after it, whatever the length (no ``max_len``)."""
+def new_cache(cfg: ModelConfig):
+    """One layer's decode state: transformers' own cache for a one-layer Mamba-2 (the conv inputs
+    and the SSM state; a fixed size after the prefill, whatever the length), so that the mixer and
+    its cache always speak the protocol of the same transformers release."""
+    from transformers import DynamicCache
 
-    def __init__(self) -> None:
-        self.conv: torch.Tensor | None = None
-        self.ssm: torch.Tensor | None = None
-
-    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
-        return self.conv
-
-    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
-        return self.ssm
-
-    def is_recording_past(self, layer_idx: int) -> bool:
-        return False
-
-    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
-                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
-        """Store the last kernel-width inputs; return what the conv must see: the prefill
-        (left-padded to the kernel width) or the stored inputs followed by the new ones."""
-        width = conv_kernel_size or (self.conv.shape[-1] if self.conv is not None else conv_states.shape[-1])
-        if self.conv is None:
-            full = F.pad(conv_states, (max(0, width - conv_states.shape[-1]), 0))
-        else:
-            full = torch.cat([self.conv, conv_states], dim=-1)
-        self.conv = full[..., -width:].clone()  # owned: the decode step updates it in place
-        return full
-
-    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
-                               **kwargs) -> torch.Tensor:  # fmt: skip
-        self.ssm = recurrent_states.clone()
-        return self.ssm
+    return DynamicCache(config=_library_config(cfg))
 
 
-def padding_mask(pos: Positions, cache: Mamba2Cache | None) -> torch.Tensor | None:
+def _has_state(cache) -> bool:
+    """Whether ``cache`` (from ``new_cache``) holds a state: the prefill has run."""
+    return cache is not None and cache.get_recurrent_state(0) is not None
+
+
+def padding_mask(pos: Positions, cache) -> torch.Tensor | None:
     """(B, T) 1 for the rows of each sequence's last document, 0 before it: the mixer's
     ``attention_mask``. Only left padding (one-token documents before the text) can be expressed
     so; other document boundaries are a ValueError (mamba2 trains without document masking)."""
@@ -143,7 +119,7 @@ def padding_mask(pos: Positions, cache: Mamba2Cache | None) -> torch.Tensor | No
     rows = torch.arange(pos.start, pos.start + pos.length, device=pos.doc_start.device)
     mask = rows >= pos.doc_start[:, -1:]
     before = pos.rope[~mask]
-    restarted = cache is not None and cache.ssm is not None and bool((pos.rope == 0).any())
+    restarted = _has_state(cache) and bool((pos.rope == 0).any())
     if bool((before != 0).any()) or restarted:
         raise ValueError("model.arch=mamba2 keeps no documents apart: position_ids may only mark left padding "
                          "(single padding tokens before each row's text)")  # fmt: skip
@@ -155,7 +131,7 @@ class Mamba2Layer(nn.Module):
         super().__init__()
         plan = plan or ModelPlan()
         D = cfg.d_model
-        self.plan = plan
+        self.cfg, self.plan = cfg, plan
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.mixer = _mixer_class()(_library_config(cfg), layer_idx=0)
         self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
@@ -170,10 +146,10 @@ class Mamba2Layer(nn.Module):
         per_head = 2 * (Q / 2) * (m.ssm_state_size + m.head_dim) + 2 * 2 * m.ssm_state_size * m.head_dim
         return m.num_heads * per_head + 2 * m.conv_dim * m.conv_kernel_size
 
-    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> Mamba2Cache:
-        return Mamba2Cache()
+    def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None):
+        return new_cache(self.cfg)
 
-    def forward(self, x: torch.Tensor, pos: Positions | None = None, cache: Mamba2Cache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions | None = None, cache=None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D); ``pos`` None: the rows are a whole sequence."""
         pos = pos or self.plan.positions(x.shape[1])
         mask = padding_mask(pos, cache)
