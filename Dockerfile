@@ -1,6 +1,7 @@
-# GPU image for clusters: CUDA 12.8 devel (nvcc for DeepSpeed's JIT ops), Python 3.10,
+# GPU image for clusters: CUDA 12.8 devel (nvcc for DeepSpeed's JIT ops), Python 3.11,
 # torch 2.13.0 from PyPI (it bundles its CUDA runtime), deepspeed built against it, then this
-# package with its GPU extras. Build and run: docs/cluster.md.
+# package with its GPU extras, every other package at the version of requirements.lock (the
+# lock's CPU torch line left out). Build and run: docs/cluster.md.
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
@@ -8,13 +9,15 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
 # Ubuntu's security updates replace package versions: pinning them would break rebuilds
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.10 python3.10-venv python3.10-dev git pdsh openssh-client \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev git pdsh openssh-client \
     && rm -rf /var/lib/apt/lists/* \
-    && python3.10 -m venv /opt/venv
+    && python3.11 -m venv /opt/venv
 
 # the same order as tools/bootstrap.sh: the pinned torch first, deepspeed without build isolation
-RUN pip install "torch==2.13.0" "setuptools>=68" "wheel>=0.40" \
-    && pip install --no-build-isolation "deepspeed>=0.17"
+COPY requirements.lock /opt/requirements.lock
+RUN grep -v '^torch==' /opt/requirements.lock > /opt/constraints.txt \
+    && pip install --constraint /opt/constraints.txt "torch==2.13.0" "setuptools>=68" "wheel>=0.40" \
+    && pip install --constraint /opt/constraints.txt --no-build-isolation "deepspeed>=0.17"
 
 RUN useradd --create-home --uid 1000 sessa
 WORKDIR /home/sessa/sessa-train
@@ -24,7 +27,7 @@ COPY --chown=sessa:sessa configs ./configs
 COPY --chown=sessa:sessa launch ./launch
 # the local package; its dependencies are ranges that the pinned torch above satisfies
 # hadolint ignore=DL3013
-RUN pip install ".[gpu]"
+RUN pip install --constraint /opt/constraints.txt ".[gpu]"
 
 USER 1000
 ENTRYPOINT ["python", "-m", "sessa_train.train"]

@@ -1,5 +1,6 @@
 """The Dockerfile cannot be built here (no GPU base image): lint it, and check that every
-`pip install` in it asks only for what the project declares (pyproject.toml, bootstrap.sh)."""
+`pip install` in it asks only for what the project declares (pyproject.toml, bootstrap.sh) and
+takes the lock's versions."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def pip_installs() -> list[list[str]]:
         for part in re.split(r"&&|;", run):
             words = shlex.split(part)
             if words[:2] == ["pip", "install"]:
-                found.append([w for w in words[2:] if not w.startswith("-")])
+                args = words[2:]
+                values = {i + 1 for i, w in enumerate(args) if w in ("--constraint", "-c")}  # a file, not a package
+                found.append([w for i, w in enumerate(args) if not w.startswith("-") and i not in values])
     return found
 
 
@@ -39,6 +42,13 @@ def declared() -> dict[str, list[Requirement]]:
     for r in reqs:
         by_name.setdefault(r.name.lower(), []).append(r)
     return by_name
+
+
+def test_every_pip_install_takes_the_lock():
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = [part for part in re.split(r"&&|\n", text) if "pip install" in part]
+    assert installs and all("--constraint /opt/constraints.txt" in part for part in installs), installs
+    assert "COPY requirements.lock /opt/requirements.lock" in text
 
 
 def test_every_pip_install_resolves_against_the_declared_dependencies():

@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Idempotent set-up of ./.venv: the pinned torch first (on a CPU machine with the local
-# CPU wheel this never downloads CUDA packages), deepspeed built against it, then this
-# package with its dev extras.
+# Idempotent set-up of ./.venv with the locked versions of requirements.lock (the environment CI
+# passed with): the pinned torch first (on a CPU machine with the local CPU wheel this never
+# downloads CUDA packages), deepspeed built against it, then this package with its dev extras,
+# every install constrained by the lock. A dependency's new release changes nothing here until
+# the lock is refreshed on purpose (bash tools/lock.sh, README "Dependencies").
+#
+# VENV: the environment to set up (default .venv). SESSA_UNLOCKED=1: the newest versions that
+# pyproject.toml allows instead of the lock (what tools/lock.sh freezes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="2.13.0"
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV="${VENV:-.venv}"
+LOCK="requirements.lock"
+if [ "${SESSA_UNLOCKED:-0}" = 1 ]; then
+  CONSTRAINT=()
+else
+  [ -f "$LOCK" ] || { echo "bootstrap: $LOCK is missing (bash tools/lock.sh writes it)" >&2; exit 1; }
+  CONSTRAINT=(--constraint "$LOCK")
 fi
-if ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TORCH_VERSION'))" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet "${CONSTRAINT[@]}")
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TORCH_VERSION'))" 2>/dev/null; then
+  "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
 # deepspeed ships as an sdist whose build imports torch: build it against the torch above
 # (with build isolation pip would put an unpinned, CUDA-sized torch in the build env).
-if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet setuptools wheel
-  .venv/bin/python -m pip install --quiet --no-build-isolation "deepspeed>=0.17"
-fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+"${PIP[@]}" setuptools wheel
+"${PIP[@]}" --no-build-isolation "deepspeed>=0.17"
+"${PIP[@]}" -e ".[dev]"
