@@ -1,7 +1,8 @@
 """Test-session set-up: Triton kernels run in its CPU interpreter when no GPU is present
 (TRITON_INTERPRET must be set before triton is first imported, so it is set here, before any
 test module is collected); the small tokenized corpus the trainer and export tests train on;
-the one full run of configs/tiny.yaml that the learning and the parallel-trajectory tests share.
+the one full run of configs/tiny.yaml that the learning and the parallel-trajectory tests share;
+the small 2-process ZeRO-2 run and its export that the export and transformers tests share.
 """
 
 import os
@@ -61,3 +62,23 @@ def tiny_overrides(data: Path, run: Path) -> list[str]:
         f"checkpoint.dir={run / 'ckpt'}",
         f"logging.dir={run / 'tb'}",
     ]
+
+
+@pytest.fixture(scope="session")
+def zero2_run(shards, tmp_path_factory) -> Path:
+    """8 steps of the small model in 2 processes with ZeRO-2 (optimizer state sharded)."""
+    from tests.trainer import train, write_config
+
+    root = tmp_path_factory.mktemp("export_run")
+    cfg = write_config(root / "c.yaml", shards, root, n_heads=2, feedback_heads=2)
+    train(cfg, "parallel.zero_stage=2", "logging.eval_every_steps=0", nproc=2)
+    assert len(list((root / "ckpt" / "step_00000008" / "model").glob("*.safetensors"))) == 2  # a part per rank
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported(zero2_run, tmp_path_factory) -> Path:
+    """The export of ``zero2_run`` with the tokenizer its checkpoint carries."""
+    from sessa_train.export import export_checkpoint
+
+    return export_checkpoint(zero2_run / "ckpt", tmp_path_factory.mktemp("export") / "sessa-small")

@@ -6,9 +6,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GAMMA_MAX = 0.999
-# every subprocess a test starts runs under this limit: a guard against a hang, not a speed check,
-# so it is many times the slowest quiet run (the shared tiny run, ~90 s) to hold on a loaded machine
-HANG_GUARD_S = 1800
+# every subprocess a test starts runs under this limit: a guard against a hang, not a speed check:
+# a few times the slowest quiet run (a real compile of every kernel variant, ~220 s with the Triton
+# install; the shared tiny run, ~90 s) so that it holds on a loaded machine and a hang fails in minutes
+HANG_GUARD_S = 600
 
 
 def feedback_inputs(B, H, T, Dk, Dv, gamma_regime="mid", dtype=torch.float64, seed=0):

@@ -257,11 +257,12 @@ def test_bad_backend_requests_are_one_line_errors(monkeypatch):
 
 @pytest.mark.slow
 def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
-    """triton.compile for GPUTarget("cuda", 80/90, 32) in a subprocess without the interpreter."""
+    """triton.compile for GPUTarget("cuda", 80/90, 32) in a subprocess without the interpreter, or
+    its record (docs/kernel_compile/) where that was compiled from today's sources and Triton."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, never reuse a cache
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a compile is a real one, never Triton's cache
     out = subprocess.run(
-        [sys.executable, "tools/compile_kernels.py", "--json", str(tmp_path / "kernels.json")],
+        [sys.executable, "tools/compile_kernels.py", "--reuse", "--json", str(tmp_path / "kernels.json")],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -272,7 +273,9 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     report = json.loads((tmp_path / "kernels.json").read_text())
     rows = report["variants"]
     sys.path.insert(0, str(REPO / "tools"))
-    from compile_kernels import variants
+    from compile_kernels import key, variants
+
+    assert report["key"] == key(report["triton"])  # about today's kernels
 
     expected = set(variants())
     default = BACKENDS["triton"].default_block(4096, 1024)
@@ -337,8 +340,10 @@ def test_every_kernel_variant_compiles_with_the_oldest_triton_allowed(tmp_path):
     oldest = re.search(r'"triton>=([0-9.]+)"', (REPO / "pyproject.toml").read_text())[1]
     version = oldest if oldest.count(".") == 2 else f"{oldest}.0"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "tools/compile_kernels.py", "--triton", version, "--reuse"]
+    cmd += ["--json", str(tmp_path / "k.json")]
     out = subprocess.run(
-        [sys.executable, "tools/compile_kernels.py", "--triton", version, "--json", str(tmp_path / "k.json")],
+        cmd,
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -347,5 +352,27 @@ def test_every_kernel_variant_compiles_with_the_oldest_triton_allowed(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "k.json").read_text())
-    assert report["triton"] == version and len(report["variants"]) > 100
+    sys.path.insert(0, str(REPO / "tools"))
+    from compile_kernels import key
+
+    assert report["triton"] == version and report["key"] == key(version) and len(report["variants"]) > 100
     assert all(r["ok"] for r in report["variants"])
+
+
+def test_a_compile_record_holds_only_for_the_sources_it_was_compiled_from(tmp_path):
+    """The record's key changes with each kernel source, this script and the Triton release."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from compile_kernels import KEY_FILES, key
+
+    for name in KEY_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    today = key("3.9.0", tmp_path)
+    assert today == key("3.9.0", REPO) and key("3.4.0", tmp_path) != today
+    for name in KEY_FILES:
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n# changed\n")
+        assert key("3.9.0", tmp_path) != today, name
+        (tmp_path / name).write_bytes(original)

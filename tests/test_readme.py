@@ -20,12 +20,10 @@ pytestmark = pytest.mark.slow
 # commands that cannot run here, by a prefix of their text
 NOT_HERE = {
     "bash tools/bootstrap.sh && .venv/bin/python -m pytest": "the test suite itself",
+    "bash tools/lock.sh": "refreshes the lock in a throwaway environment (tests/test_lock.py checks the lock)",
     ".venv/bin/sessa-train-tokenizer --kind hf-bpe --input docs.parquet": "a user's corpus (tests/test_corpora.py)",
     ".venv/bin/sessa-write-shards --input docs.parquet": "a user's corpus (tests/test_corpora.py)",
     ".venv/bin/sessa-write-shards ... --part 2/4": "a user's corpus (tests/test_corpora.py)",
-    ".venv/bin/sessa-eval runs/tiny/checkpoints --tasks lambada_openai": (
-        "downloads a Hub dataset (tests/test_tools.py)"
-    ),
 }
 # multi-process launches: their config and layout are checked as the trainer checks them (its
 # own refusals), not run; the same layouts train in tests/test_train.py and test_model_parallel.py

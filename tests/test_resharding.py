@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from sessa_train.checkpoint import read_weights
+from tests.helpers import HANG_GUARD_S
 from tests.trainer import ENV, REPO, command, train
 
 pytestmark = pytest.mark.slow
@@ -216,7 +217,6 @@ def test_the_comparison_catches_lost_moments_and_a_data_order_taken_from_the_lay
 def test_kill_during_resharding_then_resume_again(data, uninterrupted, tmp_path):
     """kill -9 while a DP4 job loads a TP2 x PP2 checkpoint: the source is only read, never
     converted in place, so a second ``--resume auto`` goes on exactly as if nothing happened."""
-    import signal
 
     full = uninterrupted("tp2-pp2")
     run = tmp_path / "run"
@@ -225,17 +225,32 @@ def test_kill_during_resharding_then_resume_again(data, uninterrupted, tmp_path)
     before = {p.name: p.read_bytes() for p in (run / "ckpt" / "step_00000003").rglob("*") if p.is_file()}
     nproc, overrides = LAYOUTS["dp4"]
     cfg = config(tmp_path / "run.yaml", data, run)
-    cmd = command(cfg, *overrides, "--resume", "auto", nproc=nproc)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    marker = tmp_path / "reading"  # written by a rank inside the load (tests/paused_train.py), which then waits
+    entry = [str(REPO / "tests" / "paused_train.py"), str(marker)]
+    cmd = command(cfg, *overrides, "--resume", "auto", nproc=nproc, entry=entry)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        if "resharding step_00000003" in line or time.monotonic() > deadline:
-            break
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     import os
 
-    os.killpg(proc.pid, signal.SIGKILL)
+    import psutil
+
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in job:  # torchrun and every rank (its workers run in sessions of their own)
+        member.kill()
+    psutil.wait_procs(job, timeout=60)
     proc.wait()
+    assert marker.exists()  # the kill landed inside the load, after its first read
+    holder = json.loads((run / "ckpt" / ".lock").read_text())["pid"]  # the killed job's lock stays behind
+    while time.monotonic() < deadline:  # until its rank 0 is gone (then the lock is stale)
+        try:
+            os.kill(holder, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    assert not (run / "tb" / "metrics.jsonl").is_file() or not rows(run)
     after = {p.name: p.read_bytes() for p in (run / "ckpt" / "step_00000003").rglob("*") if p.is_file()}
     assert after == before
     run_layout(data, run, "dp4", "--resume", "auto")

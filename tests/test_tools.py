@@ -65,13 +65,6 @@ def instrumented(shards, tmp_path_factory) -> Path:
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def exported(instrumented, tmp_path_factory) -> Path:
-    from sessa_train.export import export_checkpoint
-
-    return export_checkpoint(instrumented / "ckpt", tmp_path_factory.mktemp("tools_export") / "export")
-
-
 # -- transformers ------------------------------------------------------------------------------
 
 
@@ -119,67 +112,6 @@ def test_padded_batches_compute_what_each_row_computes_alone(exported):
         single = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=tok.pad_token_id)[0, -6:]  # fmt: skip
         assert torch.equal(new[row], single) and torch.equal(ours_new[row], single), row
-
-
-TRANSFORMERS_CHECK = """
-import json, sys, torch, transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-path, texts = sys.argv[1], json.loads(sys.argv[2])
-tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-hf = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-ids = torch.tensor([tok(texts[0])["input_ids"]])
-lengths = []
-hf.embed.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
-out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                  pad_token_id=tok.pad_token_id)
-first = list(lengths)
-tok.padding_side = "left"
-batch = tok(texts, return_tensors="pt", padding=True)
-padded = hf.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)[:, -4:]
-with torch.no_grad():
-    logits = hf(ids).logits
-print(json.dumps({"version": transformers.__version__, "ids": [tok(t)["input_ids"] for t in texts],
-                  "new": out[0, ids.shape[1]:].tolist(), "lengths": first, "padded": padded.tolist(),
-                  "logits": logits[0, -1].tolist()}))
-"""
-
-
-@pytest.mark.skipif(
-    not os.environ.get("SESSA_TEST_TRANSFORMERS"), reason="set SESSA_TEST_TRANSFORMERS=4.57.6 (a version)"
-)
-def test_the_export_works_with_a_second_transformers_version(exported, shards, tmp_path):
-    """SESSA_TEST_TRANSFORMERS=4.57.6 pytest tests/test_tools.py -k second: that release (with its
-    own tokenizers and huggingface-hub) is installed into a throwaway folder put before the venv's
-    packages, and the export loads, encodes, generates with its cache and with padding there as it
-    does with the installed release."""
-    from sessa_train.data import Tokenizer
-    from sessa_train.export import load_pretrained
-    from sessa_train.generate import generate
-
-    version = os.environ["SESSA_TEST_TRANSFORMERS"]
-    target = tmp_path / f"transformers-{version}"
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), f"transformers=={version}"]
-    subprocess.run(pip, check=True, timeout=HANG_GUARD_S)
-    for shadowing in target.glob("numpy*"):  # keep the venv's numpy: torch was built against it
-        subprocess.run(["rm", "-rf", str(shadowing)], check=True)
-    env = ENV | {"PYTHONPATH": str(target), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    out = subprocess.run([sys.executable, "-c", TRANSFORMERS_CHECK, str(exported), json.dumps(PROMPTS)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_GUARD_S)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["version"] == version
-    ours, model = Tokenizer(shards.parent / "tok.model"), load_pretrained(exported)
-    assert got["ids"] == [ours.encode(p) for p in PROMPTS]
-    ids = torch.tensor([got["ids"][0]])
-    assert got["new"] == torch.stack(list(generate(model, ids, 5))).flatten().tolist()
-    assert got["lengths"] == [ids.shape[1]] + [1] * 4
-    with torch.no_grad():
-        assert torch.allclose(torch.tensor(got["logits"]), model(ids)[0, -1], atol=1e-5)
-    for row, p in enumerate(PROMPTS):
-        assert (
-            got["padded"][row]
-            == torch.stack(list(generate(model, torch.tensor([ours.encode(p)]), 4))).flatten().tolist()
-        )
 
 
 # -- lm-evaluation-harness ---------------------------------------------------------------------

@@ -12,11 +12,22 @@ compile, needs more shared memory than the target has, or is a default launch co
 ``--triton VERSION`` runs the same check with that Triton release (installed once into
 ~/.cache/sessa-train/triton-VERSION with pip), e.g. the oldest one pyproject.toml allows. Run
 it without ``TRITON_INTERPRET`` (the interpreter never compiles).
+
+Records. A compile is a pure function of the kernel sources, this script and the Triton release
+(Triton bundles its ptxas), so its report is kept: ``--record`` writes it to
+``docs/kernel_compile/triton-VERSION.json`` with ``key``, a sha256 of those sources and the
+release; ``--reuse`` reports from the record when its key is today's, and compiles (without
+writing) when it is not. The suite uses ``--reuse``: unchanged kernels cost nothing, changed ones
+are compiled for real until ``--record`` is run again.
+
+    python tools/compile_kernels.py --record && python tools/compile_kernels.py --triton 3.4.0 --record
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -36,6 +47,26 @@ SM = {
     90: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024, "shared_block": 227 * 1024},
 }
 SHARED_LIMIT = {cc: s["shared_block"] for cc, s in SM.items()}
+RECORDS = REPO / "docs" / "kernel_compile"
+# what a compile's result depends on, besides the Triton release
+KEY_FILES = ("sessa_train/ops/feedback_triton.py", "sessa_train/ops/feedback.py", "tools/compile_kernels.py")
+
+
+def key(triton_version: str, root: Path = REPO) -> str:
+    """sha256 of the kernel sources, this script and the Triton release: a record's validity."""
+    digest = hashlib.sha256(triton_version.encode())
+    for name in KEY_FILES:
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def reused(triton_version: str) -> dict | None:
+    """The record of ``triton_version`` if its key is today's, else None."""
+    path = RECORDS / f"triton-{triton_version}.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("key") == key(triton_version) else None
 
 
 def occupancy(cc: int, registers: int, warps: int, shared: int) -> dict:
@@ -147,19 +178,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--triton", help="check with this Triton release instead of the installed one")
+    p.add_argument("--record", action="store_true", help="compile and write the record (docs/kernel_compile/)")
+    p.add_argument("--reuse", action="store_true", help="report from the record when its key is today's")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
+    version = args.triton or importlib.metadata.version("triton")
+    report = reused(version) if args.reuse and not args.record else None
+    if report is not None:
+        print(f"compile_kernels: the record of Triton {version} has today's key: reported from it, nothing compiled")
+        return _report(report, args.json)
+    if args.reuse:
+        print(f"compile_kernels: no record of Triton {version} with today's key (--record writes one): compiling")
     if args.triton:
-        return _with_triton(args.triton, [*(["--json", args.json] if args.json else []), "--jobs", str(args.jobs)])
+        forward = [*(["--json", args.json] if args.json else []), "--jobs", str(args.jobs)]
+        return _with_triton(args.triton, forward + (["--record"] if args.record else []))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
 
     jobs = variants()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_one, jobs))
-    print(f"Triton {triton.__version__}")
+    report = {"triton": triton.__version__, "key": key(triton.__version__), "shared_limit": SHARED_LIMIT}
+    report["variants"] = rows
+    if args.record:
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        (RECORDS / f"triton-{triton.__version__}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return _report(report, args.json)
+
+
+def _report(report: dict, json_path: str | None) -> int:
+    """Print the table of a report, write it to ``json_path``; 1 if a variant failed."""
+    rows = report["variants"]
+    print(f"Triton {report['triton']}")
     head = f"{'sm':>3} {'dtype':>9} {'block':>5} {'kernel':<19} {'warps':>5} {'regs':>4} {'stack':>5}"
     print(f"{head} {'shared (B)':>10} {'blocks/SM':>9} {'occupancy':>9}  ok")
     for r in rows:
@@ -168,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             line += f" {r['registers']:>4} {r['stack_bytes']:>5} {r['shared_bytes']:>10}"
             line += f" {r['blocks_per_sm']:>9} {r['occupancy']:>9.0%}"
         print(f"{line}  {'yes' if r['ok'] else 'NO ' + r['error']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"triton": triton.__version__, "shared_limit": SHARED_LIMIT, "variants": rows}, fh, indent=1)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=1)
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)}/{len(rows)} variants: compiled, in shared memory, default bf16/fp16 not spilling")
     return 1 if failed else 0

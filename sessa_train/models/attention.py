@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from sessa_train.models.positions import Positions, TimeCache
 from sessa_train.models.rope import apply_rope, rope_angles
@@ -53,6 +52,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) ->
     if pos.doc_start is None:
         if T == S:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        from torch.nn.attention.bias import causal_lower_right  # here: its module imports torch._dynamo (~1 s)
+
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=gqa)
     first = S - T  # the index of the first row
     lows = pos.doc_start[:, ::ROWS_PER_BLOCK].amin(0).tolist()  # per block: its earliest document start
