@@ -54,16 +54,19 @@ def generate_main(argv: list[str] | None = None) -> int:
     """sessa-generate EXPORT --prompt "The module" --max-new-tokens 64 --temperature 0.8 --top-p 0.95"""
     p = argument_parser(prog="sessa-generate", description="Generate text from an export (recurrent decode).")
     p.add_argument("export", help="a folder written by sessa-export")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", action="append", default=[], help="repeatable: several prompts run as one batch")
+    p.add_argument("--prompts-file", help="a text file of prompts, one per line (added to --prompt)")
     p.add_argument("--max-new-tokens", type=_finite(int, 1), default=64)
     p.add_argument("--temperature", type=_finite(float, 0.0), default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=_finite(int, 0), default=0, help="0 = off")
     p.add_argument("--top-p", type=_finite(float), default=1.0, help="in (0, 1]; 1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_finite(int, 0), default=0, help="0 .. 2**63 - 1")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1:
         p.error(f"argument --top-p: {args.top_p} is not in (0, 1]")
+    if args.seed >= 2**63:
+        p.error(f"argument --seed: {args.seed} is not in 0 .. 2**63 - 1")
     import torch
 
     from sessa_train.data import Tokenizer
@@ -74,35 +77,68 @@ def generate_main(argv: list[str] | None = None) -> int:
         device = device_named(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _, meta = read_export(args.export)
         tokenizer = Tokenizer(_tokenizer_file(args.export))
-        ids = tokenizer.encode(args.prompt)
-        if not ids:
-            raise SessaError("--prompt encodes to no tokens")
+        prompts = list(args.prompt) + _prompts_file(args.prompts_file)
+        if not prompts:
+            raise SessaError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        encoded = [tokenizer.encode(text) for text in prompts]
+        if empty := [i + 1 for i, ids in enumerate(encoded) if not ids]:
+            raise SessaError(f"prompt {empty[0]} of {len(prompts)} encodes to no tokens")
         model = load_pretrained(args.export, device=device)
-        check_room(model, len(ids) + args.max_new_tokens, device)
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise SessaError(f"{args.export}: its tokenizer has {tokenizer.vocab_size} ids, its model only "
+                             f"{model.cfg.vocab_size}: not an export of one run")  # fmt: skip
+        longest = max(map(len, encoded))
+        check_room(model, len(encoded) * (longest + args.max_new_tokens), device)
     except SessaError as e:
         print(f"sessa-generate: error: {e}", file=sys.stderr)
         return 2
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    # one batch, left-padded (each row generates what it would alone: generate's attention_mask)
+    batch = torch.tensor([[tokenizer.eos_id] * (longest - len(ids)) + ids for ids in encoded])
+    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in encoded])
     steps = generate(
         model,
-        torch.tensor([ids]),
+        batch,
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         eos_id=tokenizer.eos_id,
-        generator=generator,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+        attention_mask=mask if len(encoded) > 1 else None,
         document_eos=tokenizer.eos_id if meta.get("document_masking") else None,
+        vocab=tokenizer.vocab_size,
     )
-    out, shown = list(ids), tokenizer.decode(ids)
-    print(shown, end="", flush=True)
+    outs = [list(ids) for ids in encoded]
+    if len(encoded) == 1:  # one prompt: its continuation streams as it comes
+        shown = tokenizer.decode(outs[0])
+        print(shown, end="", flush=True)
+        for next_id in steps:
+            outs[0].append(int(next_id[0]))
+            text = tokenizer.decode(outs[0])
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+        print()
+        return 0
+    done = [False] * len(outs)
     for next_id in steps:
-        out.append(int(next_id[0]))
-        text = tokenizer.decode(out)
-        print(text[len(shown) :], end="", flush=True)  # stream the new characters
-        shown = text
-    print()
+        for row, token in enumerate(next_id.tolist()):
+            if not done[row]:
+                outs[row].append(token)
+                done[row] = token == tokenizer.eos_id
+    for row, ids in enumerate(outs):
+        print(f"[{row + 1}] {tokenizer.decode(ids)}")
     return 0
+
+
+def _prompts_file(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    from pathlib import Path
+
+    try:
+        return [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SessaError(f"--prompts-file {path} cannot be read ({type(e).__name__})") from None
 
 
 def _tokenizer_file(export: str) -> str:

@@ -288,7 +288,7 @@ class WandbConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     dir: str = "runs/default/tensorboard"
-    every_steps: int = 10
+    every_steps: int = 10  # console lines; metrics.jsonl, tensorboard and wandb get every step
     eval_every_steps: int = 100  # 0 disables validation
     eval_batches: int = 20
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run aborts
@@ -309,6 +309,10 @@ class LoggingConfig:
             value = getattr(self, name)
             _check(value >= 1, f"logging.{name} must be >= 1, got {value}")
         _check(self.eval_every_steps >= 0, f"logging.eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        _check(
+            self.peak_tflops >= 0 and self.peak_tflops != float("inf"),
+            f"logging.peak_tflops must be a peak in TFLOP/s (> 0) or 0 (the GPU's own), got {self.peak_tflops}",
+        )
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        ps = self.logging.profile_steps
+        _check(
+            not ps or ps[1] <= self.schedule.train_steps,
+            f"logging.profile_steps={list(ps)} ends after schedule.train_steps={self.schedule.train_steps}: "
+            f"choose steps within 1..{self.schedule.train_steps}",
+        )
         _check(
             not (self.data.document_masking and self.model.arch == "mamba2"),
             "data.document_masking=true is not supported by model.arch=mamba2 (its scan has no per-document "

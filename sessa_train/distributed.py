@@ -56,7 +56,15 @@ def init_distributed() -> DistInfo:
                               timeout=timedelta(minutes=30))  # fmt: skip
         store = dist.PrefixStore(f"sessa-train/attempt-{attempt}", agent)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # on our group if there is one
+    import contextlib
+    import io
+
+    said = io.StringIO()  # DeepSpeed prints that its CPU communication op was built, at every start
+    with contextlib.redirect_stdout(said):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # on our group if there is one
+    for line in said.getvalue().splitlines():
+        if line.strip() and "built successfully" not in line:
+            print(line)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -20,7 +20,8 @@ An export is a folder:
 
 Weights are the plain fp32 weights ``checkpoint.read_weights`` reads from any layout. An export
 is written into a sibling ``<out>.partial`` folder and moved into place when complete; an
-earlier export in ``out`` is replaced, any other non-empty folder refused. Loading checks the
+earlier export in ``out`` is replaced (files it did not write stay), any other non-empty folder
+refused. Loading checks the
 config and every tensor's name, shape and dtype against the model before anything is allocated.
 """
 
@@ -44,6 +45,12 @@ FORMAT = "sessa-export-v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 HF_FILES = ("configuration_sessa.py", "modeling_sessa.py")
+# every file an export writes; anything else in an export folder (a README, evaluation results)
+# is the user's and stays when the folder is exported into again
+EXPORT_FILES = frozenset({
+    "model.safetensors", "config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenization_sessa.py", "sessa_model.py", *HF_FILES,
+})  # fmt: skip
 
 
 def export_checkpoint(
@@ -62,7 +69,12 @@ def export_checkpoint(
     if missing or any(weights[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"{checkpoint}: weights do not match its model config (missing: {missing[:5]})")
     tok = export_tokenizer(about, tokenizer)
-    out = Path(out_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer {tok.path} has {tok.vocab_size} ids, the checkpoint's model only "
+                              f"{cfg.vocab_size}: not the tokenizer of this model")  # fmt: skip
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out_dir} is a file, not a folder: choose an empty or new folder")
     if out.exists() and any(out.iterdir()) and not _is_export(out):
         raise CheckpointError(f"{out} is not empty and holds no export: choose an empty or new folder")
     partial = out.with_name(out.name + ".partial")
@@ -98,7 +110,10 @@ def export_checkpoint(
     _write_tokenizer_config(partial, tok)
     (partial / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     readable_by_group(partial)
-    if out.exists():  # an earlier export: swapped for the new one
+    if out.exists():  # an earlier export: swapped for the new one, keeping what the export did not write
+        for other in out.iterdir():
+            if other.name not in EXPORT_FILES and not (partial / other.name).exists():
+                os.replace(other, partial / other.name)
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
@@ -226,6 +241,29 @@ def load_pretrained(
         tensors["lm_head.weight"] = tensors["embed.weight"]
     model.load_state_dict(tensors)
     return model.to(device=device, dtype=dtype or DTYPES[meta["dtype"]]).eval()
+
+
+def load_for_transformers(path: str | Path, *, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of an export as transformers objects, built from this package's own
+    classes (``sessa_train.hf``), checked first: nothing shipped in the folder is imported or run,
+    as with ``load_pretrained`` (``trust_remote_code`` is for people without sessa-train)."""
+    path = Path(path)
+    cfg, meta = read_export(path)
+    check_tensors(path, cfg, meta["dtype"])
+    from sessa_train.hf.modeling_sessa import SessaForCausalLM
+
+    model = SessaForCausalLM.from_pretrained(str(path)).to(device=device, dtype=DTYPES[meta["dtype"]]).eval()
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    elif (path / "tokenizer.model").is_file():
+        from sessa_train.hf.tokenization_sessa import SessaSentencePieceTokenizer
+
+        tokenizer = SessaSentencePieceTokenizer.from_pretrained(str(path))
+    else:
+        raise CheckpointError(f"{path} holds no tokenizer (tokenizer.json or tokenizer.model)")
+    return model, tokenizer
 
 
 if __name__ == "__main__":

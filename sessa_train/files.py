@@ -34,15 +34,22 @@ def replace_durably(tmp: Path, final: Path) -> None:
 
 
 class RunLock:
-    """An exclusive claim of a folder by one run: ``<folder>/.lock`` holding the owner's host, pid
-    and job (Slurm's job id, or torchrun's run id), created atomically (O_EXCL).
+    """An exclusive claim of a folder by one run: ``<folder>/<name>`` (``.lock``) holding the
+    owner's host, pid and job (Slurm's job id, or the id torchrun was given), created atomically
+    (O_EXCL).
 
     A lock is taken over when it is stale: its owner ran on this host and is no longer alive, or
-    it belongs to this same job (a restarted worker group, a requeued Slurm job). Otherwise
-    ``acquire`` returns a one-line description of the owner (the caller refuses to start)."""
+    it belongs to this same job (a restarted worker group, a requeued Slurm job); torchrun's
+    default run id ``none``, which every job launched with a fixed rendezvous shares, names no
+    job. A lock file left empty or unreadable by a crash between its creation and its first write
+    is stale once it is a few seconds old. Otherwise ``acquire`` returns a one-line description
+    of the owner (the caller refuses to start)."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / ".lock"
+    PARTIAL_S = 5.0  # a lock file still empty after this long was left by a crash
+
+    def __init__(self, folder: str | Path, name: str = ".lock", what: str = "run", subject: Path | None = None) -> None:
+        self.path = Path(folder) / name
+        self.what, self.subject = what, subject or Path(folder)
         self.held = False
 
     @staticmethod
@@ -51,10 +58,11 @@ class RunLock:
         import time
 
         job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
+        job = "" if job == "none" else job
         return {"host": socket.gethostname(), "pid": os.getpid(), "job": job, "started": time.strftime("%F %T")}
 
     def _stale(self, held: dict, me: dict) -> bool:
-        if held.get("job") and held.get("job") == me["job"]:
+        if held.get("job") and held.get("job") != "none" and held.get("job") == me["job"]:
             return True
         if held.get("host") != me["host"]:
             return False
@@ -62,29 +70,51 @@ class RunLock:
             os.kill(int(held.get("pid", -1)), 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, ValueError, OverflowError):
+        except (PermissionError, ValueError, OverflowError, TypeError):
             return False
         return int(held.get("pid", -1)) == me["pid"]
+
+    def _read(self) -> dict | None:
+        """The owner a lock file names; None while it is being written (empty, not yet JSON)."""
+        import json
+        import time
+
+        deadline = time.monotonic() + self.PARTIAL_S
+        while True:
+            try:
+                held = json.loads(self.path.read_text() or "null")
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError):
+                held = None
+            if isinstance(held, dict) and "pid" in held:
+                return held
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return {}
+            if age > self.PARTIAL_S or time.monotonic() > deadline:
+                return None  # left by a crash mid-write: stale
+            time.sleep(0.1)
 
     def acquire(self) -> str | None:
         """None once this process holds the lock, else who holds it (one line)."""
         import json
 
         me = self._owner()
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    held = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    held = {}
-                if not isinstance(held, dict) or self._stale(held, me):
+                held = self._read()
+                if held == {}:  # released meanwhile
+                    continue
+                if held is None or self._stale(held, me):
                     self.path.unlink(missing_ok=True)
                     continue
                 return (
-                    f"{self.path.parent} is in use by another run (pid {held.get('pid')} on {held.get('host')} since "
-                    f"{held.get('started')}); if that run is gone, delete {self.path}"
+                    f"{self.subject} is in use by another {self.what} (pid {held.get('pid')} on {held.get('host')} "
+                    f"since {held.get('started')}); if that {self.what} is gone, delete {self.path}"
                 )
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(me))

@@ -47,13 +47,15 @@ def generate(
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
     document_eos: int | None = None,
+    vocab: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) one step at a time. prompt (B, T0) int64, T0 >= 1.
 
     ``attention_mask`` (B, T0): a batch of prompts of different lengths, padded (left padding, as
     for generation elsewhere): each row generates what it would alone. ``document_eos``: the EOS
     of a model trained with document masking, after which a new document starts (in the prompt and
-    in what is generated). Stops early once every row has produced ``eos_id``.
+    in what is generated). ``vocab``: only ids below it are generated (the tokenizer's, where the
+    model's vocabulary is padded beyond it). Stops early once every row has produced ``eos_id``.
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, >=1 tokens), got shape {tuple(prompt.shape)}")
@@ -66,6 +68,8 @@ def generate(
     cache = model.init_cache(prompt.shape[0], room, device=p.device, dtype=p.dtype)
     logits = model(prompt, cache, position_ids=position_ids)[:, -1]
     for _ in range(max_new_tokens):
+        if vocab is not None and vocab < logits.shape[-1]:
+            logits[:, vocab:] = float("-inf")  # ids the tokenizer has no token for
         ids = sample_next(logits, temperature, top_k, top_p, generator)
         yield ids
         if eos_id is not None and bool((ids == eos_id).all()):

@@ -76,6 +76,26 @@ def read_hostfile(path: str) -> dict[str, int]:
     return hosts
 
 
+SLURM_SIGNAL_LEAD_S = 120  # launch/slurm.sbatch: --signal=B:USR1@120
+CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weight and AdamW's two moments (checkpoint.py)
+
+
+def save_grace_s(parameters: int, nodes: int, gbps_per_node: float) -> int:
+    """Seconds a stopping job needs for its last save: the checkpoint's bytes written by every node
+    at once at ``gbps_per_node`` GB/s, twice over for safety, plus a minute to stop the step."""
+    seconds = parameters * CHECKPOINT_BYTES_PER_PARAMETER / nodes / (gbps_per_node * 1e9)
+    return int(2 * seconds + 60 + 0.999)
+
+
+def _torchrun_takes_a_grace() -> bool:
+    """Whether this torch's torchrun reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT (its LaunchConfig has one)."""
+    import dataclasses
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}
+
+
 def node_commands(args: argparse.Namespace, hosts: dict[str, int]) -> list[NodeCommand]:
     names, slots = list(hosts), list(hosts.values())
     if len(set(slots)) != 1:
@@ -114,11 +134,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ssh", action="store_true", help="deepspeed: one launcher per node, no pdsh")
     p.add_argument("--master-addr", help="default: the hostfile's first host")
     p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--omp-threads", type=int, default=4, help="OMP_NUM_THREADS of every rank")
+    cores = os.cpu_count()
+    p.add_argument("--omp-threads", type=int, default=None,
+                   help=f"OMP_NUM_THREADS of every rank (default: this node's {cores} cores / its ranks)")  # fmt: skip
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun: restart the worker group this often after a failure; the restarted ranks "
                    "resume from the newest complete checkpoint on their own")  # fmt: skip
+    p.add_argument("--save-gbps", type=float, default=1.0,
+                   help="checkpoint write speed per node in GB/s (sizes torchrun's grace between SIGTERM and "
+                   "SIGKILL to the last save; default 1.0)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
     args = p.parse_args(ours)
     args.trainer_args = trainer_args
@@ -126,10 +151,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("pass the trainer's arguments after '--', at least --config FILE")
     if not 0 < args.master_port < 65536:
         p.error(f"--master-port must be in 1..65535, got {args.master_port}")
-    if args.omp_threads < 1:
+    if args.omp_threads is not None and args.omp_threads < 1:
         p.error(f"--omp-threads must be >= 1, got {args.omp_threads}")
     if args.max_restarts < 0:
         p.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if not args.save_gbps > 0:
+        p.error(f"--save-gbps must be > 0, got {args.save_gbps}")
     if args.max_restarts and args.launcher != "torchrun":
         p.error("--max-restarts needs the torchrun launcher (DeepSpeed's launcher does not restart workers)")
     configs = [trainer_args[i + 1] for i, a in enumerate(trainer_args[:-1]) if a == "--config"]
@@ -143,12 +170,23 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
-        train.config_of(train.parse_args(args.trainer_args))  # a bad config fails here, not on every node
-        commands = node_commands(args, read_hostfile(args.hostfile))
+        cfg = train.config_of(train.parse_args(args.trainer_args))  # a bad config fails here, not on every node
+        hosts = read_hostfile(args.hostfile)
+        from sessa_train.sizing import stage_parameters
+
+        args.grace_s = save_grace_s(stage_parameters(cfg.model, 1, 1), len(hosts), args.save_gbps)
+        commands = node_commands(args, hosts)
     except SessaError as e:
         print(f"sessa-launch: error: {e}", file=sys.stderr)
         return 2
-    env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(args.omp_threads)}
+    threads = args.omp_threads or max(1, (os.cpu_count() or 1) // len(commands[0].ranks))
+    env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(threads)}
+    if args.launcher == "torchrun":  # torchrun's wait between SIGTERM and SIGKILL: the last save's time
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(args.grace_s)
+        if not _torchrun_takes_a_grace():
+            print(f"sessa-launch: warning: this torch's torchrun waits 30 s between SIGTERM and SIGKILL, not the "
+                  f"{args.grace_s} s the last save needs (a newer torch reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT)",
+                  file=sys.stderr)  # fmt: skip
     env |= {k: os.environ.get(k, v) for k, v in runtime_defaults().items()}  # the user's values win
     world = sum(len(c.ranks) for c in commands)
     if args.node_rank is not None and not 0 <= args.node_rank < len(commands):
@@ -156,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         master = args.master_addr or commands[0].host
-        print(f"# {args.launcher}: {len(commands)} nodes, {world} ranks, master {master}:{args.master_port}")
+        head = f"# {args.launcher}: {len(commands)} nodes, {world} ranks, master {master}:{args.master_port}"
+        if args.launcher == "torchrun":
+            head += f"; a stop gives the ranks {args.grace_s} s to save before SIGKILL (--save-gbps {args.save_gbps})"
+            if args.grace_s > SLURM_SIGNAL_LEAD_S:
+                head += f"; under Slurm warn that early: #SBATCH --signal=B:USR1@{args.grace_s}"
+        print(head)
         for c in commands:
             print(f"# node {c.node_rank} ({c.host}): ranks {c.ranks.start}-{c.ranks.stop - 1}")
             print(c.shell(env, args.log_dir))

@@ -43,10 +43,14 @@ def config_of(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # before torch is imported: --help and argument errors answer at once
     apply_runtime_defaults()  # OpenMP and DeepSpeed read them when torch loads (process_env.py)
+    try:
+        cfg = config_of(args)  # and config errors
+    except SessaError as e:
+        print(f"sessa-train: error: {e}", file=sys.stderr)
+        return 2
     from sessa_train import distributed
 
     try:
-        cfg = config_of(args)
         from sessa_train.trainer import Trainer
 
         Trainer(cfg, distributed.init_distributed()).fit()
@@ -54,8 +58,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sessa-train: error: {e}", file=sys.stderr)
         distributed.shutdown()  # every process leaves cleanly after its one line
         return 2
+    except Exception as e:
+        if (lost := peer_lost(e)) is None:
+            raise  # a bug of ours: its traceback
+        import os
+
+        print(f"sessa-train: rank {os.environ.get('RANK', '0')}: {lost}", file=sys.stderr)
+        return 1  # the launcher (torchrun --max-restarts, Slurm requeue) starts the group again
     distributed.shutdown()
     return 0
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "Broken pipe", "connectFullMesh")  # fmt: skip
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """One line when ``error`` is a collective that failed because another rank went away (the
+    communication library's own error; the rank that died says why), else None."""
+    text = str(error)
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError") or any(m in text for m in PEER_LOST):
+        first = " ".join(text.split())[:160]
+        return f"another rank stopped during a collective ({type(error).__name__}: {first})"
+    return None
 
 
 if __name__ == "__main__":

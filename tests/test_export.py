@@ -18,26 +18,15 @@ from sessa_train.errors import CheckpointError, SessaError
 from sessa_train.export import export_checkpoint
 from sessa_train.generate import generate
 from tests.helpers import HANG_GUARD_S
-from tests.trainer import ENV, REPO, final_weights, train, write_config
+from tests.trainer import ENV, REPO, final_weights
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(shards, tmp_path_factory) -> Path:
-    """8 steps of the small model in 2 processes with ZeRO-2 (optimizer state sharded)."""
-    root = tmp_path_factory.mktemp("export_run")
-    cfg = write_config(root / "c.yaml", shards, root, n_heads=2, feedback_heads=2)
-    train(cfg, "parallel.zero_stage=2", "logging.eval_every_steps=0", nproc=2)
-    assert len(list((root / "ckpt" / "step_00000008" / "model").glob("*.safetensors"))) == 2  # a part per rank
-    return root
-
-
-@pytest.fixture(scope="module")
-def exported(run, shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "sessa-small"
-    export_checkpoint(run / "ckpt", out)  # the tokenizer the checkpoint carries
-    return out
+def run(zero2_run) -> Path:
+    """conftest's 2-process ZeRO-2 run (8 steps); ``exported`` is its export."""
+    return zero2_run
 
 
 def trained_model(run: Path) -> SessaLM:
@@ -114,6 +103,20 @@ def test_generate_cli_streams_the_greedy_continuation(exported):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.rstrip("\n") == sp.decode(ids + new.tolist())
+    prompts = ["The module", "Return a new list of the"]  # two prompts: one padded batch, each as alone
+    alone = []
+    for text in prompts:
+        ids = sp.encode(text)
+        steps = [int(t) for t in torch.cat(list(generate(load_pretrained(exported), torch.tensor([ids]), 8)))]
+        if sp.eos_id() in steps:
+            steps = steps[: steps.index(sp.eos_id()) + 1]
+        alone.append(sp.decode(ids + steps))
+    cmd = [sys.executable, "-m", "sessa_train.generate", str(exported), "--prompt", prompts[0], "--prompt", prompts[1]]
+    out = subprocess.run([*cmd, "--temperature", "0", "--max-new-tokens", "8"], capture_output=True, text=True,
+                         env=ENV, cwd=REPO, timeout=HANG_GUARD_S)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines == [f"[{i + 1}] {text}" for i, text in enumerate(alone)]
 
 
 def test_export_errors_are_one_line(run, tmp_path, exported):
@@ -259,3 +262,7 @@ def test_transformers_loads_the_export_with_equal_logits_and_cached_generate(exp
     assert torch.equal(out[:, 6:], torch.stack(list(generate(ours, ids[:, :6], 10)), dim=1))
     assert lengths == [6] + [1] * 9  # prefill once, then one token per step through the recurrent cache
     assert not [r.message for r in caplog.records if "deprecated" in r.message], transformers.__version__
+    lengths.clear()  # use_cache=False: every step sees the whole sequence, and the tokens are the same
+    uncached = hf.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=10,
+                           do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=False)  # fmt: skip
+    assert lengths == list(range(6, 16)) and torch.equal(uncached, out)

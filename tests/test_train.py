@@ -199,7 +199,7 @@ def test_config_errors_before_start_are_one_line(shards, tmp_path, capsys):
     want = "sessa-train: error: config key schedule.train_steps (command-line overrides): Value 'many'"
     assert len(errors) == 1 and errors[0].startswith(want), errors
     with pytest.raises(TrainError, match=r"^checkpoint\.init_from: /nonexistent is not a sessa-train export"):
-        initial_weights(load_config([config], ["checkpoint.init_from=/nonexistent"]))
+        initial_weights(load_config([config], ["checkpoint.init_from=/nonexistent"]), None)
 
 
 @pytest.mark.slow

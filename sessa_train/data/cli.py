@@ -160,8 +160,8 @@ def _has_checksums(index: dict) -> bool:
 def prepare_default_data_main(argv: list[str] | None = None) -> int:
     p = argument_parser(
         prog="sessa-prepare-default-data",
-        description="Build the offline default corpus (Python stdlib docs), its tokenizer and shards. "
-        "Steps whose outputs exist are skipped.",
+        description="Build the offline default corpus (Python stdlib docs), its tokenizer, shards and a local "
+        "evaluation task. Steps whose outputs exist are skipped.",
     )
     p.add_argument("--out-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--vocab-size", type=_at_least(260), default=4096)
@@ -198,6 +198,11 @@ def prepare_default_data_main(argv: list[str] | None = None) -> int:
         else:
             index = json.loads((shards / INDEX_NAME).read_text())
             print(f"{shards / INDEX_NAME} exists: {index['splits']['train']['tokens']} train tokens")
+        if not (a.out_dir / "eval" / "default_cloze.yaml").exists():
+            from sessa_train.data.default_corpus import write_cloze_task
+
+            task = write_cloze_task(corpus, a.out_dir / "eval", a.val_fraction)
+            print(f"wrote {task}: a local lm-eval task (sessa-eval --tasks {task})")
 
     return _run(p, work, argv)
 

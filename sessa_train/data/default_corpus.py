@@ -57,3 +57,53 @@ def write_default_corpus(out_path: str | Path) -> tuple[int, int]:
             n_chars += len(doc)
     tmp.replace(out_path)
     return n_docs, n_chars
+
+
+CLOZE_TASK = """\
+# lm-evaluation-harness task over the default corpus's validation documents (offline): the last
+# word of a sentence given the words before it, as LAMBADA asks (written by sessa-prepare-default-data)
+task: default_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: " {{{{target}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_cloze_task(corpus: Path, out_dir: Path, val_fraction: float, items: int = 200) -> Path:
+    """A local lm-eval task (``out_dir/default_cloze.yaml`` and its JSONL) from the validation
+    documents of ``corpus`` (the shards' split): sentences of 8+ words whose last word is
+    alphabetic, context = the words before it, target = that word. Returns the YAML's path."""
+    import re
+
+    from sessa_train.data.shards import is_validation
+
+    rows = []
+    with open(corpus) as fh:
+        for line in fh:
+            text = json.loads(line)["text"]
+            if not is_validation(text, val_fraction):
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+                words = sentence.rstrip(".!?").split(" ")
+                if len(words) >= 8 and words[-1].isalpha():
+                    rows.append({"context": " ".join(words[:-1]), "target": words[-1]})
+            if len(rows) >= items:
+                break
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = out_dir / "default_cloze.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:items]))
+    task = out_dir / "default_cloze.yaml"
+    task.write_text(CLOZE_TASK.format(data=data.resolve()))
+    return task

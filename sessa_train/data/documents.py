@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sessa_train.data.storage import local_or_url, remote_options
 from sessa_train.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+MAX_LINE_BYTES = 64 << 20  # one JSONL line (a document) is read whole: its limit
 PARQUET_BATCH = 1024  # rows per batch of a row group: bounds memory, whatever the file's size
 
 
@@ -75,11 +77,22 @@ def _open(location: str):
     import fsspec
 
     try:
-        return fsspec.open(location, "rb").open()
-    except FileNotFoundError:
-        raise DataError(f"input not found: {location}") from None
+        return fsspec.open(location, "rb", **(remote_options(location) if _remote(location) else {})).open()
+    except FileNotFoundError as e:
+        raise _not_found(location, e) from None
     except ImportError as e:
         raise DataError(f"reading {location} needs {e.name or e} (pip install 'sessa-train[cloud]')") from None
+
+
+def _not_found(location: str, error: FileNotFoundError) -> DataError:
+    """fsspec's HTTP file system reports any failed request as FileNotFoundError, the server's
+    answer as its cause: "not found" only for a 404 (or a local file), else what the server said."""
+    cause = error.__cause__
+    status = getattr(cause, "status", None)
+    if cause is None or status == 404 or isinstance(cause, FileNotFoundError):
+        return DataError(f"input not found: {location}")
+    what = f"HTTP {status}" if isinstance(status, int) else type(cause).__name__
+    return DataError(f"{location} cannot be read ({what}: {_why(cause)})"[:400])
 
 
 def _decode(data: bytes, where: str, line: int | None = None) -> str:
@@ -101,30 +114,34 @@ def _decompressed(raw, src: DocumentSource):
 
 class _ZstdReader(io.RawIOBase):
     """The decompressed bytes of a zstandard file of one or more frames. Unlike zstandard's
-    ``stream_reader``, a stream that ends inside a frame (a truncated file) is an error."""
+    ``stream_reader``, a stream that ends inside a frame (a truncated file) is an error.
 
-    CHUNK = 1 << 20
+    Bounded: the compressed input goes in ``CHUNK`` bytes at a time (zstandard expands a byte by at
+    most ~32,000: a run-length block), and what came out is handed on from an offset, never
+    re-sliced, so memory stays near CHUNK x 32,000 and time linear whatever the ratio."""
+
+    CHUNK = 1 << 10
 
     def __init__(self, raw) -> None:
         import zstandard
 
         self.raw, self.new = raw, zstandard.ZstdDecompressor().decompressobj
-        self.inner, self.pending, self.in_frame = self.new(), b"", False
+        self.inner, self.pending, self.offset, self.in_frame = self.new(), b"", 0, False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
+        while self.offset == len(self.pending):
             chunk = self.raw.read(self.CHUNK)
             if not chunk:
                 if self.in_frame:
                     raise EOFError("the file ends inside a zstandard frame (truncated)")
                 return 0
-            self.pending = self._decompress(chunk)
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+            self.pending, self.offset = self._decompress(chunk), 0
+        n = min(len(buffer), len(self.pending) - self.offset)
+        buffer[:n] = memoryview(self.pending)[self.offset : self.offset + n]
+        self.offset += n
         return n
 
     def _decompress(self, chunk: bytes) -> bytes:
@@ -150,11 +167,14 @@ def _jsonl(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
         lineno, told = 0, 0
         while True:
             try:
-                line = fh.readline()
+                line = fh.readline(MAX_LINE_BYTES + 1)  # bounded: a compressed file may hold one huge line
             except broken as e:
                 raise DataError(f"{src.location}: corrupt compressed data after line {lineno} ({_why(e)})") from None
             if not line:
                 break
+            if len(line) > MAX_LINE_BYTES:
+                raise DataError(f"{src.location}: line {lineno + 1} is longer than {MAX_LINE_BYTES >> 20} MiB; JSONL "
+                                "holds one document per line, each shorter than that")  # fmt: skip
             lineno += 1
             if lineno % 256 == 0:  # progress in bytes of the file as stored (compressed)
                 now = min(raw.tell(), src.size)
@@ -187,6 +207,10 @@ def _parquet(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
                 f"{src.location} has no column {text_key!r} (its columns: {', '.join(pf.schema_arrow.names)}); "
                 "pass --text-key"
             )
+        kind = pf.schema_arrow.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{src.location}: column {text_key!r} holds {kind}, not text (string); "
+                            "pass --text-key naming a string column")  # fmt: skip
         # progress in file bytes: each row group's share of the compressed data, the rest at the end
         sizes = [
             sum(pf.metadata.row_group(g).column(c).total_compressed_size for c in range(pf.metadata.num_columns))
@@ -213,14 +237,26 @@ def _dataset(src: DocumentSource, text_key: str, progress) -> Iterator[str]:
         import datasets
     except ImportError:
         raise DataError(f"reading the datasets folder {src.location} needs datasets (pip install datasets)") from None
-    ds = datasets.load_from_disk(src.location)
+    try:
+        ds = datasets.load_from_disk(src.location)
+    except Exception as e:  # datasets and pyarrow raise many types for a damaged folder
+        why = f"{type(e).__name__}: {_why(e)}"[:300]
+        raise DataError(f"{src.location}: not a readable datasets folder ({why})") from None
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{src.location} is a DatasetDict ({', '.join(ds)}): pass one split's folder")
     if text_key not in ds.column_names:
         raise DataError(f"{src.location} has no column {text_key!r} (its columns: {', '.join(ds.column_names)})")
+    feature = ds.features[text_key]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{src.location}: column {text_key!r} holds {feature}, not text (string); "
+                        "pass --text-key naming a string column")  # fmt: skip
     told = 0
     for start in range(0, len(ds), PARQUET_BATCH):
-        texts = ds[start : start + PARQUET_BATCH][text_key]
+        try:
+            texts = ds[start : start + PARQUET_BATCH][text_key]
+        except Exception as e:  # a damaged .arrow file shows when its rows are read
+            why = f"{type(e).__name__}: {_why(e)}"[:300]
+            raise DataError(f"{src.location}: rows {start}.. cannot be read ({why})") from None
         yield from (t for t in texts if t is not None)
         now = src.size * (start + len(texts)) // max(1, len(ds))
         progress(now - told)
@@ -236,7 +272,7 @@ def _why(error: BaseException) -> str:
 def expand_inputs(inputs: list[str | Path]) -> list[DocumentSource]:
     """The inputs named directly or found under folders, in a stable order."""
     sources: list[DocumentSource] = []
-    for item in map(str, inputs):
+    for item in (local_or_url(i, "--input") for i in inputs):
         if _remote(item):
             sources += _remote_sources(item)
             continue
@@ -267,12 +303,12 @@ def _remote_sources(url: str) -> list[DocumentSource]:
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **remote_options(url))
         if _kind(url):
             return [DocumentSource(url, _kind(url), int(fs.size(path) or 0))]
         found = {name: info for name, info in fs.find(path, detail=True).items() if _kind(name)}
-    except FileNotFoundError:
-        raise DataError(f"input not found: {url}") from None
+    except FileNotFoundError as e:
+        raise _not_found(url, e) from None
     except ImportError as e:
         raise DataError(f"reading {url} needs {e.name or e} (pip install 'sessa-train[cloud]')") from None
     if not found:

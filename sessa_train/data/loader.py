@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sessa_train.data.shards import INDEX_NAME, ShardError, index_sha256, load_index, read_shard
-from sessa_train.data.storage import Storage, is_remote
+from sessa_train.data.storage import Storage, is_remote, local_or_url
 from sessa_train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class PackedTokenLoader:
         stop: Callable[[], bool] = lambda: False,
         document_masking: bool = False,
     ) -> None:
+        data_dir = local_or_url(data_dir)  # file:// is a local folder; an unsupported scheme is refused
         self.data_dir = str(data_dir).rstrip("/") if is_remote(data_dir) else Path(data_dir)  # a folder or a URL
         self.storage = Storage(self.data_dir)
         self.index = load_index(self.data_dir, tokenizer_path)
@@ -190,6 +191,10 @@ class PackedTokenLoader:
         self.micro_per_step = G // world_size // micro_batch_size
         self.max_epochs, self.skip_corrupt, self.max_skipped_fraction = max_epochs, skip_corrupt, max_skipped_fraction
         self.stop = stop
+        if document_masking and self.index["eos_id"] is None:
+            raise DataError(f"data.document_masking=true needs the EOS id that joins documents, and "
+                            f"{self.storage.url(INDEX_NAME)} has eos_id null: set data.document_masking=false "
+                            "or write the shards with a tokenizer that has an EOS")  # fmt: skip
         self.eos_id = self.index["eos_id"] if document_masking else None
         self.vocab_size = self.index["vocab_size"]
         self.sample_base = np.concatenate([[0], np.cumsum([s["samples"] for s in self.shards])[:-1]]).tolist()

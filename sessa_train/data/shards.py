@@ -9,6 +9,8 @@ Layout of ``out_dir``::
 
     index.json                 format, seq_len, dtype, eos_id, vocab_size, tokenizer sha256,
                                and per split: shards [{name, samples, tokens, sha256}], totals
+    <tokenizer file>           the tokenizer the shards were written with (index.json names it):
+                               copied with the shards, a run finds it there without data.tokenizer
     train-000000.tar ...       members <key>.tokens.npy, key = 10-digit sample number
     val-000000.tar ...
 
@@ -37,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from sessa_train.data.storage import Storage, is_remote
+from sessa_train.data.storage import Storage, is_remote, local_or_url
 from sessa_train.data.tokenizer import Tokenizer
 from sessa_train.errors import DataError
-from sessa_train.files import file_sha256, readable_by_group, replace_durably
+from sessa_train.files import RunLock, file_sha256, readable_by_group, replace_durably
 
 INDEX_NAME = "index.json"
 FORMAT = "sessa-packed-tokens-v1"
@@ -232,36 +234,57 @@ def _progress(documents, enabled: bool, workers: int):
 
 
 class _Output:
-    """A folder written as ``<out>.partial`` and moved into place by ``publish``; removed on failure."""
+    """A folder written as ``<out>.partial`` and moved into place by ``publish``; removed on failure.
 
-    def __init__(self, out_dir: str | Path) -> None:
+    One writer per output: ``<out>.lock`` (``files.RunLock``) is held from ``__enter__`` to the
+    end, so a second job into the same ``--out`` is refused before it touches anything. ``keep``:
+    entries of ``out`` that the finished folder takes along (the merge's ``parts``); anything else
+    in ``out`` is refused up front, so a refusal changes nothing."""
+
+    def __init__(self, out_dir: str | Path, keep: Iterable[str] = ()) -> None:
         self.out = Path(out_dir)
+        self.keep = tuple(keep)
         if (self.out / INDEX_NAME).exists():
             raise DataError(f"{self.out / INDEX_NAME} already exists: choose an empty output directory")
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"--out {self.out} is a file, not a folder")
+        if self.out.is_dir() and (other := sorted(p.name for p in self.out.iterdir() if p.name not in self.keep)):
+            raise DataError(f"--out {self.out} is not empty (it holds {', '.join(other[:3])}): choose an empty "
+                            "output directory")  # fmt: skip
         self.partial = self.out.with_name(self.out.name + ".partial")
+        self.lock = RunLock(self.out.parent, self.out.name + ".lock", what="sessa-write-shards", subject=self.out)
+        self.moved: list[str] = []
 
     def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if (owner := self.lock.acquire()) is not None:
+            raise DataError(owner)
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         return self.partial
 
     def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            if kind is not None:
+                for name in self.moved:  # what ``publish`` had moved goes back
+                    os.replace(self.partial / name, self.out / name)
+                shutil.rmtree(self.partial, ignore_errors=True)
+        finally:
+            self.lock.release()
 
-    def publish(self, keep: Iterable[str] = ()) -> None:
-        """Move the finished folder into place (files already in ``out`` named by ``keep`` stay)."""
+    def publish(self) -> None:
+        """Move the finished folder into place, with the entries of ``out`` named by ``keep``."""
         if self.out.exists():
-            for name in keep:
+            for name in self.keep:
                 if (self.out / name).exists():
                     os.replace(self.out / name, self.partial / name)
+                    self.moved.append(name)
             if any(self.out.iterdir()):
                 raise DataError(f"--out {self.out} is not empty: choose an empty output directory")
             self.out.rmdir()
         readable_by_group(self.partial)
         os.replace(self.partial, self.out)
+        self.moved = []
 
 
 def write_shards(
@@ -297,6 +320,7 @@ def write_shards(
                 writer.abandon()
             raise
         splits = {split: {"documents": n_docs[split], **writers[split].finish()} for split in SPLITS}
+        shutil.copyfile(tokenizer.path, out / tokenizer.path.name)  # the tokenizer travels with its shards
         index = _write_index(out, seq_len, dtype, _tokenizer_record(tokenizer), splits)
         output.publish()
     return index
@@ -364,11 +388,46 @@ def write_part(
         finally:
             for fh in files.values():
                 fh.close()
+        for split in SPLITS:  # what the merge checks each part's streams against
+            counts[split]["sha256"] = file_sha256(folder / f"{split}.tokens")
         record = {"format": PART_FORMAT, "part": i, "parts": n, "seq_len": seq_len, "dtype": dtype.name}
         record |= {"samples_per_shard": samples_per_shard, "shard_bytes": shard_bytes, "val_fraction": val_fraction}
         record |= _tokenizer_record(tokenizer) | {"splits": counts}
+        shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
         (folder / "part.json").write_text(json.dumps(record, indent=1))
         output.publish()
+    return record
+
+
+def _checked_part(folder: Path, record) -> dict:
+    """A part's record, checked against its files before anything is merged: the keys and types
+    the merge reads, each split's stream holding exactly its token count in the part's dtype, and
+    (parts written since the record has them) each stream's sha256. DataError names the part."""
+    where = folder / "part.json"
+    ints = ("part", "parts", "seq_len")
+    if not isinstance(record, dict) or record.get("format") != PART_FORMAT:
+        raise DataError(f"{where}: not a part record (format is not {PART_FORMAT!r})")
+    if bad := [k for k in ints if not isinstance(record.get(k), int) or isinstance(record.get(k), bool)]:
+        raise DataError(f"{where}: {', '.join(bad)} must be integers, got {[record.get(k) for k in bad]}")
+    if record.get("dtype") not in ("uint16", "uint32"):
+        raise DataError(f"{where}: dtype {record.get('dtype')!r} is not uint16 or uint32")
+    splits = record.get("splits")
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(s), dict) for s in SPLITS):
+        raise DataError(f"{where}: splits must hold {' and '.join(SPLITS)} records")
+    itemsize = np.dtype(record["dtype"]).itemsize
+    for split in SPLITS:
+        info, stream = splits[split], folder / f"{split}.tokens"
+        tokens, documents = info.get("tokens"), info.get("documents")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (tokens, documents)):
+            raise DataError(f"{where}: {split} tokens and documents must be counts, got {tokens!r}, {documents!r}")
+        size = stream.stat().st_size if stream.is_file() else None
+        if size != tokens * itemsize:
+            raise DataError(
+                f"{stream}: {size} bytes, part.json says {tokens} {record['dtype']} tokens ({tokens * itemsize} "
+                "bytes): the part is incomplete or damaged; write it again"
+            )
+        if info.get("sha256") and file_sha256(stream) != info["sha256"]:
+            raise DataError(f"{stream}: checksum differs from part.json's: the part is damaged; write it again")
     return record
 
 
@@ -379,11 +438,14 @@ def merge_parts(out_dir: str | Path, progress: bool = False) -> dict:
 
     out = Path(out_dir)
     records = []
-    for folder in sorted((out / "parts").glob("part-*-of-*")) if (out / "parts").is_dir() else []:
+    for folder in (
+        sorted(p for p in (out / "parts").glob("part-*-of-*") if p.is_dir()) if (out / "parts").is_dir() else []
+    ):
         try:
-            records.append((folder, json.loads((folder / "part.json").read_text())))
+            record = json.loads((folder / "part.json").read_text())
         except (OSError, ValueError):
             raise DataError(f"{folder} is not a finished part (no readable part.json)") from None
+        records.append((folder, _checked_part(folder, record)))
     if not records:
         raise DataError(f"no parts under {out / 'parts'}: run sessa-write-shards --part i/n first")
     n = records[0][1]["parts"]
@@ -398,7 +460,7 @@ def merge_parts(out_dir: str | Path, progress: bool = False) -> dict:
     first = records[0][1]
     dtype = np.dtype(first["dtype"])
     per_shard, shard_bytes = first["samples_per_shard"], first["shard_bytes"]
-    output = _Output(out)
+    output = _Output(out, keep=["parts"])
     total = sum(r["splits"][s]["tokens"] for _, r in records for s in SPLITS)
     with output as target, tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, desc="merging") as bar:
         writers = {s: _SplitWriter(target, s, first["seq_len"] + 1, dtype, per_shard, shard_bytes) for s in SPLITS}
@@ -415,8 +477,10 @@ def merge_parts(out_dir: str | Path, progress: bool = False) -> dict:
             for s in SPLITS
         }
         tok = {k: first[k] for k in ("eos_id", "vocab_size", "tokenizer_sha256", "tokenizer_file")}
+        if plain_name(tok["tokenizer_file"]) and (records[0][0] / tok["tokenizer_file"]).is_file():
+            shutil.copyfile(records[0][0] / tok["tokenizer_file"], target / tok["tokenizer_file"])
         index = _write_index(target, first["seq_len"], dtype, tok, splits)
-        output.publish(keep=["parts"])
+        output.publish()
     shutil.rmtree(out / "parts")
     return index
 
@@ -473,6 +537,7 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
         )
     if missing := [k for k in INDEX_KEYS if k not in index]:
         raise ShardError(f"{where} lacks {', '.join(missing)}: written by another tool, or damaged")
+    _check_index_types(index, where)
     if index["sample_tokens"] != index["seq_len"] + 1:
         raise ShardError(
             f"{where}: sample_tokens={index['sample_tokens']} disagrees with seq_len={index['seq_len']} "
@@ -481,6 +546,9 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
     try:
         for name, split in index["splits"].items():
             for shard in split["shards"]:
+                if not plain_name(shard["name"]):
+                    raise ShardError(f"{where}: shard name {shard['name']!r} is not a file name in {data_dir} "
+                                     "(no folders, no '..'): the index is damaged or not ours")  # fmt: skip
                 if shard["tokens"] != shard["samples"] * index["sample_tokens"]:
                     raise ShardError(
                         f"{where}: {shard['name']} has tokens={shard['tokens']}, but {shard['samples']} samples of "
@@ -507,6 +575,51 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
     return index
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_index_types(index: dict, where: str) -> None:
+    """Every value index.json's readers use, of the type they use it as (ShardError names it)."""
+    for key in ("seq_len", "sample_tokens", "vocab_size"):
+        if not _count(index[key]) or index[key] == 0:
+            raise ShardError(f"{where}: {key} must be a positive integer, got {index[key]!r}")
+    if index["dtype"] not in ("uint16", "uint32"):
+        raise ShardError(f"{where}: dtype {index['dtype']!r} is not uint16 or uint32")
+    eos = index["eos_id"]
+    if eos is not None and not (_count(eos) and eos < index["vocab_size"]):
+        raise ShardError(f"{where}: eos_id must be null or an id below vocab_size {index['vocab_size']}, got {eos!r}")
+    if not isinstance(index["splits"], dict):
+        raise ShardError(f"{where}: splits must map split names to their shards, got {type(index['splits']).__name__}")
+    for name, split in index["splits"].items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise ShardError(f"{where}: split {name!r} must hold a list of shards")
+        for key in ("samples", "tokens"):
+            if not _count(split.get(key)):
+                raise ShardError(f"{where}: split {name!r} {key} must be a count, got {split.get(key)!r}")
+        for shard in split["shards"]:
+            if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
+                raise ShardError(f"{where}: split {name!r} has a shard entry without a name: {shard!r}"[:300])
+            for key in ("samples", "tokens"):
+                if not _count(shard.get(key)):
+                    raise ShardError(f"{where}: {shard['name']} {key} must be a count, got {shard.get(key)!r}")
+            if shard.get("sha256") is not None and not isinstance(shard["sha256"], str):
+                raise ShardError(f"{where}: {shard['name']} sha256 must be a string, got {shard['sha256']!r}")
+
+
+def plain_name(name) -> bool:
+    """Whether ``name`` (read from data) names a file in its own folder: no folder part, no
+    ``..``, not absolute, nothing a path or URL could resolve outside the folder."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and name == name.strip()
+    )
+
+
 def index_sha256(data_dir: str | Path) -> str:
     return hashlib.sha256(Storage(data_dir).read(INDEX_NAME)).hexdigest()
 
@@ -517,9 +630,13 @@ def find_tokenizer(data_dir: str | Path, index: dict, given: str | Path | None) 
     remote folder: fetched once into ``~/.cache/sessa-train/tokenizers/<sha256>/``)."""
     if given is not None:
         return Path(given).resolve()
+    data_dir = local_or_url(data_dir)
     name, sha = index.get("tokenizer_file"), index.get("tokenizer_sha256")
     if not name:
         return None
+    if not plain_name(name) or not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+        raise ShardError(f"{Storage(data_dir).url(INDEX_NAME)}: tokenizer_file {name!r} with sha256 {sha!r} is not "
+                         "a plain file name and a sha256: the index is damaged or not ours")  # fmt: skip
     if is_remote(data_dir):
         cached = Path.home() / ".cache" / "sessa-train" / "tokenizers" / str(sha) / name
         if not cached.is_file():

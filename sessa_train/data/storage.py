@@ -16,14 +16,31 @@ import os
 import time
 from pathlib import Path
 
-from sessa_train.errors import DataError
+from sessa_train.errors import DataError, redact
 
 RETRIES = 5
 BACKOFF_S = 0.2  # first wait; doubled each retry
+CONNECT_S = 10.0  # an attempt that cannot connect in this long has failed (and is retried)
+READ_S = 60.0  # nor one whose server goes this long without sending a byte
+
+
+SCHEMES = ("s3", "http", "https")  # what a URL may be read from (file:// is a local path)
 
 
 def is_remote(location: str | Path) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def local_or_url(location: str | Path, what: str = "data.path") -> str:
+    """``location`` as the readers take it: a ``file://`` URL as its local path, a URL of a scheme
+    in ``SCHEMES`` as it is; DataError for any other scheme (ftp://, zip://, ...)."""
+    text = str(location)
+    if text.startswith("file://"):
+        return text[len("file://") :]
+    if "://" in text and (scheme := text.split("://", 1)[0].lower()) not in SCHEMES:
+        raise DataError(f"{what}={redact(text)}: the {scheme}:// scheme is not supported; valid: a local path, "
+                        f"file://, {', '.join(s + '://' for s in SCHEMES)}")  # fmt: skip
+    return text
 
 
 def _transient(error: BaseException) -> bool:
@@ -33,29 +50,33 @@ def _transient(error: BaseException) -> bool:
     status = getattr(error, "status", None) or getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
         return status >= 500 or status in (408, 429)
-    return isinstance(error, OSError | TimeoutError | ConnectionError) or "timeout" in type(error).__name__.lower()
+    name = type(error).__name__.lower()  # botocore's EndpointConnectionError, aiohttp's ClientConnectorError, ...
+    return isinstance(error, OSError | TimeoutError | ConnectionError) or any(
+        word in name for word in ("timeout", "connection", "connector", "disconnect")
+    )
 
 
 class Storage:
     """Files under a local folder or a URL prefix."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = str(root).rstrip("/")
+        self.root = local_or_url(root).rstrip("/") or "/"
         self.remote = is_remote(self.root)
         if self.remote:
             import fsspec
 
             try:
-                self.fs, self.base = fsspec.core.url_to_fs(self.root, **_options(self.root))
+                self.fs, self.base = fsspec.core.url_to_fs(self.root, **remote_options(self.root))
             except ImportError as e:
                 raise DataError(
-                    f"data.path={self.root} needs {e.name or e} (pip install 'sessa-train[cloud]')"
+                    f"data.path={redact(self.root)} needs {e.name or e} (pip install 'sessa-train[cloud]')"
                 ) from None
         else:
             self.fs, self.base = None, self.root
 
     def url(self, name: str) -> str:
-        return f"{self.root}/{name}" if self.remote else str(Path(self.root) / name)
+        """Where ``name`` is, as messages show it (without a URL's credentials)."""
+        return redact(f"{self.root}/{name}") if self.remote else str(Path(self.root) / name)
 
     def exists(self, name: str) -> bool:
         if not self.remote:
@@ -98,9 +119,18 @@ class Storage:
         raise AssertionError("unreachable")
 
 
-def _options(url: str) -> dict:
-    """fsspec options: an S3-compatible endpoint from AWS_ENDPOINT_URL (boto3 reads it too, s3fs
-    only from here); HTTP without fsspec's own listing of the parent page."""
-    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    return {}
+def remote_options(url: str) -> dict:
+    """fsspec options: timeouts of our own for each attempt (``CONNECT_S``, ``READ_S``; the libraries'
+    defaults hold a silent server for minutes, and botocore's own retries are off: ours count), and
+    an S3-compatible endpoint from AWS_ENDPOINT_URL (boto3 reads it too, s3fs only from here)."""
+    if url.startswith("s3://"):
+        options: dict = {
+            "config_kwargs": {"connect_timeout": CONNECT_S, "read_timeout": READ_S, "retries": {"max_attempts": 1}}
+        }
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+        return options
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_S, sock_connect=CONNECT_S, sock_read=READ_S)
+    return {"client_kwargs": {"timeout": timeout}}

@@ -120,8 +120,9 @@ def _train_byte_level_bpe(documents: Iterable[str], path: Path, vocab_size: int)
 
 class Tokenizer:
     """A loaded tokenizer with the ids the data pipeline needs: ``kind`` (sentencepiece or
-    huggingface), ``eos_id``, ``bos_id`` (None if it has none), ``vocab_size``, ``sha256`` of its
-    file and the name an export or checkpoint gives the file (``file_name``)."""
+    huggingface), ``eos_id``, ``bos_id`` (None if it has none), ``vocab_size`` (every id it can
+    emit is below it), ``sha256`` of its file and the name an export or checkpoint gives the file
+    (``file_name``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -160,15 +161,18 @@ class Tokenizer:
         self.eos_token = self._eos_token()
         self.eos_id = self.hf.token_to_id(self.eos_token)
         self.bos_id = None
-        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        # the id space, not the count: a tokenizer.json may number its tokens sparsely (ids past
+        # 65535 with few tokens), and shards, embeddings and range checks need every id below it
+        self.vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def _eos_token(self) -> str:
         config = self.path.with_name("tokenizer_config.json")
         if config.is_file():
             try:
-                eos = json.loads(config.read_text()).get("eos_token")
+                settings = json.loads(config.read_text())
             except ValueError:
-                eos = None
+                settings = None
+            eos = settings.get("eos_token") if isinstance(settings, dict) else None
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if isinstance(eos, str) and self.hf.token_to_id(eos) is not None:
                 return eos

@@ -29,7 +29,10 @@ from pathlib import Path
 from sessa_train.config import ARCHITECTURES
 from sessa_train.errors import ConfigError, SessaError, argument_parser
 
-ROWS = Path("configs/paper/rows.yaml")
+# the repository's files, found from the package (not from the working directory): the rows and
+# the configs they name (relative to the repository's root)
+REPO = Path(__file__).resolve().parents[2]
+ROWS = REPO / "configs" / "paper" / "rows.yaml"
 TEST_SEED = 1_000_003  # training uses seed 0, validation seed 1
 
 
@@ -54,9 +57,13 @@ class Size:
 def read_sizes(path: Path = ROWS) -> dict[str, Size]:
     import yaml
 
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (the paper's rows; pass --rows FILE)")
     try:
         raw = yaml.safe_load(path.read_text())
-        return {name: Size(name, **spec) for name, spec in raw.items()}
+        sizes = {name: Size(name, **spec) for name, spec in raw.items()}
+        return {n: Size(**{**vars(s), "config": str(REPO / s.config)}) if not Path(s.config).is_absolute() else s
+                for n, s in sizes.items()}  # fmt: skip
     except (OSError, yaml.YAMLError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a mapping of sizes to {{config, length, train, val, test, eval_lengths}} "
                           f"({type(e).__name__}: {e})") from None  # fmt: skip
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argument_parser(prog="paper_row", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("size", help=f"a size of {ROWS} (tiny, 125m, 350m)")
     p.add_argument("arch", choices=ARCHITECTURES)
+    p.add_argument("--rows", type=Path, default=ROWS, help=f"the rows file (default: {ROWS})")
     p.add_argument("--nproc", type=int, default=1, help="ranks on this node (torchrun), e.g. 8 GPUs")
     p.add_argument("--results", type=Path, default=Path("runs/paper/results"))
     p.add_argument("--runs", type=Path, default=Path("runs/paper"), help="each row trains in RUNS/<size>-<arch>")
@@ -172,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from sessa_train.config import load_config
 
-        sizes = read_sizes()
+        sizes = read_sizes(args.rows)
         if args.size not in sizes:
-            raise ConfigError(f"size {args.size!r} is not in {ROWS}; valid: {', '.join(sizes)}")
+            raise ConfigError(f"size {args.size!r} is not in {args.rows}; valid: {', '.join(sizes)}")
         size = sizes[args.size]
         run = args.runs / f"{size.name}-{args.arch}"
         cfg = load_config([size.config], [f"model.arch={args.arch}", *args.overrides])

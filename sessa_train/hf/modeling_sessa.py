@@ -86,10 +86,11 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: cache})
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, **kwargs):
         """The tokens the cache has not seen yet, with the cache (under the installed version's name)
-        and their positions in their documents (from the padding and, with document masking, EOS)."""
-        cache = kwargs.get(CACHE)
+        and their positions in their documents (from the padding and, with document masking, EOS).
+        ``use_cache=False``: no cache, every step computes the whole sequence again."""
+        cache = kwargs.get(CACHE) if use_cache else None
         seen = 0 if cache is None else cache.get_seq_length()
         position_ids = None
         if attention_mask is not None or self._eos() is not None:
@@ -100,6 +101,6 @@ class SessaForCausalLM(PreTrainedModel, GenerationMixin):
             "input_ids": input_ids[:, seen:],
             "position_ids": position_ids,
             CACHE: cache,
-            "use_cache": True,
+            "use_cache": bool(use_cache),
             "attention_mask": attention_mask,
         }

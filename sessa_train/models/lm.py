@@ -105,6 +105,12 @@ class SessaLM(nn.Module):
             if inputs.dim() != 2 or inputs.dtype not in (torch.int32, torch.int64):
                 got = f"{inputs.dtype} {tuple(inputs.shape)}"
                 raise ValueError(f"SessaLM expects integer token ids of shape (batch, seq), got {got}")
+            if inputs.numel():
+                low, high = (int(x) for x in torch.aminmax(inputs))
+                if low < 0 or high >= self.cfg.vocab_size:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"token id {bad} is outside the vocabulary of {self.cfg.vocab_size} (0 .. "
+                                     f"{self.cfg.vocab_size - 1})")  # fmt: skip
             x = self.embed(inputs)
         else:
             x = inputs

@@ -5,6 +5,8 @@ that steps it (``build_engine``). Tests build through the same functions.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sessa_train.config import TrainConfig, architecture_difference
@@ -108,16 +110,27 @@ def build_loader(cfg: TrainConfig, layout: ParallelState, slots=None, stop=lambd
     return loader
 
 
-def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The plain weights of the export ``checkpoint.init_from``; its model must be this run's."""
+def initial_weights(cfg: TrainConfig, tokenizer_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The plain weights of the export ``checkpoint.init_from``; its model must be this run's, and
+    its tokenizer the one this run's data was written with (``tokenizer_sha256``, None: unknown),
+    or its token ids would mean other tokens here."""
     from sessa_train.export import load_pretrained
+    from sessa_train.files import file_sha256
 
+    source = Path(cfg.checkpoint.init_from)
     try:
-        export = load_pretrained(cfg.checkpoint.init_from, dtype=torch.float32)
+        export = load_pretrained(source, dtype=torch.float32)
     except CheckpointError as e:
         raise TrainError(f"checkpoint.init_from: {e}") from None
     if differ := architecture_difference(export.cfg, cfg.model):
-        raise TrainError(f"checkpoint.init_from={cfg.checkpoint.init_from} holds a model with {differ}")
+        raise TrainError(f"checkpoint.init_from={source} holds a model with {differ}")
+    files = [source / name for name in ("tokenizer.model", "tokenizer.json") if (source / name).is_file()]
+    if tokenizer_sha256 and files and (theirs := file_sha256(files[0])) != tokenizer_sha256:
+        raise TrainError(
+            f"checkpoint.init_from={source} was trained with tokenizer {files[0].name} (sha256 {theirs[:12]}...), "
+            f"this run's data was written with another (sha256 {tokenizer_sha256[:12]}...): its token ids would "
+            "mean other tokens; write the data with the export's tokenizer"
+        )
     return export.state_dict()
 
 

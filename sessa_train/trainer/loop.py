@@ -26,7 +26,7 @@ from sessa_train.checkpoint import CheckpointManager, DataIdentity, Layout, Meta
 from sessa_train.config import TrainConfig, architecture_difference
 from sessa_train.data import PackedTokenLoader, StopRequestedError, find_tokenizer
 from sessa_train.distributed import DistInfo
-from sessa_train.errors import DataError, TrainError
+from sessa_train.errors import DataError, TrainError, redact, redacted
 from sessa_train.flops import train_flops_per_token
 from sessa_train.hardware import peak_tflops
 from sessa_train.trainer.build import build_engine, build_loader, initial_weights, loader_args, parallel_state
@@ -46,8 +46,48 @@ def _restart_count() -> int:
 
 
 def _location(path: str) -> str:
-    """A data path as the checkpoint records it: a URL as given, a local folder absolute."""
-    return path if "://" in path else str(Path(path).resolve())
+    """A data path as the checkpoint records it: a URL as given (without credentials), a local
+    folder absolute."""
+    return redact(path) if "://" in path else str(Path(path).resolve())
+
+
+def logging_problem(cfg) -> str | None:
+    """Why the run's logging outputs could not start (one line), or None: logging.dir (and wandb's
+    folder in it) must be a writable folder, and wandb online needs an API key."""
+    import os
+
+    folders = [Path(cfg.dir)] + ([Path(cfg.dir) / "wandb"] if cfg.wandb.project else [])
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"logging.dir={cfg.dir} cannot be used as a folder ({e.strerror})"
+        try:
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            return f"logging.dir={cfg.dir}: {folder} cannot be written ({e.strerror})"
+    if cfg.wandb.project and cfg.wandb.mode == "online" and not _wandb_key():
+        return (
+            f"logging.wandb.project={cfg.wandb.project} with mode online needs a wandb API key (wandb login, or "
+            "WANDB_API_KEY); or set logging.wandb.mode=offline (sync later with wandb sync)"
+        )
+    return None
+
+
+def _wandb_key() -> bool:
+    """Whether wandb would find an API key: WANDB_API_KEY, or a netrc entry for its host."""
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
 
 
 class Trainer:
@@ -91,13 +131,14 @@ class Trainer:
             self._check_data(meta.data)
         self.tokenizer = find_tokenizer(cfg.data.sources[0][1], index, cfg.data.tokenizer)
         self.has_val = cfg.logging.eval_every_steps > 0 and index["splits"].get("val", {}).get("samples", 0) > 0
-        weights = initial_weights(cfg) if ck.init_from and not meta else None
+        weights = initial_weights(cfg, index["tokenizer_sha256"]) if ck.init_from and not meta else None
         self.engine = build_engine(cfg, info, self.state, self.seq_len, weights)
         self.flops_per_token = train_flops_per_token(cfg.model, self.seq_len)
         device = info.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(name, precision(cfg, device))
-        self.metrics = Metrics(cfg.logging, info.is_main, Path(ck.dir).parent.name, cfg.to_dict())
+        self.record = redacted(cfg.to_dict())  # the config as checkpoints and metrics record it
+        self.metrics = Metrics(cfg.logging, info.is_main, Path(ck.dir).parent.name, self.record)
         self.parts: dict[str, Part] = {
             "model": ModelState(self.engine),
             "rng": RngState(info.rank, self.layout),
@@ -120,20 +161,19 @@ class Trainer:
         elif resume == "auto":
             self.print(f"no checkpoint in {ck.dir}: starting from scratch")
         if self.tokenizer is None:
-            self.print(f"no tokenizer found for {cfg.data.path} (data.tokenizer): checkpoints will not carry one")
+            where = redact(cfg.data.path)
+            self.print(f"no tokenizer found for {where} (data.tokenizer): checkpoints will not carry one")
 
     def print(self, message: str) -> None:
         if self.dist.is_main:
             log.info(message)
 
     def _check_log_dir(self) -> None:
-        """Collective: logging.dir can be created and written, now rather than at the first metric."""
+        """Collective: every logging output can start (``logging_problem``), now rather than after the
+        model is built."""
         problem = None
         if self.dist.is_main:
-            try:
-                Path(self.cfg.logging.dir).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                problem = f"logging.dir={self.cfg.logging.dir} cannot be used as a folder ({e.strerror})"
+            problem = logging_problem(self.cfg.logging)
         if problem := comm.all_gather_objects(problem)[0]:
             raise TrainError(problem)
 
@@ -182,7 +222,7 @@ class Trainer:
 
     def save(self) -> None:
         path = self.checkpoints.save(
-            self.step, self.tokens, self.layout, self.data_identity, self.parts, self.cfg.to_dict(), self.tokenizer
+            self.step, self.tokens, self.layout, self.data_identity, self.parts, self.record, self.tokenizer
         )
         self.print(f"saved {path}")
 
@@ -282,6 +322,7 @@ class Trainer:
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
                 last_saved = self.step
+        profiler.close()  # a run stopped inside the profiled steps still writes their trace
         if self.step < stop_at:
             self.metrics.print(f"stopping at step {self.step} on {self.stop_reason}: saving")
         if last_saved != self.step:
@@ -299,7 +340,7 @@ class Trainer:
         if self.dist.is_main:
             lm = self.cfg.logging.lm_eval
             path = Path(self.cfg.checkpoint.dir) / f"step_{self.step:08d}"
-            results, out = evaluate(
+            results, out, _ = evaluate(
                 path, list(lm.tasks), batch_size=lm.batch_size, limit=lm.limit, device=self.dist.device
             )
             scalars = scalars_of(results)

@@ -39,7 +39,12 @@ class StepProfiler:
 
     def after(self, step: int) -> None:
         """Called after step ``step`` has run."""
-        if self.profiler is None or step != self.end:
+        if step == self.end:
+            self.close()
+
+    def close(self) -> None:
+        """Write the trace of what was profiled (the run may end before ``end``: a stop, a signal)."""
+        if self.profiler is None:
             return
         self.profiler.__exit__(None, None, None)
         self.profiler = None
