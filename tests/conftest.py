@@ -41,8 +41,9 @@ def default_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(default_data, tmp_path_factory) -> dict[str, Path]:
-    """configs/tiny.yaml for its 300 steps in one process on the offline default corpus
-    (checkpoints every 100 steps); {"data": prepared data folder, "run": run folder}."""
+    """configs/tiny.yaml for the first 150 of its 300 steps (its schedule unchanged) in one process
+    on the offline default corpus (checkpoints at 100 and 150); {"data": prepared data folder,
+    "run": run folder}."""
     from tests.trainer import REPO, train
 
     data, run = default_data, tmp_path_factory.mktemp("tiny") / "run"
@@ -50,9 +51,13 @@ def tiny_run(default_data, tmp_path_factory) -> dict[str, Path]:
         REPO / "configs" / "tiny.yaml",
         *tiny_overrides(data, run),
         "logging.eval_every_steps=0",
+        f"schedule.stop_after_steps={TINY_STEPS}",
         threads=2,
     )
     return {"data": data, "run": run}
+
+
+TINY_STEPS = 150
 
 
 def tiny_overrides(data: Path, run: Path) -> list[str]:

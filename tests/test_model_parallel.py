@@ -310,7 +310,7 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
 
     # plain -> CP=2 x TP=2: the first loss of a run started from the 1-process export; its
     # checkpoint exports back to the plain layout (TP ranks merged, CP ranks are replicas)
-    export_checkpoint(one / "ckpt" / "step_00000300", tmp_path / "from_one")
+    export_checkpoint(one / "ckpt", tmp_path / "from_one")
     run2 = tmp_path / "init_from"
     train(
         tiny,

@@ -30,7 +30,7 @@ def _old_ring_backward(rank: int, port: int, rules: str | None, out) -> None:
     if rules:
         from tests.nccl_rules import install
 
-        install(rules, timeout=10)
+        install(rules, timeout=3)  # the sends it waits for take milliseconds; a deadlock is called after 3 s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:

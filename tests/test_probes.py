@@ -400,14 +400,16 @@ line = b'{"text": "' + b"a" * (100 << 20) + b'"}\\n'
 path.write_bytes(gzip.compress(line, 9) if path.suffix == ".gz" else zstandard.ZstdCompressor(level=19).compress(line))
 """
 READ_BOMB = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {repo!r})
 from sessa_train.data.documents import read_documents
 from sessa_train.errors import DataError
 try:
     list(read_documents(sys.argv[1]))
 except DataError as e:
-    print(json.dumps({{"error": str(e), "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}}))
+    # VmHWM is this process's own peak: ru_maxrss is carried across exec from the forking parent.
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({{"error": str(e), "rss_mib": int(hwm.split()[1]) >> 10}}))
 """
 
 
