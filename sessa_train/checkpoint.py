@@ -29,16 +29,17 @@ at the next start.
 
 Loading: a checkpoint is verified against its manifest first (the files split over the ranks);
 ``--resume auto`` takes the newest one that verifies and says which it skipped and why; an
-explicit path that does not verify is a one-line error naming the file. ``ParamReader`` gives a
-parameter's whole (plain-layout) weight and moments, joined from the tensor-parallel shards it
-was saved in; ``parallel/layout.py`` cuts them for the loading rank. ``read_weights`` gives the
-plain fp32 weights of any checkpoint (export, evaluation).
+explicit path that does not verify is a one-line error naming the file. ``ParamReader`` reads
+one rank's tensor-parallel cut of a parameter's weight and moments (or a flat range of it, a ZeRO
+partition) from the tensor-parallel shards it was saved in, touching only the overlapping bytes;
+``read_weights`` gives the plain fp32 weights of any checkpoint (export, evaluation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -296,12 +297,13 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int, world: int, log: Callable[[str], None]) -> None:
         self.root, self.keep_last, self.rank, self.world, self.log = Path(root), keep_last, rank, world, log
         self.run_lock = RunLock(self.root)
+        self._group, self._pending = None, None  # a background save's communication group, the save in flight
 
     def lock(self) -> None:
         """Collective: claim the folder for this run (``files.RunLock``), before anything in it is
         touched; a second run into the same folder stops with one line naming the first."""
         problem = self.run_lock.acquire() if self.rank == 0 else None
-        if problem := comm.all_gather_objects(problem)[0]:
+        if problem := comm.first_problem(problem):
             raise CheckpointError(problem)
         if self.rank == 0:
             import atexit
@@ -323,7 +325,7 @@ class CheckpointManager:
                 probe.unlink()
             except OSError as e:
                 problem = f"checkpoint.dir={self.root} is not writable ({e.strerror})"
-        if problem := comm.all_gather_objects(problem)[0]:
+        if problem := comm.first_problem(problem):
             raise CheckpointError(problem)
 
     def clear_partial(self) -> None:
@@ -342,7 +344,7 @@ class CheckpointManager:
                 read_config(path)
             except CheckpointError as e:
                 problem = str(e)
-        return next((p for p in comm.all_gather_objects(problem) if p), None)
+        return comm.first_problem(problem)
 
     def resolve(self, resume: str, allow_older: bool) -> Path | None:
         """Collective. The checkpoint to resume from: ``none``, ``auto`` (the newest that verifies)
@@ -405,33 +407,62 @@ class CheckpointManager:
         parts: dict[str, Part],
         config: dict,
         tokenizer: Path | None,
+        background: bool = False,
     ) -> Path:
         """Collective: every rank calls it with the same arguments; each writes its shards of the
-        tensor parts, rank 0 the record (with every part's JSON state), config and tokenizer."""
+        tensor parts, rank 0 the record (with every part's JSON state), config and tokenizer.
+        Returns the folder the checkpoint is (or, in the background, will be) published as.
+
+        ``background``: the parts' states and tensors are taken now (host copies), and a thread
+        per rank writes them, agrees with the other ranks' threads over a communication group of
+        its own (gloo) and publishes, while training goes on; one save is in flight at a time
+        (the next one, ``wait`` and the end of a run wait for it)."""
+        self.wait()
         name = f"step_{step:08d}"
-        partial = self.root / f"{name}.partial"
+        partial, final = self.root / f"{name}.partial", self.root / name
         problem = None
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             problem = self._attempt(partial, lambda: partial.mkdir(parents=True))
         self._agree(problem, partial)
-        states, records = {}, {}
+        states, shards = {}, {}
         for part_name, part in parts.items():  # every rank takes part in every part's collectives
             states[part_name] = part.state_dict()
             for shard, tensors in (part.tensors() if hasattr(part, "tensors") else {}).items():
-                file = partial / part_name / f"{shard}.safetensors"
-                problem = problem or self._attempt(
-                    partial, lambda f=file, t=tensors: records.update(_written(f, t, partial))
-                )
-        self._agree(problem, partial)
-        every = comm.all_gather_objects(records)
-        final = self.root / name
+                if background:  # the step after this one changes the originals
+                    tensors = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+                shards[partial / part_name / f"{shard}.safetensors"] = tensors
+        meta = Meta(step, tokens, layout, data, states)
+        if not background:
+            self._write(partial, final, shards, meta, config, tokenizer, group=None)
+            return final
+        group = self._group = self._group or comm.side_group()
+        self._pending = _Background(lambda: self._write(partial, final, shards, meta, config, tokenizer, group))
+        return final
+
+    def wait(self, raising: bool = True) -> None:
+        """Until the save in flight (if any) is published; its failure raised here, on every rank
+        (``raising=False``: dropped, when the run is ending on another error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join(raising)
+
+    def _write(self, partial: Path, final: Path, shards: dict, meta: Meta, config: dict, tokenizer, group) -> None:
+        """Collective over ``group``: the shards written, then the record and manifest, the folder
+        renamed into place and ``latest`` moved (rank 0)."""
+        start, problem, records = time.perf_counter(), None, {}
+        for file, tensors in shards.items():
+            problem = problem or self._attempt(
+                partial, lambda f=file, t=tensors: records.update(_written(f, t, partial))
+            )
+        self._agree(problem, partial, group)
+        every = comm.all_gather_objects(records, group)
         if self.rank == 0:
             files = {k: v for rank_records in every for k, v in rank_records.items()}
-            meta = Meta(step, tokens, layout, data, states)
             problem = self._attempt(partial, lambda: self._publish(partial, final, meta, config, tokenizer, files))
-        self._agree(problem, partial)
-        return final
+        self._agree(problem, partial, group)
+        if group is not None:
+            self.log(f"saved {final} ({time.perf_counter() - start:.2f} s writing in the background)")
 
     def _publish(self, partial: Path, final: Path, meta: Meta, config: dict, tokenizer, files: dict) -> None:
         """Rank 0: the record, config, tokenizer and manifest, then the folder renamed into place."""
@@ -465,14 +496,13 @@ class CheckpointManager:
             )
         return None
 
-    def _agree(self, problem: str | None, partial: Path) -> None:
-        """Collective: every rank learns of any rank's failed write; the partial folder is removed
-        and each raises the same one-line error."""
-        problems = [p for p in comm.all_gather_objects(problem) if p]
-        if problems:
+    def _agree(self, problem: str | None, partial: Path, group=None) -> None:
+        """Collective (over ``group``): every rank learns of any rank's failed write; the partial
+        folder is removed and each raises the same one-line error."""
+        if problem := comm.first_problem(problem, group):
             if self.rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise CheckpointError(problems[0])
+            raise CheckpointError(problem)
 
     @staticmethod
     def load(path: Path, parts: dict[str, Part]) -> Meta:
@@ -488,17 +518,42 @@ class CheckpointManager:
         return meta
 
 
+class _Background:
+    """``work()`` in a thread; ``join`` waits for it and raises what it raised."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name="sessa-checkpoint", daemon=True)
+        self.thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as e:  # raised again on the main thread by join
+            self.error = e
+
+    def join(self, raising: bool = True) -> None:
+        self.thread.join()
+        if self.error is not None and raising:
+            raise self.error
+
+
 # -- weights of any checkpoint -----------------------------------------------------------------
 
 
 class ParamReader:
-    """Whole (plain-layout) fp32 weights and AdamW moments of the model part, one parameter at a
-    time, joined from the tensor-parallel shards (``model_shard`` names) they were saved in."""
+    """Weights and AdamW moments of the model part, read from the tensor-parallel shards
+    (``model_shard`` names) they were saved in, under any later layout: ``region`` reads one
+    rank's tensor-parallel cut of a parameter, or a flat range of that cut (its ZeRO partition),
+    touching only the bytes of the saved pieces that overlap it (``safe_open(...).get_slice``);
+    ``full`` is the whole tensor. ``bytes_read`` counts the tensor bytes materialised."""
 
     def __init__(self, shards: Mapping[str, object], cfg: ModelConfig, tensor: int, pipeline: int) -> None:
         from sessa_train.parallel.layout import stage_splits
 
-        self.tensor = tensor
+        self.tensor, self.bytes_read = tensor, 0
         self.splits = {n: split for stage in range(pipeline) for n, split in stage_splits(cfg, pipeline, stage).items()}
         self.where: dict[str, dict[int, object]] = {}  # key -> tensor rank -> open file
         for shard, fh in shards.items():
@@ -514,17 +569,72 @@ class ParamReader:
 
     def full(self, name: str, what: str = "") -> torch.Tensor:
         """The whole tensor of parameter ``name`` (``what``: "" for the weight, or a moment)."""
-        from sessa_train.parallel.layout import join
+        return self.region(name, what)
 
+    def region(
+        self, name: str, what: str = "", rank: int = 0, ranks: int = 1, flat: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Tensor rank ``rank`` of ``ranks``'s cut of parameter ``name`` (``parallel/layout.py``'s
+        ``cut`` of the whole; the whole tensor when it is not split), or, with ``flat=(a, b)``,
+        elements a..b-1 of that cut flattened (a 1-D tensor)."""
         key = f"{name}.{what}" if what else name
         held = self.where.get(key, {})
         split = self.splits.get(name)
-        ranks = [min(held, default=0)] if split is None else range(self.tensor)
-        if any(r not in held for r in ranks):
-            lacking = [r for r in ranks if r not in held]
+        ranks_saved = [min(held, default=0)] if split is None else range(self.tensor)
+        if any(r not in held for r in ranks_saved):
+            lacking = [r for r in ranks_saved if r not in held]
             raise CheckpointError(f"the checkpoint holds no {key!r} of tensor rank(s) {lacking}")
-        pieces = [held[r].get_tensor(key) for r in ranks]
-        return pieces[0] if split is None else join(pieces, split)
+        piece = {r: held[r].get_slice(key) for r in ranks_saved}
+        shape = list(piece[ranks_saved[0]].get_shape())
+        if split is not None:
+            shape[split.dim] *= self.tensor
+            shape[split.dim] //= ranks
+        if not shape:  # a scalar
+            return self._counted(held[ranks_saved[0]].get_tensor(key))
+        row = math.prod(shape[1:])
+        first, stop = (0, shape[0]) if flat is None else (flat[0] // max(row, 1), -(-flat[1] // max(row, 1)))
+        if split is None:
+            out = self._counted(piece[ranks_saved[0]][first:stop])
+        else:
+            runs = _saved_runs(shape[split.dim], split.parts, rank, ranks, self.tensor)
+            if split.dim == 0:  # the rows first..stop-1 of the cut, run by run
+                out, at = [], 0
+                for saved, lo, hi in runs:
+                    a, b = max(lo, first - at + lo), min(hi, stop - at + lo)
+                    if a < b:
+                        out.append(self._counted(piece[saved][a:b]))
+                    at += hi - lo
+                out = torch.cat(out) if out else torch.empty(0, *shape[1:])
+            else:
+                index = (slice(first, stop),) + (slice(None),) * (split.dim - 1)
+                out = torch.cat([self._counted(piece[saved][(*index, slice(lo, hi))]) for saved, lo, hi in runs],
+                                split.dim)  # fmt: skip
+        if flat is None:
+            return out
+        return out.flatten()[flat[0] - first * row : flat[1] - first * row]
+
+    def _counted(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def _saved_runs(length: int, parts: int, rank: int, ranks: int, saved: int) -> list[tuple[int, int, int]]:
+    """Where rank ``rank`` of ``ranks``'s cut of a dimension lies in the pieces a checkpoint saved
+    under ``saved`` tensor ranks: (saved rank, start, stop) along that dimension of the saved
+    piece, in the cut's order. ``length``: the cut's length along it; the whole is ``parts``
+    blocks, each cut into ``ranks`` (``saved``) chunks, block p of a piece holding its chunk of
+    block p of the whole."""
+    block = length // parts * ranks  # one block of the whole
+    own, kept = block // ranks, block // saved  # a block's chunk in the cut, in a saved piece
+    runs = []
+    for p in range(parts):
+        lo, hi = rank * own, (rank + 1) * own  # within block p of the whole
+        while lo < hi:
+            s = lo // kept
+            end = min(hi, (s + 1) * kept)
+            runs.append((s, p * kept + lo - s * kept, p * kept + end - s * kept))
+            lo = end
+    return runs
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

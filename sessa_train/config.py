@@ -244,6 +244,9 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every_steps: int = 200  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
+    # the step after a save runs while its files are written from host copies (one save in
+    # flight); ``latest`` moves only once the whole checkpoint is on disk
+    async_save: bool = True
     resume: str = "none"  # none | auto (newest checkpoint that verifies) | a checkpoint folder
     resume_older: bool = False  # allow a folder older than the newest (the newer ones are moved aside)
     # an export folder (sessa-export): its weights start the run, under any parallel layout, with

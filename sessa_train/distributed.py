@@ -76,10 +76,26 @@ def shutdown() -> None:
 
     if "torch.distributed" not in sys.modules:
         return
+    import gc
+
     import torch.distributed as dist
 
+    if "megatron.core.parallel_state" in sys.modules:  # its globals hold every group it made
+        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    # the groups' C++ objects (their worker threads) go now, while the interpreter is whole, not
+    # in its teardown, where a thread still holding a tensor can abort the process
+    gc.collect()
+
+
+def side_group():
+    """Collective: a new gloo group of all ranks, for a thread's own collectives beside the
+    training's (a background checkpoint save): its tensors live on the CPU whatever the run's
+    device, and its order of operations is that thread's alone."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
 
 
 # -- the one rule for collectives ----------------------------------------------------------
@@ -139,6 +155,42 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     return tensor
 
 
+def rank() -> int:
+    """This process's global rank."""
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def global_rank(group, rank: int) -> int:
+    """The global rank of ``group``'s rank ``rank`` (None: the world)."""
+    import torch.distributed as dist
+
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def reduce(tensor: torch.Tensor, dst: int, group=None) -> torch.Tensor:
+    """In place, the sum over ``group`` arriving at global rank ``dst`` only (the others' ``tensor``
+    is left undefined); ``tensor`` must be on ``comm_device(group)``."""
+    import torch.distributed as dist
+
+    _check([tensor], group)
+    with _labelled():
+        dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def gather(tensor: torch.Tensor, dst: int, group=None) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (same shape) in group-rank order at global rank ``dst``; None elsewhere."""
+    import torch.distributed as dist
+
+    _check([tensor], group)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))] if rank() == dst else None
+    with _labelled():
+        dist.gather(tensor.contiguous(), parts, dst=dst, group=group)
+    return parts
+
+
 def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (same shape), in group-rank order."""
     import torch.distributed as dist
@@ -158,6 +210,12 @@ def all_gather_objects(obj, group=None) -> list:
     with _labelled():
         dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def first_problem(problem: str | None, group=None) -> str | None:
+    """Collective: the first (in rank order) of the ranks' problems, None if no rank has one. The
+    pattern for errors every rank must raise alike: rank 0 (or any) finds it, all raise it."""
+    return next((p for p in all_gather_objects(problem, group) if p), None)
 
 
 def barrier(group=None) -> None:

@@ -39,7 +39,7 @@ HELPERS = str(Path(PACKAGE) / "distributed.py")
 DATA, ACK = 0, 1
 COLLECTIVES = (
     "all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_gather_into_tensor", "reduce_scatter_tensor",
-    "reduce", "barrier", "all_gather_object", "broadcast_object_list",
+    "reduce", "gather", "barrier", "all_gather_object", "broadcast_object_list",
 )  # fmt: skip
 _REAL: dict = {}
 _RULES: list = []

@@ -2,7 +2,7 @@
 
 torchrun --nproc-per-node 4 tests/paused_train.py MARKER --config c.yaml [overrides]
 
-The first time a rank reads a parameter of the checkpoint (``checkpoint.ParamReader.full``) it
+The first time a rank reads a parameter of the checkpoint (``checkpoint.ParamReader.region``) it
 writes MARKER and sleeps: a test that waits for MARKER and then kills the job knows the kill
 landed during the load, after its first read.
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sessa_train import checkpoint
 
 marker = Path(sys.argv.pop(1))
-original = checkpoint.ParamReader.full
+original = checkpoint.ParamReader.region
 
 
 def paused(self, *args, **kwargs):
@@ -26,7 +26,7 @@ def paused(self, *args, **kwargs):
     return value
 
 
-checkpoint.ParamReader.full = paused
+checkpoint.ParamReader.region = paused
 
 from sessa_train.train import main  # noqa: E402
 

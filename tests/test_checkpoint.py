@@ -28,9 +28,10 @@ STEPS = ["schedule.train_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_
 
 @pytest.fixture(scope="module")
 def full(shards, tmp_path_factory) -> Path:
-    """6 steps in one process, checkpoints at 2, 4 and 6."""
+    """6 steps in one process, checkpoints at 2, 4 and 6, written synchronously (the kill test
+    below saves in the background, the default)."""
     run = tmp_path_factory.mktemp("full") / "run"
-    train(write_config(run.parent / "c.yaml", shards, run), *STEPS)
+    train(write_config(run.parent / "c.yaml", shards, run), *STEPS, "checkpoint.async_save=false")
     return run
 
 

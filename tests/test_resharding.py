@@ -151,6 +151,32 @@ def test_resume_under_another_layout_follows_the_same_trajectory(data, uninterru
     before_phrase = ",".join(f"{k}={saved[k]}" for k in now)
     assert f"resharding step_00000003 from {before_phrase} to {phrase}" in out.stdout
     assert_same_trajectory(full, tmp_path / "resumed")
+    assert_each_rank_read_its_share(full / "ckpt" / "step_00000003", tmp_path / "resumed", LAYOUTS[after][0])
+
+
+def assert_each_rank_read_its_share(step_dir: Path, resumed: Path, ranks: int) -> None:
+    """The largest rank read at most 1.25 x its fair share of the checkpoint's model tensors
+    (counted from the files) plus the tensors no layout cuts (norms, gamma, biases of size
+    d_model), and all ranks together at most 1.25 x the checkpoint plus those per rank."""
+    from safetensors import safe_open
+
+    from sessa_train.checkpoint import read_config
+    from sessa_train.config import ModelConfig
+    from sessa_train.parallel.layout import stage_splits
+
+    replicated = {n for n, split in stage_splits(ModelConfig.from_dict(read_config(step_dir)["model"])).items()
+                  if split is None}  # fmt: skip
+    total = small = 0
+    for f in (step_dir / "model").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118
+                size = 4 * torch.Size(fh.get_slice(key).get_shape()).numel()
+                total += size
+                small += size if key.removesuffix(".exp_avg_sq").removesuffix(".exp_avg") in replicated else 0
+    lines = (resumed / "tb" / "metrics.jsonl").read_text().splitlines()
+    read = next(row["read"] for row in map(json.loads, lines) if row.get("event") == "resume")
+    assert read["largest"] <= 1.25 * total / ranks + small, (read, total, small, ranks)
+    assert read["total"] <= 1.25 * total + ranks * small, (read, total, small, ranks)
 
 
 def test_bf16_state_resumes_bit_for_bit_and_reshards(data, uninterrupted, tmp_path):

@@ -152,12 +152,13 @@ class Trainer:
                 self.print(f"resharding {self.resume_from.name} from {meta.layout.phrase()} to {self.layout.phrase()}")
             self.checkpoints.load(self.resume_from, self.parts)
             self.step, self.tokens = meta.step, meta.tokens
-            self.print(f"resumed from {self.resume_from} at step {self.step}")
+            read = self.parts["model"].read_report
+            self.print(f"resumed from {self.resume_from} at step {self.step} ({read.phrase()})")
         self.unreadable = self.seen_skipped = len(self.train_loader.skipped)  # shards found unreadable
         self.metrics.open(self.step)
         if meta:
             marker = {"event": "resume", "step": self.step, "checkpoint": str(self.resume_from)}
-            self.metrics.event(marker | {"layout": vars(self.layout)})
+            self.metrics.event(marker | {"layout": vars(self.layout), "read": vars(self.parts["model"].read_report)})
         elif resume == "auto":
             self.print(f"no checkpoint in {ck.dir}: starting from scratch")
         if self.tokenizer is None:
@@ -174,7 +175,7 @@ class Trainer:
         problem = None
         if self.dist.is_main:
             problem = logging_problem(self.cfg.logging)
-        if problem := comm.all_gather_objects(problem)[0]:
+        if problem := comm.first_problem(problem):
             raise TrainError(problem)
 
     def _report_schedule_change(self, saved: dict, step: int) -> None:
@@ -220,11 +221,18 @@ class Trainer:
                     "checkpoint.init_from"
                 )
 
-    def save(self) -> None:
+    def save(self, background: bool | None = None) -> Path:
+        """Collective: a checkpoint of this step (``checkpoint.async_save``: written in the
+        background, unless ``background=False``); the folder it is published as."""
+        background = self.cfg.checkpoint.async_save if background is None else background
+        start = time.perf_counter()
         path = self.checkpoints.save(
-            self.step, self.tokens, self.layout, self.data_identity, self.parts, self.record, self.tokenizer
-        )
-        self.print(f"saved {path}")
+            self.step, self.tokens, self.layout, self.data_identity, self.parts, self.record, self.tokenizer,
+            background=background,
+        )  # fmt: skip
+        blocking = f"{time.perf_counter() - start:.2f} s blocking the step"
+        self.print(f"saving {path.name} in the background ({blocking})" if background else f"saved {path} ({blocking})")
+        return path
 
     def evaluate(self) -> float:
         loader = PackedTokenLoader(
@@ -260,6 +268,14 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def fit(self) -> list[float]:
+        """Train to the end of the schedule (or a stop); the losses of this job's steps."""
+        try:
+            return self._fit()
+        except BaseException:
+            self.checkpoints.wait(raising=False)  # a save in flight ends (and publishes, if it can) first
+            raise
+
+    def _fit(self) -> list[float]:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # USR1: Slurm's warning before preemption
             signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
@@ -312,6 +328,7 @@ class Trainer:
                 if last_saved != self.step:
                     self.save()
                     last_saved = self.step
+                self.checkpoints.wait()  # the evaluation reads the published checkpoint
                 scalars |= self._lm_eval()
             extras = {"sample_ids": ids} if ids is not None else {}
             if sources := getattr(self.train_loader, "source_tokens", dict)():  # a blend's tokens by shard set
@@ -326,7 +343,8 @@ class Trainer:
         if self.step < stop_at:
             self.metrics.print(f"stopping at step {self.step} on {self.stop_reason}: saving")
         if last_saved != self.step:
-            self.save()
+            self.save(background=False)
+        self.checkpoints.wait()
         self.metrics.close()
         self.checkpoints.unlock()
         return losses

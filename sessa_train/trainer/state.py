@@ -4,12 +4,12 @@ any layout. ``checkpoint.py`` turns them into files; the trainer lists them (``T
 ``ModelState`` (part ``model``): the engine's weights and AdamW moments in the layout-free form,
 per parameter of the plain model its whole fp32 weight, exp_avg and exp_avg_sq, cut only by
 tensor parallelism as the parameter is, and the optimizer's and schedule's step counts. Whole over
-ZeRO partitions: DeepSpeed's ``safe_get_full_*`` gather them on save (a collective over the
-replicas) and ``safe_set_full_*`` scatter them into this rank's partition on load, so ZeRO 0-3,
-bf16 and every tensor x pipeline x context layout read and write the same thing. Writing is
-spread over the replicas that hold the same parameters: each parameter is written once, by the
-replica it is assigned to (largest first, to the least loaded), and parameters that tensor
-parallelism does not cut only by the tensor rank that ``owns`` them.
+ZeRO partitions, so ZeRO 0-3, bf16 and every tensor x pipeline x context layout read and write
+the same thing. Writing is spread over the replicas that hold the same parameters: each parameter
+is written once, by the replica it is assigned to (largest first, to the least loaded), which
+alone receives the other replicas' partitions of it; parameters that tensor parallelism does not
+cut only by the tensor rank that ``owns`` them. Reading, each rank reads only the bytes it holds
+(its tensor-parallel cut, and of that its ZeRO partition) from whatever layout saved them.
 
 ``RngState`` (part ``rng``): each rank's random state, restored when the layout is unchanged.
 ``LoaderState`` (part ``loader``): the job's data position (``data/loader.py``).
@@ -18,6 +18,7 @@ The metrics sink (``trainer/metrics.py``) is the part ``metrics``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -26,7 +27,7 @@ from sessa_train import distributed as comm
 from sessa_train.checkpoint import MOMENTS, Layout, Meta, ParamReader, model_shard, rng_shard
 from sessa_train.data import merge_loader_states
 from sessa_train.errors import DataError
-from sessa_train.parallel.layout import cut, stage_splits
+from sessa_train.parallel.layout import stage_splits
 from sessa_train.trainer.engine import Engine
 from sessa_train.trainer.optim import base_optimizer
 
@@ -62,19 +63,38 @@ def _masters(engine: Engine) -> dict[int, dict[str, torch.Tensor]]:
     return views
 
 
-def _whole(engine: Engine, p: torch.nn.Parameter, masters: dict) -> dict[str, torch.Tensor]:
-    """``p``'s fp32 weight and moments, whole over ZeRO partitions (collective under ZeRO)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
+def _whole(engine: Engine, p: torch.nn.Parameter, masters: dict, writer: int | None) -> dict[str, torch.Tensor]:
+    """``p``'s fp32 weight and moments, whole over ZeRO partitions, on the replica that writes
+    them (global rank ``writer``; None: this rank holds them whole). A collective over the ZeRO
+    group where the state is partitioned: each rank's partition goes to the writer only (a
+    reduce of the fragments, a gather of ZeRO-3's equal partitions), not to every replica as
+    DeepSpeed's ``safe_get_full_*`` would send it. Empty on the other replicas."""
     if id(p) in masters:
         out = masters[id(p)]
-    elif _zero(p):
-        out = {"": safe_get_full_fp32_param(p)}
-        out |= {m: safe_get_full_optimizer_state(p, m) for m in MOMENTS}
+    elif hasattr(p, "ds_id"):  # ZeRO-3: equal (padded) partitions of the flattened tensor
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        local = {"": safe_get_local_fp32_param(p), **{m: safe_get_local_optimizer_state(p, m) for m in MOMENTS}}
+        out = {}
+        for what, t in local.items():
+            parts = comm.gather(t.detach().float(), writer, p.ds_process_group)
+            if parts is not None:
+                out[what] = torch.cat(parts)[: p.ds_numel]
+    elif hasattr(p, "_hp_mapping"):  # ZeRO 1-2, DeepSpeed's bf16 optimizer: a fragment or none per rank
+        mapping, out = p._hp_mapping, {}
+        for what in ("", *MOMENTS):
+            buffer = torch.zeros(p.numel(), dtype=torch.float32, device=comm.comm_device(p._dp_group))
+            if mapping is not None:
+                at = mapping.lp_fragment_address
+                buffer[at.start : at.start + at.numel] = mapping.get_hp_fragment(what or None).detach().flatten()
+            comm.reduce(buffer, writer, p._dp_group)
+            if comm.rank() == writer:
+                out[what] = buffer
     else:
         state = base_optimizer(engine.ds).state[p]
         out = {"": p.detach(), **{m: state[m] for m in MOMENTS}}
-    return {k: v.detach().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for k, v in out.items()}
+    shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+    return {k: v.detach().float().reshape(shape) for k, v in out.items()}
 
 
 def _replicas(engine: Engine) -> tuple[int, int]:
@@ -85,21 +105,26 @@ def _replicas(engine: Engine) -> tuple[int, int]:
     return group.rank(), group.size()
 
 
-def _set_zero3_partition(p: torch.nn.Parameter, whole: dict[str, torch.Tensor]) -> None:
-    """This rank's ZeRO-3 partition of the fp32 weight and moments (the last partitions are padded,
-    which DeepSpeed's safe_set_full_* do not handle)."""
+def _set_zero3_partition(p: torch.nn.Parameter, read) -> None:
+    """This rank's ZeRO-3 partition of the weight, its fp32 master and moments, from
+    ``read(what, (a, b))`` (elements a..b-1 of the flattened tensor): the last partitions are
+    padded, which DeepSpeed's safe_set_full_* do not handle."""
     import torch.distributed as dist
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    n, rank, ranks = p.ds_tensor.numel(), dist.get_rank(p.ds_process_group), dist.get_world_size(p.ds_process_group)
+    n, rank, numel = p.ds_tensor.numel(), dist.get_rank(p.ds_process_group), p.ds_numel
+    a, b = min(rank * n, numel), min((rank + 1) * n, numel)
 
-    def local(t: torch.Tensor) -> torch.Tensor:
-        flat = torch.nn.functional.pad(t.flatten(), (0, n * ranks - t.numel()))
-        return flat[rank * n : (rank + 1) * n].to(p.ds_tensor.device)
+    def local(what: str) -> torch.Tensor:
+        part = read(what, (a, b)) if a < b else torch.zeros(0)
+        return torch.nn.functional.pad(part, (0, n - part.numel())).to(p.ds_tensor.device)
 
-    safe_set_local_fp32_param(p, local(whole[""]))
+    weight = local("")
+    with torch.no_grad():
+        p.ds_tensor.copy_(weight.to(p.ds_tensor.dtype))
+    safe_set_local_fp32_param(p, weight)
     for m in MOMENTS:
-        safe_set_local_optimizer_state(p, local(whole[m]), m)
+        safe_set_local_optimizer_state(p, local(m), m)
 
 
 class ModelState:
@@ -108,6 +133,7 @@ class ModelState:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.optimizer_steps = 0
+        self.read_report: ReadReport | None = None  # set by a load
 
     # -- JSON: step counts ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -138,48 +164,77 @@ class ModelState:
         for name in sorted(size, key=lambda n: -size[n]):
             owner[name] = min(range(writers), key=load.__getitem__)
             load[owner[name]] += size[name]
-        tensors, masters = {}, _masters(engine)
+        tensors, masters, group = {}, _masters(engine), engine.state.replica_group()
         for name, p in params:
-            whole = _whole(engine, p, masters)  # every replica takes part in the gathering
-            if owner[name] == me and state.owns(splits[name]):
+            if not state.owns(splits[name]):  # written by tensor rank 0's replicas (all of them skip it here)
+                continue
+            whole = _whole(engine, p, masters, comm.global_rank(group, owner[name]))  # every replica takes part
+            if owner[name] == me:
                 for what, t in whole.items():
                     tensors[f"{name}.{what}" if what else name] = t
         return {model_shard(state.tp_rank, state.pp_rank, me): tensors} if tensors else {}
 
     def load_tensors(self, shards: Mapping[str, object], meta: Meta) -> None:
         """Collective: this rank's weights, fp32 masters, AdamW moments and step count from a
-        checkpoint saved under any layout (``init_optimizer_state`` must have run)."""
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        checkpoint saved under any layout (``init_optimizer_state`` must have run). Each rank reads
+        only what it holds: its tensor-parallel cut of each parameter of its stage and, where
+        ZeRO partitions the fp32 state, only its partition of that cut; the low-precision weights
+        that ZeRO 1-2 keep whole on every replica are then all-gathered from the partitions, as
+        DeepSpeed does after each step (``update_lp_params``)."""
+        import time
 
+        start = time.perf_counter()
         engine, state = self.engine, self.engine.state
         reader = ParamReader(shards, engine.cfg.model, meta.layout.tensor, meta.layout.pipeline)
         splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank)
-        base, masters = base_optimizer(engine.ds), _masters(engine)
+        base, masters, fragments = base_optimizer(engine.ds), _masters(engine), False
         for name, p in engine.ds.module.named_parameters():
-            split = splits[name]
-            whole = {what: reader.full(name, what) for what in ("", *MOMENTS)}
-            mine = {k: v if split is None else cut(v, split, state.tp_rank, state.tp) for k, v in whole.items()}
-            if hasattr(p, "ds_id"):  # ZeRO-3: the low-precision weight is partitioned too
-                with deepspeed.zero.GatheredParameters(p, modifier_rank=0), torch.no_grad():
+            where = {} if splits[name] is None else {"rank": state.tp_rank, "ranks": state.tp}
+
+            def read(what: str, flat: tuple[int, int] | None = None, name: str = name, where: dict = where):
+                return reader.region(name, what, **where, flat=flat)
+
+            if hasattr(p, "ds_id"):  # ZeRO-3: the rank's partition of the flattened cut, padded
+                _set_zero3_partition(p, read)
+            elif id(p) in masters:  # bf16/fp16 without ZeRO: their fp32 masters
+                mine = {what: read(what) for what in ("", *MOMENTS)}
+                with torch.no_grad():
                     p.data.copy_(mine[""].to(p.dtype))
-                _set_zero3_partition(p, mine)
-                continue
-            with torch.no_grad():
-                p.data.copy_(mine[""].to(p.dtype))
-            if id(p) in masters:  # bf16/fp16 without ZeRO: their fp32 masters
                 for what, view in masters[id(p)].items():
                     view.copy_(mine[what])
-            elif _zero(p):
-                safe_set_full_fp32_param(p, mine[""].to(engine.device))
-                for m in MOMENTS:
-                    safe_set_full_optimizer_state(p, mine[m].to(engine.device), m)
+            elif hasattr(p, "_hp_mapping"):  # ZeRO 1-2, DeepSpeed's bf16 optimizer: this rank's fragment
+                fragments = True
+                if (mapping := p._hp_mapping) is not None:
+                    at = mapping.lp_fragment_address
+                    for what in ("", *MOMENTS):
+                        part = read(what, (at.start, at.start + at.numel))
+                        mapping.get_hp_fragment(what or None).data.copy_(part)
             else:
+                with torch.no_grad():
+                    p.data.copy_(read("").to(p.dtype))
                 for m in MOMENTS:
-                    base.state[p][m].copy_(mine[m])
+                    base.state[p][m].copy_(read(m))
+        if fragments:
+            engine.ds.optimizer.update_lp_params()  # the replicas' whole weights from every partition
         steps = self.optimizer_steps
         for s in base.state.values():
             s["step"] = torch.tensor(float(steps)) if torch.is_tensor(s["step"]) else steps
+        reads = comm.all_gather_objects((reader.bytes_read, time.perf_counter() - start))
+        self.read_report = ReadReport(max(b for b, _ in reads), sum(b for b, _ in reads), max(s for _, s in reads))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadReport:
+    """What a load read of the model part: the largest rank's bytes, all ranks' bytes, the
+    slowest rank's seconds."""
+
+    largest: int
+    total: int
+    seconds: float
+
+    def phrase(self) -> str:
+        return (f"model tensors read: {self.largest / 2**20:.2f} MiB on the largest rank, "
+                f"{self.total / 2**20:.2f} MiB on all, {self.seconds:.2f} s")  # fmt: skip
 
 
 def _restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
