@@ -294,10 +294,15 @@ def tokenizer_file(path: Path) -> Path | None:
 class CheckpointManager:
     """Checkpoints under ``root`` for a job of ``world`` ranks, this process being ``rank``."""
 
-    def __init__(self, root: str | Path, keep_last: int, rank: int, world: int, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, root: str | Path, keep_last: int, rank: int, world: int, log: Callable[[str], None], background=False
+    ) -> None:
+        """``background``: saves are written in the background (``save``) unless told otherwise."""
         self.root, self.keep_last, self.rank, self.world, self.log = Path(root), keep_last, rank, world, log
         self.run_lock = RunLock(self.root)
+        self.background = background
         self._group, self._pending = None, None  # a background save's communication group, the save in flight
+        self.waited = 0.0  # seconds the last save waited for the one before it
 
     def lock(self) -> None:
         """Collective: claim the folder for this run (``files.RunLock``), before anything in it is
@@ -309,6 +314,8 @@ class CheckpointManager:
             import atexit
 
             atexit.register(self.run_lock.release)
+        if self.background:  # made now, with the run's other set-up, not in the first save's step
+            self._group = comm.side_group()
 
     def unlock(self) -> None:
         self.run_lock.release()
@@ -407,17 +414,18 @@ class CheckpointManager:
         parts: dict[str, Part],
         config: dict,
         tokenizer: Path | None,
-        background: bool = False,
+        background: bool | None = None,
     ) -> Path:
         """Collective: every rank calls it with the same arguments; each writes its shards of the
         tensor parts, rank 0 the record (with every part's JSON state), config and tokenizer.
         Returns the folder the checkpoint is (or, in the background, will be) published as.
 
-        ``background``: the parts' states and tensors are taken now (host copies), and a thread
-        per rank writes them, agrees with the other ranks' threads over a communication group of
-        its own (gloo) and publishes, while training goes on; one save is in flight at a time
-        (the next one, ``wait`` and the end of a run wait for it)."""
-        self.wait()
+        ``background`` (None: the manager's): the parts' states and tensors are taken now (host
+        copies), and a thread per rank writes them, agrees with the other ranks' threads over a
+        communication group of its own (gloo) and publishes, while training goes on; one save is
+        in flight at a time (the next one, ``wait`` and the end of a run wait for it)."""
+        background = self.background if background is None else background
+        self.waited = self.wait()
         name = f"step_{step:08d}"
         partial, final = self.root / f"{name}.partial", self.root / name
         problem = None
@@ -440,12 +448,13 @@ class CheckpointManager:
         self._pending = _Background(lambda: self._write(partial, final, shards, meta, config, tokenizer, group))
         return final
 
-    def wait(self, raising: bool = True) -> None:
+    def wait(self, raising: bool = True) -> float:
         """Until the save in flight (if any) is published; its failure raised here, on every rank
-        (``raising=False``: dropped, when the run is ending on another error)."""
-        pending, self._pending = self._pending, None
+        (``raising=False``: dropped, when the run is ending on another error). The seconds waited."""
+        start, pending, self._pending = time.perf_counter(), self._pending, None
         if pending is not None:
             pending.join(raising)
+        return time.perf_counter() - start
 
     def _write(self, partial: Path, final: Path, shards: dict, meta: Meta, config: dict, tokenizer, group) -> None:
         """Collective over ``group``: the shards written, then the record and manifest, the folder

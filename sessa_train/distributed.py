@@ -155,6 +155,13 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
     return tensor
 
 
+def size(group=None) -> int:
+    """The number of ranks in ``group`` (None: the world)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
 def rank() -> int:
     """This process's global rank."""
     import torch.distributed as dist

@@ -1,5 +1,6 @@
-"""Checkpoint I/O: what each rank reads on resume, by layout (4 ranks, gloo, CPU), and how long a
-save blocks the training step, in the background and not (the 125m preset, 1 process).
+"""Checkpoint I/O: our format against raw safetensors and torch.distributed.checkpoint (the 125m
+preset's fp32 weights and moments, 1 process), how long a save blocks the training step, in the
+background and not (125m, 1 process), and what each rank reads on resume, by layout (4 ranks).
 
     python tools/bench_checkpoint.py                    # both parts
     python tools/bench_checkpoint.py --parts reads --json runs/bench_checkpoint.json
@@ -7,13 +8,20 @@ save blocks the training step, in the background and not (the 125m preset, 1 pro
 For each saving layout (TP2 x DP2 ZeRO-1, DP4 ZeRO-3, TP2 x PP2) a short run saves a checkpoint
 at step 2; it is then resumed under the same layout and under another one. The resume records
 (metrics.jsonl's resume event, from ``trainer/state.py``'s load) the largest rank's and all
-ranks' bytes of model tensors read and the slowest rank's seconds. Fair share: the checkpoint's
-model tensors (counted from its files) over the ranks.
+ranks' bytes of model tensors read, the largest ratio of a rank's reads to the fp32 weight and
+moment bytes it holds, and the slowest rank's seconds. Fair share: the checkpoint's model
+tensors (counted from its files) over the ranks; a rank of a pipeline stage holding more than
+that (the embedding's stage) reads more.
+
+Formats: the same tensors saved and loaded by our checkpoint (the manager's save with its fsyncs
+and manifest checksums; verified load: every file's sha256, then each tensor read), by
+safetensors' save_file (+ fsync) / load_file, and by DCP's save / load; the page cache is
+dropped before each load when the machine allows it (root), otherwise loads read from memory.
 
 Saving: configs/125m.yaml (fp32 weights + AdamW moments, 1.5 GB) on one process, micro-batch 1,
-a checkpoint after each of 3 steps, with ``checkpoint.async_save`` true and false; the trainer's
-"blocking the step" seconds of the first two saves (the last one is always synchronous) and
-the background write's seconds. Prints tables, writes JSON.
+6 steps with a checkpoint at step 3 (and the run's last, always synchronous, at 6), with
+``checkpoint.async_save`` true and false; the trainer's "blocking the step" seconds of the step-3
+save and the background write's seconds. Prints tables, writes JSON.
 """
 
 from __future__ import annotations
@@ -47,13 +55,16 @@ CASES = [  # (saved under, resumed under)
 def _train(data: Path, run: Path, layout: str, *extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
            str(29600 + os.getpid() % 300), "-m", "sessa_train.train", "--config", str(REPO / "configs" / "tiny.yaml"),
-           "model.d_model=256", f"data.path={data / 'shards'}", f"data.tokenizer={data / 'tokenizer.model'}",
+           "model.d_model=256", "data.micro_batch_size=2", f"data.path={data / 'shards'}",
+           f"data.tokenizer={data / 'tokenizer.model'}",
            f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'tb'}", "logging.eval_every_steps=0",
-           "checkpoint.every_steps=2", "schedule.train_steps=3", *LAYOUTS[layout], *extra]  # fmt: skip
+           "checkpoint.every_steps=2", "schedule.train_steps=3", "schedule.warmup_steps=1", *LAYOUTS[layout],
+           *extra]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"bench_checkpoint: {layout} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        errors = [line for line in out.stderr.splitlines() if "error" in line][:3]
+        sys.exit(f"bench_checkpoint: {layout} failed:\n{out.stdout[-2000:]}" + "\n".join(errors))
 
 
 def _model_bytes(step_dir: Path) -> int:
@@ -76,29 +87,93 @@ def _save_blocking(data: Path, tmp: Path) -> list[dict]:
         run = tmp / f"save-{background}"
         cmd = [sys.executable, "-m", "sessa_train.train", "--config", str(REPO / "configs" / "125m.yaml"),
                f"data.path={data / 'shards'}", f"data.tokenizer={data / 'tokenizer.model'}", "data.micro_batch_size=1",
-               "schedule.global_batch_size=1", "schedule.train_steps=3", "schedule.warmup_steps=1",
+               "schedule.global_batch_size=1", "schedule.train_steps=6", "schedule.warmup_steps=1",
                f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'tb'}", "logging.eval_every_steps=0",
-               "checkpoint.every_steps=1", f"checkpoint.async_save={background}"]  # fmt: skip
+               "checkpoint.every_steps=3", f"checkpoint.async_save={background}"]  # fmt: skip
         out = subprocess.run(cmd, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"bench_checkpoint: 125m save failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-        blocking = [float(x) for x in re.findall(r"\(([\d.]+) s blocking the step\)", out.stdout)][:2]
-        writing = [float(x) for x in re.findall(r"\(([\d.]+) s writing in the background\)", out.stdout)][:2]
+        blocking = [float(x) for x in re.findall(r"\(([\d.]+) s blocking the step", out.stdout)][:1]
+        writing = [float(x) for x in re.findall(r"\(([\d.]+) s writing in the background\)", out.stdout)][:1]
         rows.append({"async_save": background == "true", "blocking_s": blocking, "background_writing_s": writing})
         shutil.rmtree(run)
     return rows
+
+
+FORMATS = """
+import json, os, shutil, sys, time
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import load_file, save_file
+from sessa_train.checkpoint import MODEL, CheckpointManager, DataIdentity, Layout, ParamReader, shard_files
+from sessa_train.config import load_config
+from sessa_train.files import fsync
+from sessa_train.parallel.layout import stage_splits
+root, out = sys.argv[2], {}
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = load_config([sys.argv[1] + "/configs/125m.yaml"]).model
+names = [n for n in stage_splits(cfg) if not (cfg.tie_embeddings and n == "lm_head.weight")]
+with torch.device("meta"):
+    from sessa_train.models import SessaLM
+    shapes = {n: t.shape for n, t in SessaLM(cfg).state_dict().items()}
+state = {f"{n}.{w}" if w else n: torch.randn(shapes[n]) for n in names for w in ("", "exp_avg", "exp_avg_sq")}
+size = sum(t.numel() * 4 for t in state.values())
+
+class Weights:  # the model part's tensors as one shard, as ModelState writes them on one process
+    def state_dict(self): return {}
+    def load_state_dict(self, s): pass
+    def tensors(self): return {"tp0-pp0-0": state}
+def timed(f):
+    t = time.perf_counter(); f(); return time.perf_counter() - t
+os.sync()
+manager = CheckpointManager(root + "/ours", 1, 0, 1, lambda m: None)
+layout, data = Layout(1, 1, 1, 1, 1, 0), DataIdentity("0" * 64, 1, "0" * 64, "x")
+out["ours_save"] = timed(lambda: manager.save(1, 1, layout, data, {MODEL: Weights()}, {"model": {}}, None))
+def ours_load():
+    path = root + "/ours/step_00000001"
+    from pathlib import Path
+    assert manager.verify(Path(path)) is None  # every file against its size and sha256
+    reader = ParamReader(shard_files(Path(path), MODEL), cfg, 1, 1)
+    [reader.full(n, w) for n in reader.names for w in ("", "exp_avg", "exp_avg_sq")]
+os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
+out["ours_load"] = timed(ours_load)
+def raw_save():
+    save_file(state, root + "/raw.safetensors"); fsync(root + "/raw.safetensors")
+out["safetensors_save"] = timed(raw_save)
+os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
+out["safetensors_load"] = timed(lambda: load_file(root + "/raw.safetensors"))
+import torch.distributed.checkpoint as dcp
+out["dcp_save"] = timed(lambda: (dcp.save(state, checkpoint_id=root + "/dcp"), os.sync()))
+back = {k: torch.empty_like(v) for k, v in state.items()}
+os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
+out["dcp_load"] = timed(lambda: dcp.load(back, checkpoint_id=root + "/dcp"))
+out["gb"] = size / 1e9
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+
+
+def _formats(tmp: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", FORMATS, str(REPO), str(tmp), str(29900 + os.getpid() % 90)],
+                         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "2"})  # fmt: skip
+    if out.returncode:
+        sys.exit(f"bench_checkpoint: formats failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO / "data" / "default", help="sessa-prepare-default-data's folder")
     p.add_argument("--json", type=Path, default=Path("runs/bench_checkpoint.json"))
-    p.add_argument("--parts", nargs="+", choices=["reads", "saves"], default=["reads", "saves"])
+    p.add_argument("--parts", nargs="+", choices=["formats", "saves", "reads"], default=["formats", "saves", "reads"])
     args = p.parse_args()
     if not (args.data / "shards" / "index.json").is_file():
         sys.exit(f"bench_checkpoint: {args.data} holds no shards/index.json; run sessa-prepare-default-data first")
-    rows, saves = [], []
+    rows, saves, formats = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        if "formats" in args.parts:
+            formats = _formats(Path(tmp))
         if "saves" in args.parts:
             saves = _save_blocking(args.data, Path(tmp))
         saved = {}
@@ -115,19 +190,27 @@ def main() -> None:
             rows.append({"saved": before, "resumed": after, "checkpoint_mib": total / 2**20,
                          "fair_share_mib": total / 4 / 2**20, "largest_mib": read["largest"] / 2**20,
                          "all_ranks_mib": read["total"] / 2**20, "largest_over_fair": read["largest"] / (total / 4),
+                         "largest_over_held": read["over_held"],
                          "seconds": read["seconds"]})  # fmt: skip
     print(f"{'saved':>14} {'resumed':>14} {'ckpt MiB':>9} {'fair MiB':>9} {'largest':>9} {'x fair':>7} "
-          f"{'all':>8} {'s':>6}")  # fmt: skip
+          f"{'x held':>7} {'all':>8} {'s':>6}")  # fmt: skip
     for r in rows:
         print(f"{r['saved']:>14} {r['resumed']:>14} {r['checkpoint_mib']:9.2f} {r['fair_share_mib']:9.2f} "
-              f"{r['largest_mib']:9.2f} {r['largest_over_fair']:7.2f} {r['all_ranks_mib']:8.2f} "
+              f"{r['largest_mib']:9.2f} {r['largest_over_fair']:7.2f} {r['largest_over_held']:7.2f} "
+              f"{r['all_ranks_mib']:8.2f} "
               f"{r['seconds']:6.2f}")  # fmt: skip
+    if formats:
+        print(f"125m fp32 weights + moments ({formats['gb']:.2f} GB), one process, s (GB/s):")
+        for what in ("ours", "safetensors", "dcp"):
+            save, load = formats[f"{what}_save"], formats[f"{what}_load"]
+            print(f"  {what:>12}: save {save:6.2f} ({formats['gb'] / save:5.2f})   load {load:6.2f} "
+                  f"({formats['gb'] / load:5.2f})")  # fmt: skip
     for r in saves:
         print(f"125m, 1 process, async_save={r['async_save']}: blocking the step "
               f"{', '.join(f'{x:.2f}' for x in r['blocking_s'])} s; written in the background in "
               f"{', '.join(f'{x:.2f}' for x in r['background_writing_s']) or '-'} s")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"reads": rows, "saves": saves}, indent=1))
+    args.json.write_text(json.dumps({"formats": formats, "reads": rows, "saves": saves}, indent=1))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,9 @@ class Trainer:
         par = cfg.parallel
         self.layout = Layout(info.world_size, par.tensor, par.pipeline, par.context, self.state.dp, par.zero_stage)
         ck = cfg.checkpoint
-        self.checkpoints = CheckpointManager(ck.dir, ck.keep_last, info.rank, info.world_size, self.print)
+        self.checkpoints = CheckpointManager(
+            ck.dir, ck.keep_last, info.rank, info.world_size, self.print, background=ck.async_save
+        )
         self.checkpoints.check_writable()
         self._check_log_dir()
         self.checkpoints.lock()  # before anything in the folder is touched: one run per folder
@@ -231,6 +233,8 @@ class Trainer:
             background=background,
         )  # fmt: skip
         blocking = f"{time.perf_counter() - start:.2f} s blocking the step"
+        if self.checkpoints.waited >= 0.01:
+            blocking += f", {self.checkpoints.waited:.2f} s of it waiting for the save before"
         self.print(f"saving {path.name} in the background ({blocking})" if background else f"saved {path} ({blocking})")
         return path
 

@@ -82,6 +82,8 @@ def _whole(engine: Engine, p: torch.nn.Parameter, masters: dict, writer: int | N
                 out[what] = torch.cat(parts)[: p.ds_numel]
     elif hasattr(p, "_hp_mapping"):  # ZeRO 1-2, DeepSpeed's bf16 optimizer: a fragment or none per rank
         mapping, out = p._hp_mapping, {}
+        if comm.size(p._dp_group) == 1:  # no partitions to gather: the fragment is the whole
+            return {what: mapping.get_hp_fragment(what or None).detach().view(p.shape) for what in ("", *MOMENTS)}
         for what in ("", *MOMENTS):
             buffer = torch.zeros(p.numel(), dtype=torch.float32, device=comm.comm_device(p._dp_group))
             if mapping is not None:
@@ -105,7 +107,7 @@ def _replicas(engine: Engine) -> tuple[int, int]:
     return group.rank(), group.size()
 
 
-def _set_zero3_partition(p: torch.nn.Parameter, read) -> None:
+def _set_zero3_partition(p: torch.nn.Parameter, read) -> int:
     """This rank's ZeRO-3 partition of the weight, its fp32 master and moments, from
     ``read(what, (a, b))`` (elements a..b-1 of the flattened tensor): the last partitions are
     padded, which DeepSpeed's safe_set_full_* do not handle."""
@@ -125,6 +127,7 @@ def _set_zero3_partition(p: torch.nn.Parameter, read) -> None:
     safe_set_local_fp32_param(p, weight)
     for m in MOMENTS:
         safe_set_local_optimizer_state(p, local(m), m)
+    return b - a
 
 
 class ModelState:
@@ -187,7 +190,7 @@ class ModelState:
         engine, state = self.engine, self.engine.state
         reader = ParamReader(shards, engine.cfg.model, meta.layout.tensor, meta.layout.pipeline)
         splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank)
-        base, masters, fragments = base_optimizer(engine.ds), _masters(engine), False
+        base, masters, fragments, held = base_optimizer(engine.ds), _masters(engine), False, 0
         for name, p in engine.ds.module.named_parameters():
             where = {} if splits[name] is None else {"rank": state.tp_rank, "ranks": state.tp}
 
@@ -195,8 +198,9 @@ class ModelState:
                 return reader.region(name, what, **where, flat=flat)
 
             if hasattr(p, "ds_id"):  # ZeRO-3: the rank's partition of the flattened cut, padded
-                _set_zero3_partition(p, read)
-            elif id(p) in masters:  # bf16/fp16 without ZeRO: their fp32 masters
+                held += 12 * _set_zero3_partition(p, read)
+                continue
+            if id(p) in masters:  # bf16/fp16 without ZeRO: their fp32 masters
                 mine = {what: read(what) for what in ("", *MOMENTS)}
                 with torch.no_grad():
                     p.data.copy_(mine[""].to(p.dtype))
@@ -206,6 +210,7 @@ class ModelState:
                 fragments = True
                 if (mapping := p._hp_mapping) is not None:
                     at = mapping.lp_fragment_address
+                    held += 12 * at.numel
                     for what in ("", *MOMENTS):
                         part = read(what, (at.start, at.start + at.numel))
                         mapping.get_hp_fragment(what or None).data.copy_(part)
@@ -214,27 +219,37 @@ class ModelState:
                     p.data.copy_(read("").to(p.dtype))
                 for m in MOMENTS:
                     base.state[p][m].copy_(read(m))
+            if not hasattr(p, "_hp_mapping"):  # the rank holds its whole cut
+                held += 12 * p.numel()
         if fragments:
             engine.ds.optimizer.update_lp_params()  # the replicas' whole weights from every partition
         steps = self.optimizer_steps
         for s in base.state.values():
             s["step"] = torch.tensor(float(steps)) if torch.is_tensor(s["step"]) else steps
-        reads = comm.all_gather_objects((reader.bytes_read, time.perf_counter() - start))
-        self.read_report = ReadReport(max(b for b, _ in reads), sum(b for b, _ in reads), max(s for _, s in reads))
+        reads = comm.all_gather_objects((reader.bytes_read, held, time.perf_counter() - start))
+        self.read_report = ReadReport(
+            largest=max(b for b, _, _ in reads),
+            total=sum(b for b, _, _ in reads),
+            over_held=max(b / max(h, 1) for b, h, _ in reads),
+            seconds=max(s for _, _, s in reads),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadReport:
     """What a load read of the model part: the largest rank's bytes, all ranks' bytes, the
-    slowest rank's seconds."""
+    largest ratio of a rank's bytes read to the fp32 weight and moment bytes it holds, the slowest
+    rank's seconds."""
 
     largest: int
     total: int
+    over_held: float
     seconds: float
 
     def phrase(self) -> str:
         return (f"model tensors read: {self.largest / 2**20:.2f} MiB on the largest rank, "
-                f"{self.total / 2**20:.2f} MiB on all, {self.seconds:.2f} s")  # fmt: skip
+                f"{self.total / 2**20:.2f} MiB on all, at most {self.over_held:.2f} x what a rank holds, "
+                f"{self.seconds:.2f} s")  # fmt: skip
 
 
 def _restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
