@@ -301,7 +301,7 @@ class CheckpointManager:
         self.root, self.keep_last, self.rank, self.world, self.log = Path(root), keep_last, rank, world, log
         self.run_lock = RunLock(self.root)
         self.background = background
-        self._group, self._pending = None, None  # a background save's communication group, the save in flight
+        self._group, self._pending = None, None  # made at the first background save; the save in flight
         self.waited = 0.0  # seconds the last save waited for the one before it
 
     def lock(self) -> None:
@@ -314,8 +314,6 @@ class CheckpointManager:
             import atexit
 
             atexit.register(self.run_lock.release)
-        if self.background:  # made now, with the run's other set-up, not in the first save's step
-            self._group = comm.side_group()
 
     def unlock(self) -> None:
         self.run_lock.release()

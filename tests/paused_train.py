@@ -28,6 +28,6 @@ def paused(self, *args, **kwargs):
 
 checkpoint.ParamReader.region = paused
 
-from sessa_train.train import main  # noqa: E402
+from sessa_train.train import cli  # noqa: E402
 
-sys.exit(main())
+cli()

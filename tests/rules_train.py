@@ -12,6 +12,6 @@ from tests.nccl_rules import install
 
 install("rank")
 
-from sessa_train.train import main  # noqa: E402
+from sessa_train.train import cli  # noqa: E402
 
-sys.exit(main())
+cli()

@@ -98,3 +98,45 @@ def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False", "False"], out.stderr
     assert out.stderr.startswith("sessa-train: error: config key model.d_modle")
+
+
+def test_a_data_error_that_ends_a_run_saves_the_last_step_first(shards, tmp_path):
+    """2: shards damaged while a run reads them (2 samples per shard, so new ones are read every
+    few steps): the run ends with exit status 2 and one line naming the shard and the step it
+    saved, after a checkpoint of its last completed step, as a SIGTERM would; with the shards
+    repaired, --resume auto goes on to the uninterrupted run's losses."""
+    import subprocess
+    import time
+    from pydoc_data.topics import topics
+
+    from sessa_train.data import write_shards
+    from tests.helpers import HANG_GUARD_S
+    from tests.trainer import ENV, REPO, command, losses, train, write_config
+
+    docs = [topics[name][:1500] for name in sorted(topics)][:40]
+    write_shards(docs, shards.parent / "tok.model", tmp_path / "small", seq_len=31, samples_per_shard=2,
+                 val_fraction=0.0)  # fmt: skip
+    steps = ["schedule.train_steps=120", "checkpoint.every_steps=1000", "logging.eval_every_steps=0"]
+    reference = tmp_path / "reference"
+    train(write_config(tmp_path / "r.yaml", tmp_path / "small", reference), *steps)
+    originals = {p: p.read_bytes() for p in (tmp_path / "small").glob("train-*.tar")}
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "small", run)
+    proc = subprocess.Popen(command(cfg, *steps), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    metrics, deadline = run / "tb" / "metrics.jsonl", time.monotonic() + HANG_GUARD_S
+    while not (metrics.is_file() and metrics.read_text().count("train/loss") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for path, data in originals.items():  # every shard's bytes changed (its checksum no longer matches)
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
+    errors = [line for line in stderr.splitlines() if line.startswith("sessa-train: error:")]
+    done = len(losses(run))
+    assert proc.returncode == 2 and len(errors) == 1, stderr[-3000:]
+    assert "train-" in errors[0] and errors[0].endswith(f"(the run stopped at step {done}, saved in {run / 'ckpt'})")
+    assert 3 <= done < 120 and f"stopping at step {done} on a data error: saving" in stdout
+    assert (run / "ckpt" / "latest").read_text().strip() == f"step_{done:08d}"
+    for path, data in originals.items():
+        path.write_bytes(data)
+    train(cfg, *steps, "--resume", "auto")
+    assert losses(run) == losses(reference)

@@ -96,6 +96,7 @@ class Trainer:
         logs.setup(info.rank)
         self.stop_signal: int | None = None
         self.stop_reason = ""
+        self.data_error: str | None = None  # the data error that ends the run, as every rank raises it
         self.state = parallel_state(cfg, info)
         par = cfg.parallel
         self.layout = Layout(info.world_size, par.tensor, par.pipeline, par.context, self.state.dp, par.zero_stage)
@@ -247,10 +248,13 @@ class Trainer:
     def _next_step(self, stream) -> list[dict] | None:
         """The micro-batches of the next step, or None when any rank is to stop (a signal, or its
         loader told to stop): agreed by all ranks before anything of the step runs."""
+        data_error = None
         try:
             batches = [next(stream) for _ in range(self.engine.gas)]
         except StopRequestedError:
             batches = None
+        except DataError as e:  # a shard that cannot be read: the run ends, after a checkpoint of the last step
+            batches, data_error = None, str(e)
         stopping = batches is None or self.stop_signal is not None
         # shards found unreadable since the last step (each read by one data-parallel rank), and
         # the signal each rank received (so that the stop can name it and the rank)
@@ -258,12 +262,19 @@ class Trainer:
         self.seen_skipped += new
         signals = [0.0] * self.dist.world_size
         signals[self.dist.rank] = float(self.stop_signal or 0)
-        agreed = comm.sum_values([float(stopping), float(new if self.state.data_rank_of_record else 0), *signals])
-        agreed = agreed.tolist()
+        agreed = comm.sum_values(
+            [float(stopping), float(new if self.state.data_rank_of_record else 0), float(data_error is not None),
+             *signals]
+        ).tolist()  # fmt: skip
         self.unreadable += int(agreed[1])
+        if agreed[2] > 0:  # every rank learns the error, saves with the others, then raises it
+            self.data_error = comm.first_problem(data_error)
+            self.stop_reason = "a data error"
+            self.train_loader.rewind()
+            return None
         if agreed[0] > 0:
             self.stop_reason = next(
-                (f"{signal.Signals(int(sig)).name} received by rank {r}" for r, sig in enumerate(agreed[2:]) if sig),
+                (f"{signal.Signals(int(sig)).name} received by rank {r}" for r, sig in enumerate(agreed[3:]) if sig),
                 "the data loader's stop",
             )
             self.train_loader.rewind()
@@ -351,6 +362,9 @@ class Trainer:
         self.checkpoints.wait()
         self.metrics.close()
         self.checkpoints.unlock()
+        if self.data_error:
+            saved = f"the run stopped at step {self.step}, saved in {self.cfg.checkpoint.dir}"
+            raise DataError(f"{self.data_error} ({saved})")
         return losses
 
     def _lm_eval(self) -> dict[str, float]:
