@@ -6,13 +6,16 @@ An export is a folder:
                         embeddings ``lm_head.weight`` is left out, it is ``embed.weight``)
     config.json         {"format": "sessa-export-v1", "model": ModelConfig fields, "dtype",
                         "step", "tokens", "document_masking"} and the keys transformers reads
-    tokenizer.model or tokenizer.json
-                        the tokenizer the training data was tokenized with (sentencepiece, or a
-                        Hugging Face tokenizers file)
+    tokenizer.model and/or tokenizer.json
+                        the tokenizer the training data was tokenized with: a sentencepiece
+                        model (with its tokenizer.json made by transformers' converter), or a
+                        Hugging Face tokenizers file
     tokenizer_config.json, special_tokens_map.json
-                        so that ``transformers.AutoTokenizer.from_pretrained(path,
-                        trust_remote_code=True)`` encodes exactly as that tokenizer
-    configuration_sessa.py, modeling_sessa.py, sessa_model.py (, tokenization_sessa.py)
+                        so that ``transformers.AutoTokenizer.from_pretrained(path)`` gives a
+                        ``PreTrainedTokenizerFast`` (no code of ours) that encodes exactly as that
+                        tokenizer; where the converter is missing (transformers 4) the export
+                        ships tokenization_sessa.py instead (``trust_remote_code=True``)
+    configuration_sessa.py, modeling_sessa.py, sessa_model.py
                         so that ``transformers.AutoModelForCausalLM.from_pretrained(path,
                         trust_remote_code=True)`` loads it (transformers 4.56+ and 5.x);
                         sessa_model.py is the model's source, generated from the package
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +44,8 @@ from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError
 from sessa_train.files import readable_by_group
 from sessa_train.models import SessaLM
+
+log = logging.getLogger(__name__)
 
 FORMAT = "sessa-export-v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,23 +139,72 @@ def _is_export(folder: Path) -> bool:
 
 def _write_tokenizer_config(out: Path, tok) -> None:
     """tokenizer_config.json and special_tokens_map.json for ``AutoTokenizer``: transformers' fast
-    tokenizer over a tokenizer.json, or the shipped sentencepiece class over a tokenizer.model."""
+    tokenizer over a tokenizer.json, which for a sentencepiece model is written beside its
+    tokenizer.model by transformers' own converter; where that converter is missing (transformers
+    below 5, or none installed) or encodes differently, the shipped sentencepiece class
+    (tokenization_sessa.py, loaded with ``trust_remote_code=True``)."""
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if tok.kind == "sentencepiece":
-        shutil.copyfile(Path(__file__).parent / "hf" / "tokenization_sessa.py", out / "tokenization_sessa.py")
         specials = {"eos_token": tok.token(tok.eos_id), "unk_token": tok.token(tok.sp.unk_id())}
         if tok.bos_id is not None:
             specials["bos_token"] = tok.token(tok.bos_id)
-        config = {
-            "tokenizer_class": "SessaSentencePieceTokenizer",
-            "auto_map": {"AutoTokenizer": ["tokenization_sessa.SessaSentencePieceTokenizer", None]},
-        }
+        fast = _fast_sentencepiece(tok)
+        if fast is not None:
+            fast.save(str(out / "tokenizer.json"))
+        else:
+            log.warning(
+                "%s: transformers' converter cannot give this sentencepiece model as a fast tokenizer here; the "
+                "export ships tokenization_sessa.py (AutoTokenizer needs trust_remote_code=True)",
+                tok.path,
+            )
+            shutil.copyfile(Path(__file__).parent / "hf" / "tokenization_sessa.py", out / "tokenization_sessa.py")
+            config = {
+                "tokenizer_class": "SessaSentencePieceTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_sessa.SessaSentencePieceTokenizer", None]},
+            }
     else:
         specials = {"eos_token": tok.eos_token}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     specials["pad_token"] = specials["eos_token"]  # batches are padded with EOS (masked by attention_mask)
     config |= specials | {"model_max_length": 1 << 30, "clean_up_tokenization_spaces": False, "padding_side": "left"}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+# texts a converted tokenizer must encode and decode as sentencepiece does: edge cases of
+# whitespace, digits and scripts outside the vocabulary, then the standard library's reference topics
+CHECK_TEXTS = ("Hello world", "  two  spaces\n\nand\ttabs  ", "café 42, 1234567.89", "ünï 日本語 🙂", " lead", "trail ",
+               "")  # fmt: skip
+CHECK_TOPICS = 40
+
+
+def _fast_sentencepiece(tok):
+    """The ``tokenizers.Tokenizer`` transformers' sentencepiece converter makes of ``tok``'s model
+    (``SpmConverter.build_tokenizer_from_spm_proto``, transformers 5), or None where that is not
+    available or the result encodes or decodes a check text otherwise than sentencepiece.
+
+    (A unigram model's Viterbi ties can split a rare word otherwise; ``tokenizers`` also reads
+    the literal text of a special token, "</s>", as that token, as every fast tokenizer does.)"""
+    try:
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+    except ImportError:
+        return None
+    if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
+        return None
+    from pydoc_data.topics import topics
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(tok.path.read_bytes())
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    bpe = proto.trainer_spec.model_type == 2
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)} if bpe else pieces
+    fast = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    if fast is None:
+        return None
+    for text in (*CHECK_TEXTS, *(topics[name] for name in sorted(topics)[:CHECK_TOPICS])):
+        ids = tok.encode(text)
+        if fast.encode(text, add_special_tokens=False).ids != ids or fast.decode(ids) != tok.decode(ids):
+            return None
+    return fast
 
 
 def export_tokenizer(about: dict, given: str | Path | None):

@@ -68,18 +68,69 @@ def instrumented(shards, tmp_path_factory) -> Path:
 # -- transformers ------------------------------------------------------------------------------
 
 
-def test_autotokenizer_encodes_as_the_training_tokenizer(exported, shards):
-    from transformers import AutoTokenizer
+def test_autotokenizer_encodes_as_the_training_tokenizer(exported, shards, caplog):
+    """The export's sentencepiece tokenizer loads as transformers' own fast tokenizer with no code
+    from the folder (AutoTokenizer refused remote code; PreTrainedTokenizerFast without a warning)
+    and encodes and decodes as the training tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from sessa_train.data import Tokenizer
 
+    assert not (exported / "tokenization_sessa.py").exists() and (exported / "tokenizer.model").is_file()
     ours = Tokenizer(shards.parent / "tok.model")
-    theirs = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    with caplog.at_level("WARNING"):
+        alone = PreTrainedTokenizerFast.from_pretrained(str(exported))
+    assert not caplog.records, caplog.text
+    theirs = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=False)
+    assert isinstance(theirs, PreTrainedTokenizerFast)
+    assert theirs.eos_token_id == alone.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.eos_id
     from pydoc_data.topics import topics
 
-    for text in [topics[name][:400] for name in sorted(topics)[:20]] + ["  two  spaces\nand a newline", "café 42"]:
-        assert theirs(text)["input_ids"] == ours.encode(text), text[:40]
+    texts = [topics[name][:400] for name in sorted(topics)[-20:]] + ["  two  spaces\nand a newline", "café 42 ✓"]
+    for text in texts:  # the export checked the first topics; these are others
+        assert theirs(text)["input_ids"] == alone(text)["input_ids"] == ours.encode(text), text[:40]
         assert theirs.decode(ours.encode(text)) == text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram-nfkc"])
+def test_a_sentencepiece_export_loads_in_transformers_by_either_route(kind, tmp_path, monkeypatch):
+    """Whichever way an export gives a sentencepiece model to AutoTokenizer (the converter's
+    tokenizer.json, or tokenization_sessa.py where the converter is missing or encodes otherwise),
+    it encodes as sentencepiece; our trainer's BPE always takes the first."""
+    from pydoc_data.topics import topics
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from sessa_train import export
+    from sessa_train.data import Tokenizer
+
+    docs = [topics[name][:1500] for name in sorted(topics)[:40]]
+    if kind == "bpe":
+        from sessa_train.data import train_tokenizer
+
+        model = train_tokenizer(docs, tmp_path / "tok.model", vocab_size=400)
+    else:  # sentencepiece's defaults: unigram, NFKC, a dummy prefix, no byte fallback
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(tmp_path / "tok"),
+                                       vocab_size=400, minloglevel=2)  # fmt: skip
+        model = tmp_path / "tok.model"
+    texts = [topics[name][:300] for name in sorted(topics)[-10:]] + ["\ufb01ne \uff21\uff22  x", "café 42"]
+    for missing in (False, True):
+        out = tmp_path / f"export-{missing}"
+        out.mkdir()
+        (out / "tokenizer.model").write_bytes(Path(model).read_bytes())
+        with monkeypatch.context() as m:
+            if missing:  # transformers 4: no converter of a proto
+                m.setattr(export, "_fast_sentencepiece", lambda tok: None)
+            export._write_tokenizer_config(out, Tokenizer(out / "tokenizer.model"))
+        shipped = (out / "tokenization_sessa.py").exists()
+        assert shipped != (out / "tokenizer.json").exists()
+        theirs = AutoTokenizer.from_pretrained(str(out), trust_remote_code=shipped)
+        ours = spm.SentencePieceProcessor(model_file=str(model))
+        for text in texts:
+            assert theirs(text)["input_ids"] == ours.encode(text), (missing, text[:40])
+        if kind == "bpe":
+            assert shipped == missing
 
 
 def test_padded_batches_compute_what_each_row_computes_alone(exported):
