@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import http.server
 import os
@@ -17,7 +18,7 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEF
 
 class _FlakyHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; every ``fail_every``-th request fails, alternately by dropping the
-    connection without an answer and by a 503."""
+    connection without an answer and by a 503. ``seen`` counts the requests by (method, path)."""
 
     fail_every = 0
     requests = 0
@@ -40,6 +41,7 @@ class _FlakyHandler(http.server.SimpleHTTPRequestHandler):
         with cls.lock:
             cls.requests += 1
             n = cls.requests
+            cls.seen[(self.command, self.path)] += 1
         if cls.fail_every and n % cls.fail_every == 0:
             with cls.lock:
                 cls.failed += 1
@@ -54,8 +56,9 @@ class _FlakyHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextmanager
 def http_server(folder: Path, fail_every: int = 0) -> Iterator[tuple[str, type]]:
-    """(base URL, handler class with .requests and .failed counts) of a server over ``folder``."""
-    handler = type("Handler", (_FlakyHandler,), {"fail_every": fail_every, "requests": 0, "failed": 0})
+    """(base URL, handler class with .requests, .failed and .seen counts) of a server over ``folder``."""
+    counts = {"fail_every": fail_every, "requests": 0, "failed": 0, "seen": collections.Counter()}
+    handler = type("Handler", (_FlakyHandler,), counts)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -339,6 +339,18 @@ def test_a_server_failing_every_fifth_request_still_gives_the_local_losses(tiny_
 
 
 @pytest.mark.slow
+def test_a_run_reads_the_index_once(tiny_run, tmp_path):
+    """Over HTTP, with validation every 2 of 6 steps: index.json is fetched once, by the training
+    loader; validation and the data's recorded identity use what it read."""
+    with http_server(tiny_run["data"]) as (base, handler):
+        remote_run(tiny_run, tmp_path, f"{base}/shards", "schedule.stop_after_steps=6",
+                   "logging.eval_every_steps=2", "logging.eval_batches=1")  # fmt: skip
+    assert handler.seen[("GET", "/shards/index.json")] == 1, dict(handler.seen)
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/loss" in r] == [2, 4, 6]
+
+
+@pytest.mark.slow
 def test_a_shard_changed_on_the_server_is_named(default_data, tmp_path):
     import shutil
 

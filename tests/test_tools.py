@@ -50,7 +50,7 @@ def instrumented(shards, tmp_path_factory) -> Path:
     tasks = write_tasks(root / "tasks", [{"question": "The", "choices": [" a", " b"], "label": 0}],
                         [{"prompt": "The", "answer": " x"}])  # fmt: skip
     cfg = write_config(root / "c.yaml", shards, root / "run", ffn_hidden_size=48)
-    train(
+    out = train(
         cfg,
         "schedule.train_steps=4",
         "checkpoint.every_steps=2",
@@ -62,6 +62,7 @@ def instrumented(shards, tmp_path_factory) -> Path:
         "logging.profile_steps=[2,3]",
         env={"WANDB_SILENT": "true", "HF_MODULES_CACHE": str(root / "hf_modules")},
     )
+    (root / "run" / "stderr.txt").write_text(out.stderr)
     return root / "run"
 
 
@@ -267,6 +268,18 @@ def test_the_profile_holds_the_labels_of_the_work(instrumented):
     names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
     for label in ("sessa.solve", "sessa.attention", "sessa.mlp", "sessa.optimizer", "sessa.communication"):
         assert label in names, label
+    assert "USDT" not in (instrumented / "stderr.txt").read_text()  # kineto's start and stop lines
+
+
+def test_only_the_profilers_usdt_lines_are_dropped(capfd):
+    from sessa_train.trainer.profiling import _without_usdt_lines
+
+    with _without_usdt_lines():
+        os.write(2, b"USDT:2026-12-05 12:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a warning of someone else\n")
+        sys.stderr.write("and one through python\n")
+    err = capfd.readouterr().err  # (pytest's sys.stderr is not file descriptor 2: the order may differ)
+    assert sorted(err.splitlines()) == ["a warning of someone else", "and one through python"]
 
 
 # -- command-line tools ------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sessa_train.data.shards import INDEX_NAME, ShardError, index_sha256, load_index, read_shard
+from sessa_train.data.shards import INDEX_NAME, ShardError, read_index, read_shard
 from sessa_train.data.storage import Storage, is_remote, local_or_url
 from sessa_train.errors import DataError
 
@@ -127,7 +127,8 @@ class PackedTokenLoader:
     ``global_batch_size`` (default: one micro-batch per rank) samples per step over all ranks;
     ``slots``: reader slots (default: ``default_slots``). ``max_epochs=None`` streams forever
     (training); an integer stops after that many epochs (validation, tests), the last
-    micro-batch possibly short.
+    micro-batch possibly short. ``index``: index.json and its sha256 as ``read_index`` gave them
+    (the trainer's validation passes take its training loader's: the index is read once a run).
     """
 
     def __init__(
@@ -149,12 +150,12 @@ class PackedTokenLoader:
         tokenizer_path: str | Path | None = None,
         stop: Callable[[], bool] = lambda: False,
         document_masking: bool = False,
+        index: tuple[dict, str] | None = None,
     ) -> None:
         data_dir = local_or_url(data_dir)  # file:// is a local folder; an unsupported scheme is refused
         self.data_dir = str(data_dir).rstrip("/") if is_remote(data_dir) else Path(data_dir)  # a folder or a URL
         self.storage = Storage(self.data_dir)
-        self.index = load_index(self.data_dir, tokenizer_path)
-        self.index_sha256 = index_sha256(self.data_dir)
+        self.index, self.index_sha256 = index or read_index(self.data_dir, tokenizer_path)
         if split not in self.index["splits"]:
             raise DataError(f"split {split!r} not in {self.data_dir}; valid: {', '.join(self.index['splits'])}")
         self.shards = self.index["splits"][split]["shards"]

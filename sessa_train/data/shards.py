@@ -521,6 +521,12 @@ def write_sample_shards(
 def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -> dict:
     """Read and check ``index.json`` (a local folder or a URL prefix): format, keys, counts,
     every listed shard present, tokenizer checksum; ShardError names what is wrong."""
+    return read_index(data_dir, tokenizer_path)[0]
+
+
+def read_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -> tuple[dict, str]:
+    """``load_index`` and the sha256 of the bytes it read (one read: what a checkpoint records as
+    the data's identity is what was checked)."""
     storage = Storage(data_dir)
     where = storage.url(INDEX_NAME)
     if (data := storage.find(INDEX_NAME)) is None:
@@ -572,7 +578,7 @@ def load_index(data_dir: str | Path, tokenizer_path: str | Path | None = None) -
                 f"tokenizer {tokenizer_path} (sha256 {sha[:12]}...) does not match the one the shards in "
                 f"{data_dir} were written with (sha256 {str(index['tokenizer_sha256'])[:12]}...)"
             )
-    return index
+    return index, hashlib.sha256(data).hexdigest()
 
 
 def _count(value) -> bool:
@@ -618,10 +624,6 @@ def plain_name(name) -> bool:
         and "\0" not in name
         and name == name.strip()
     )
-
-
-def index_sha256(data_dir: str | Path) -> str:
-    return hashlib.sha256(Storage(data_dir).read(INDEX_NAME)).hexdigest()
 
 
 def find_tokenizer(data_dir: str | Path, index: dict, given: str | Path | None) -> Path | None:

@@ -122,6 +122,8 @@ class Trainer:
         stop = lambda: self.stop_signal is not None  # noqa: E731
         self.train_loader = build_loader(cfg, self.state, slots, stop)
         index = self.train_loader.index
+        first = self.train_loader.loaders[0] if cfg.data.blend else self.train_loader
+        self.val_index = (first.index, first.index_sha256)  # validation reads the first source's val split
         self.seq_len = index["seq_len"]
         sources = ", ".join(f"{w} {_location(p)}" for w, p in cfg.data.sources)
         self.data_identity = DataIdentity(
@@ -240,9 +242,8 @@ class Trainer:
         return path
 
     def evaluate(self) -> float:
-        loader = PackedTokenLoader(
-            self.cfg.data.sources[0][1], "val", shuffle=False, max_epochs=1, **loader_args(self.cfg, self.state)
-        )
+        loader = PackedTokenLoader(self.cfg.data.sources[0][1], "val", shuffle=False, max_epochs=1,
+                                   index=self.val_index, **loader_args(self.cfg, self.state))  # fmt: skip
         return self.engine.evaluate(list(itertools.islice(loader, self.cfg.logging.eval_batches)))
 
     def _next_step(self, stream) -> list[dict] | None:

@@ -6,13 +6,42 @@ plugin and chrome://tracing / Perfetto read it) and, on a GPU, a CUDA memory sna
 ``torch.profiler.record_function``: ``sessa.solve`` (the feedback solve), ``sessa.attention``
 (the forward branch's attention core), ``sessa.mlp``, ``sessa.optimizer`` (the optimizer step) and
 ``sessa.communication`` (every collective and point-to-point call of the package).
+
+The profiler library (kineto) writes a ``USDT: ... profiler_start`` / ``profiler_stop`` line to
+stderr at each start and stop whatever ``KINETO_LOG_LEVEL`` says; those two lines are dropped,
+anything else written to stderr meanwhile is passed on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def _without_usdt_lines() -> Iterator[None]:
+    """Runs the block with file descriptor 2 in a temporary file, then writes what it holds to
+    stderr, less the lines kineto starts with ``USDT:``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not line.startswith("USDT:")))
+            sys.stderr.flush()
 
 
 class StepProfiler:
@@ -35,7 +64,8 @@ class StepProfiler:
         self.profiler = torch.profiler.profile(
             activities=activities, on_trace_ready=torch.profiler.tensorboard_trace_handler(str(self.out))
         )
-        self.profiler.__enter__()
+        with _without_usdt_lines():
+            self.profiler.__enter__()
 
     def after(self, step: int) -> None:
         """Called after step ``step`` has run."""
@@ -46,7 +76,8 @@ class StepProfiler:
         """Write the trace of what was profiled (the run may end before ``end``: a stop, a signal)."""
         if self.profiler is None:
             return
-        self.profiler.__exit__(None, None, None)
+        with _without_usdt_lines():
+            self.profiler.__exit__(None, None, None)
         self.profiler = None
         if self.cuda:
             torch.cuda.memory._dump_snapshot(str(self.out / f"memory_rank{self.rank}.pickle"))
