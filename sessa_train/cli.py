@@ -1,5 +1,5 @@
 """Command-line front-ends of export, generation and planning: ``sessa-export``, ``sessa-generate``
-and ``sessa-plan`` (``python -m sessa_train.export`` etc. run the same).
+and ``sessa-plan`` (console scripts; the library modules they drive have no ``__main__``).
 
 Each parses its arguments before importing torch or the library it drives, so ``--help`` and
 argument errors answer at once. Bad input ends with one line on stderr and exit status 2; a
@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 
-from sessa_train.errors import SessaError, argument_parser
+from sessa_train.errors import SessaError, argument_parser, user_error
 
 
 def _finite(kind: type, low: float | None = None):
@@ -44,8 +44,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)
     except SessaError as e:
-        print(f"sessa-export: error: {e}", file=sys.stderr)
-        return 2
+        return user_error(p.prog, e)
     print(f"exported {find_checkpoint(args.checkpoint)} to {out}")
     return 0
 
@@ -90,8 +89,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         longest = max(map(len, encoded))
         check_room(model, len(encoded) * (longest + args.max_new_tokens), device)
     except SessaError as e:
-        print(f"sessa-generate: error: {e}", file=sys.stderr)
-        return 2
+        return user_error(p.prog, e)
     # one batch, left-padded (each row generates what it would alone: generate's attention_mask)
     batch = torch.tensor([[tokenizer.eos_id] * (longest - len(ids)) + ids for ids in encoded])
     mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in encoded])
@@ -150,7 +148,7 @@ def _tokenizer_file(export: str) -> str:
     raise SessaError(f"{export} holds no tokenizer (tokenizer.model or tokenizer.json)")
 
 
-def plan_main(argv: list[str] | None = None) -> None:
+def plan_main(argv: list[str] | None = None) -> int:
     p = argument_parser(
         prog="sessa-plan",
         description="Per-rank memory and a step-time model of a config under a layout (sessa_train/sizing.py).",
@@ -175,6 +173,30 @@ def plan_main(argv: list[str] | None = None) -> None:
         cfg = load_config([args.config], args.overrides)
         check_layout(cfg, args.nodes * args.gpus_per_node)  # what sessa-train refuses, refused here
     except SessaError as e:
-        p.exit(2, f"sessa-plan: error: {e}\n")
-    if problem := plan(cfg, args):
-        p.exit(1, f"sessa-plan: {problem}\n")
+        return user_error(p.prog, e)
+    found = plan(cfg, args.seq_len, gpu=args.gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                 efficiency=args.efficiency, runtime_gib=args.runtime_gib, bf16=not args.fp32)  # fmt: skip
+    _print_plan(found, args.config, args.efficiency)
+    if problem := found.problem():
+        print(f"sessa-plan: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_plan(found, config: str, efficiency: float) -> None:
+    from sessa_train.hardware import GiB
+    from sessa_train.sizing import stage_parameters
+
+    job, gpu, t = found.job, found.gpu, found.step
+    layout = f"tensor={job.tensor} pipeline={job.pipeline} context={job.context} data={job.data} zero={job.zero}"
+    print(f"{config}: seq {job.seq_len}, {layout}, {job.micro_batches} micro-batches of {job.micro_batch}")
+    print(f"{stage_parameters(job.model, job.tensor, job.pipeline) / 1e6:.1f}M parameters on the busiest rank")
+    print("| per-rank memory | GiB |\n|---|---|")
+    for item, b in found.memory.items():
+        print(f"| {item} | {b / GiB:.2f} |")
+    print(f"| **total** | **{found.total / GiB:.2f}** of {gpu.memory / GiB:.1f} on {gpu.name} |")
+    print(f"host memory per rank while saving a checkpoint: {found.host_bytes / GiB:.2f} GiB (CPU copies of its share)")
+    print("| step time | s |\n|---|---|")
+    for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor all-reduces", "total"):
+        print(f"| {item} | {t[item]:.3f} |")
+    print(f"{t['tokens/s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (at {efficiency:.0%} matmul efficiency)")

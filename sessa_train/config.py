@@ -130,7 +130,7 @@ def _choice(section: str, name: str, value: str, valid: tuple[str, ...]) -> None
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "data/default/shards"  # directory with index.json (tools/write_shards.py)
+    path: str = "data/default/shards"  # directory with index.json (sessa-write-shards)
     tokenizer: str | None = None  # checked against the index's checksum when given
     micro_batch_size: int = 8  # sequences per rank per forward/backward
     num_workers: int = 0

@@ -55,6 +55,14 @@ class TrainError(SessaError):
     """A run that cannot start or go on (batch sizes that do not tile, steps that keep failing)."""
 
 
+def user_error(prog: str, error: object) -> int:
+    """Print the one line a command ends with on bad input (``prog: error: ...``); its exit status, 2."""
+    import sys
+
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def argument_parser(**kwargs):
     """An ``argparse.ArgumentParser`` whose errors are one line (``prog: error: message``, status
     2) without the usage block, as every other error of the command-line tools is, and whose

@@ -319,9 +319,3 @@ def load_for_transformers(path: str | Path, *, device: str | torch.device = "cpu
     else:
         raise CheckpointError(f"{path} holds no tokenizer (tokenizer.json or tokenizer.model)")
     return model, tokenizer
-
-
-if __name__ == "__main__":
-    from sessa_train.cli import export_main
-
-    raise SystemExit(export_main())

@@ -6,7 +6,6 @@ sessa-generate EXPORT --prompt "The module" --max-new-tokens 64 --temperature 0.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -117,9 +116,3 @@ def check_room(model: SessaLM, positions: int, device: torch.device) -> None:
             f"{positions:,} tokens of prompt and --max-new-tokens need {need / 2**30:,.1f} GiB of decode state, more "
             f"than the {have / 2**30:.1f} GiB available; lower --max-new-tokens to at most {have // per_token:,}"
         )
-
-
-if __name__ == "__main__":
-    from sessa_train.cli import generate_main
-
-    sys.exit(generate_main())

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessa_train.errors import LaunchError, SessaError, argument_parser
+from sessa_train.errors import LaunchError, SessaError, argument_parser, user_error
 from sessa_train.process_env import runtime_defaults
 
 # DeepSpeed's launcher (its ``deepspeed`` script) run by this very interpreter: no PATH or
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         args.grace_s = save_grace_s(stage_parameters(cfg.model, 1, 1), len(hosts), args.save_gbps)
         commands = node_commands(args, hosts)
     except SessaError as e:
-        print(f"sessa-launch: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("sessa-launch", e)
     threads = args.omp_threads or max(1, (os.cpu_count() or 1) // len(commands[0].ranks))
     env = {**ENVIRONMENT, "OMP_NUM_THREADS": str(threads)}
     if args.launcher == "torchrun":  # torchrun's wait between SIGTERM and SIGKILL: the last save's time

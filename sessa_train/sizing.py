@@ -42,7 +42,7 @@ import torch
 from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig
 from sessa_train.errors import SessaError
 from sessa_train.flops import forward_flops_per_token
-from sessa_train.hardware import GPUS, GiB
+from sessa_train.hardware import GPU, GPUS, GiB
 from sessa_train.models import ModelPlan, SessaLM, SessaMixer
 from sessa_train.ops.feedback import resolve_backend
 from sessa_train.parallel.layout import stage_splits
@@ -236,37 +236,40 @@ def step_time(job: Job, gpu, gpus_per_node: int, efficiency: float) -> dict[str,
     }
 
 
-def plan(cfg: TrainConfig, args) -> str | None:
-    """Print the plan of ``cfg`` for the job ``args`` describes (seq_len, gpu, nodes, gpus_per_node,
-    efficiency, runtime_gib, fp32); the reason it does not fit, or None (``cli.plan_main``)."""
-    job = Job.of(cfg, args.seq_len, args.nodes * args.gpus_per_node, not args.fp32)
-    gpu = GPUS[args.gpu]
-    mem = memory(job) | {"runtime (not modelled)": args.runtime_gib * GiB}
+@dataclass(frozen=True)
+class Plan:
+    """What ``sessa-plan`` reports of a job on a GPU: per-rank ``memory`` items and the host bytes
+    a rank stages while saving (bytes), ``step`` time items (s, with ``tokens/s`` and ``mfu``)."""
+
+    job: Job
+    gpu: GPU
+    memory: dict[str, float]
+    host_bytes: float
+    step: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.memory.values())
+
+    def problem(self) -> str | None:
+        """Why the job does not fit on its GPU, or None."""
+        if self.total <= self.gpu.memory:
+            return None
+        largest = max(self.memory, key=self.memory.get)
+        return (
+            f"does not fit: {self.total / GiB:.1f} GiB per rank > {self.gpu.memory / GiB:.1f} GiB on {self.gpu.name}; "
+            f"the largest item is {largest} ({self.memory[largest] / GiB:.1f} GiB)"
+        )
+
+
+def plan(
+    cfg: TrainConfig, seq_len: int, *, gpu: str = "H100", nodes: int = 1, gpus_per_node: int = 8,
+    efficiency: float = 0.5, runtime_gib: float = 1.0, bf16: bool = True,
+) -> Plan:  # fmt: skip
+    """The plan of ``cfg`` at ``seq_len`` tokens on ``nodes`` x ``gpus_per_node`` GPUs of kind
+    ``gpu`` whose matmuls reach ``efficiency`` of peak, ``runtime_gib`` per rank for the CUDA
+    context, NCCL and allocator slack (``cli.plan_main`` prints it)."""
+    job = Job.of(cfg, seq_len, nodes * gpus_per_node, bf16)
+    mem = memory(job) | {"runtime (not modelled)": runtime_gib * GiB}
     host = mem.pop("checkpoint staging")
-    total = sum(mem.values())
-    layout = f"tensor={job.tensor} pipeline={job.pipeline} context={job.context} data={job.data} zero={job.zero}"
-    print(f"{args.config}: seq {job.seq_len}, {layout}, {job.micro_batches} micro-batches of {job.micro_batch}")
-    print(f"{stage_parameters(job.model, job.tensor, job.pipeline) / 1e6:.1f}M parameters on the busiest rank")
-    print("| per-rank memory | GiB |\n|---|---|")
-    for item, b in mem.items():
-        print(f"| {item} | {b / GiB:.2f} |")
-    print(f"| **total** | **{total / GiB:.2f}** of {gpu.memory / GiB:.1f} on {gpu.name} |")
-    print(f"host memory per rank while saving a checkpoint: {host / GiB:.2f} GiB (CPU copies of its share)")
-    t = step_time(job, gpu, args.gpus_per_node, args.efficiency)
-    print("| step time | s |\n|---|---|")
-    for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor all-reduces", "total"):
-        print(f"| {item} | {t[item]:.3f} |")
-    print(f"{t['tokens/s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (at {args.efficiency:.0%} matmul efficiency)")
-    if total <= gpu.memory:
-        return None
-    largest = max(mem, key=mem.get)
-    return (
-        f"does not fit: {total / GiB:.1f} GiB per rank > {gpu.memory / GiB:.1f} GiB on {gpu.name}; "
-        f"the largest item is {largest} ({mem[largest] / GiB:.1f} GiB)"
-    )
-
-
-if __name__ == "__main__":
-    from sessa_train.cli import plan_main
-
-    plan_main()
+    return Plan(job, GPUS[gpu], mem, host, step_time(job, GPUS[gpu], gpus_per_node, efficiency))

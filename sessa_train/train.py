@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from sessa_train.config import TrainConfig, load_config
-from sessa_train.errors import SessaError, argument_parser
+from sessa_train.errors import SessaError, argument_parser, user_error
 from sessa_train.process_env import apply_runtime_defaults
 
 
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_of(args)  # and config errors
     except SessaError as e:
-        print(f"sessa-train: error: {e}", file=sys.stderr)
-        return 2
+        return user_error("sessa-train", e)
     from sessa_train import distributed
 
     try:
@@ -55,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
         Trainer(cfg, distributed.init_distributed()).fit()
     except SessaError as e:
-        print(f"sessa-train: error: {e}", file=sys.stderr)
         distributed.shutdown()  # every process leaves cleanly after its one line
-        return 2
+        return user_error("sessa-train", e)
     except Exception as e:
         if (lost := peer_lost(e)) is None:
             raise  # a bug of ours: its traceback

@@ -12,6 +12,14 @@ GAMMA_MAX = 0.999
 HANG_GUARD_S = 600
 
 
+def script(name: str) -> list[str]:
+    """The command line of one of the package's console scripts (``sessa-export`` ...), as installed."""
+    import sys
+    from pathlib import Path
+
+    return [str(Path(sys.executable).with_name(name))]
+
+
 def feedback_inputs(B, H, T, Dk, Dv, gamma_regime="mid", dtype=torch.float64, seed=0):
     """q_b, k_b (B,H,T,Dk), f (B,H,T,Dv), gamma (B,H,T), all requiring grad."""
     g = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError, SessaError
 from sessa_train.export import export_checkpoint
 from sessa_train.generate import generate
-from tests.helpers import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S, script
 from tests.trainer import ENV, REPO, final_weights
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def test_generate_cli_streams_the_greedy_continuation(exported):
     prompt = "The module"
     ids = sp.encode(prompt)
     new = torch.cat(list(generate(load_pretrained(exported), torch.tensor([ids]), 8, eos_id=sp.eos_id())))
-    cmd = [sys.executable, "-m", "sessa_train.generate", str(exported), "--prompt", prompt]
+    cmd = [*script("sessa-generate"), str(exported), "--prompt", prompt]
     out = subprocess.run(
         [*cmd, "--temperature", "0", "--max-new-tokens", "8"],
         capture_output=True,
@@ -111,7 +111,7 @@ def test_generate_cli_streams_the_greedy_continuation(exported):
         if sp.eos_id() in steps:
             steps = steps[: steps.index(sp.eos_id()) + 1]
         alone.append(sp.decode(ids + steps))
-    cmd = [sys.executable, "-m", "sessa_train.generate", str(exported), "--prompt", prompts[0], "--prompt", prompts[1]]
+    cmd = [*script("sessa-generate"), str(exported), "--prompt", prompts[0], "--prompt", prompts[1]]
     out = subprocess.run([*cmd, "--temperature", "0", "--max-new-tokens", "8"], capture_output=True, text=True,
                          env=ENV, cwd=REPO, timeout=HANG_GUARD_S)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -120,7 +120,7 @@ def test_generate_cli_streams_the_greedy_continuation(exported):
 
 
 def test_export_errors_are_one_line(run, tmp_path, exported):
-    cmd = [sys.executable, "tools/export.py", str(tmp_path), str(tmp_path / "out")]
+    cmd = [*script("sessa-export"), str(tmp_path), str(tmp_path / "out")]
     bad = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO)
     assert bad.returncode == 2
     assert (
@@ -152,7 +152,7 @@ def test_export_takes_the_tokenizer_the_checkpoint_carries(run, shards, tmp_path
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     other = train_tokenizer(small_texts(), elsewhere / "tokenizer.model", vocab_size=450)
-    cmd = [sys.executable, "-m", "sessa_train.export", str(run / "ckpt"), str(tmp_path / "out")]
+    cmd = [*script("sessa-export"), str(run / "ckpt"), str(tmp_path / "out")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=elsewhere, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (shards.parent / "tok.model").read_bytes()
@@ -189,7 +189,7 @@ def test_generate_bad_device_and_bad_config_are_one_line(exported, tmp_path):
     import shutil
 
     def generate_cli(folder: Path, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "sessa_train.generate", str(folder), "--prompt", "The", "--max-new-tokens", "2"]
+        cmd = [*script("sessa-generate"), str(folder), "--prompt", "The", "--max-new-tokens", "2"]
         return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=HANG_GUARD_S)
 
     if not torch.cuda.is_available():

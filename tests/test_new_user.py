@@ -36,17 +36,17 @@ def test_the_paper_row_command_runs_from_any_folder(tmp_path):
     """6: the rows file and the configs it names are found from the package, not the working
     directory; a rows file that does not exist is named as missing, not as a format error."""
     import subprocess
-    import sys
 
+    from tests.helpers import script
     from tests.trainer import ENV, REPO
 
-    cmd = [sys.executable, str(REPO / "tools" / "paper_row.py"), "tiny", "sessa", "--print-train"]
+    cmd = [*script("sessa-paper-row"), "tiny", "sessa", "--print-train"]
     out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"--config {REPO / 'configs' / 'paper' / 'tiny.yaml'}" in out.stdout
     out = subprocess.run([*cmd, "--rows", "nowhere.yaml"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
-    missing = "paper_row: error: nowhere.yaml: no such file (the paper's rows; pass --rows FILE)"
+    missing = "sessa-paper-row: error: nowhere.yaml: no such file (the paper's rows; pass --rows FILE)"
     assert out.returncode == 2 and out.stderr.strip() == missing
 
 

@@ -18,7 +18,7 @@ from sessa_train import ModelConfig, SessaLM
 from sessa_train.config import load_config
 from sessa_train.errors import ConfigError
 from sessa_train.evaluation import symbol_soup as ss
-from tests.helpers import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S, script
 from tests.trainer import ENV, REPO, losses, train
 
 # -- SymbolSoup ---------------------------------------------------------------------------
@@ -233,10 +233,10 @@ def test_mamba2_trains_resumes_and_exports_like_the_others(default_data, tmp_pat
 
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory) -> Path:
-    """The tiny row of each architecture, 40 steps each (configs/paper/rows.yaml, tools/paper_row.py)."""
+    """The tiny row of each architecture, 40 steps each (configs/paper/rows.yaml, sessa-paper-row)."""
     root = tmp_path_factory.mktemp("paper")
     for arch in ("sessa", "transformer", "mamba2"):
-        cmd = [sys.executable, "tools/paper_row.py", "tiny", arch, "--runs", str(root), "--results",
+        cmd = [*script("sessa-paper-row"), "tiny", arch, "--runs", str(root), "--results",
                str(root / "results"), "schedule.train_steps=40", "schedule.warmup_steps=5",
                f"data.path={root / 'data'}", "logging.eval_every_steps=20"]  # fmt: skip
         out = subprocess.run(cmd, cwd=REPO, env=ENV | {"OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
@@ -280,8 +280,8 @@ def test_a_row_trains_evaluates_and_is_appended_to_the_results_table(tiny_rows):
 
 @pytest.mark.slow
 def test_memory_tail_profiles_all_three_with_both_fits(tiny_rows, tmp_path):
-    cmd = [sys.executable, "tools/memory_tail.py", "--seq-len", "64", "--batch", "2", "--targets", "2",
-           "--out", str(tmp_path)]  # fmt: skip
+    cmd = [sys.executable, "-m", "sessa_train.evaluation.memory_tail", "--seq-len", "64", "--batch", "2",
+           "--targets", "2", "--out", str(tmp_path)]  # fmt: skip
     for arch in ("sessa", "transformer", "mamba2"):
         cmd += ["--model", f"{arch}-trained={tiny_rows / f'tiny-{arch}' / 'checkpoints'}"]
         cmd += ["--random", f"{arch}-init=configs/paper/tiny.yaml:{arch}"]

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from sessa_train.checkpoint import read_weights
-from tests.helpers import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S, script
 from tests.trainer import ENV, REPO, command, losses, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_no_pickle_runs_from_a_folder_of_the_earlier_format(run, shards, tmp_pat
     folder = tmp_path / "ckpt" / "step_00000004"
     folder.mkdir(parents=True)
     (folder / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(Payload()))
-    one_line(run_cmd([sys.executable, "-m", "sessa_train.export", str(folder), str(tmp_path / "out")]),
+    one_line(run_cmd([*script("sessa-export"), str(folder), str(tmp_path / "out")]),
              "is not a complete checkpoint (no meta.json)")  # fmt: skip
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "again")
     one_line(run_cmd(command(cfg, *STEPS, "--resume", str(folder))), "manifest.json is missing")
@@ -290,8 +290,8 @@ def test_bad_input_text_and_arguments_of_the_data_tools_are_one_line(shards, tmp
     latin.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     txt = tmp_path / "latin.txt"
     txt.write_bytes(b"line one\nna\xefve\n")
-    shards_cli = [sys.executable, "tools/write_shards.py", "--tokenizer", tok, "--no-progress"]
-    tok_cli = [sys.executable, "tools/train_tokenizer.py", "--model", str(tmp_path / "t.model")]
+    shards_cli = [*script("sessa-write-shards"), "--tokenizer", tok, "--no-progress"]
+    tok_cli = [*script("sessa-train-tokenizer"), "--model", str(tmp_path / "t.model")]
     for cli, extra in ((shards_cli, ["--out", str(tmp_path / "o")]), (tok_cli, [])):
         one_line(run_cmd([*cli, *extra, "--input", str(latin)]), f"{latin}: not valid UTF-8 at line 2, byte")
         one_line(run_cmd([*cli, *extra, "--input", str(txt)]), f"{txt}: not valid UTF-8 at byte 11")
@@ -336,7 +336,7 @@ def test_a_logging_dir_that_is_a_file_and_a_checkpoint_dir_that_is_a_file_end_cl
 
 
 def test_generate_refuses_what_it_cannot_do_in_one_line(exported):
-    gen = [sys.executable, "-m", "sessa_train.generate", str(exported), "--prompt", "The"]
+    gen = [*script("sessa-generate"), str(exported), "--prompt", "The"]
     one_line(run_cmd([*gen, "--max-new-tokens", "1000000000000"]), "GiB of decode state", "lower --max-new-tokens")
     one_line(run_cmd([*gen, "--temperature", "nan"]), "argument --temperature: 'nan': need a finite number")
     one_line(run_cmd([*gen, "--top-p", "0"]), "argument --top-p: 0.0 is not in (0, 1]")
@@ -369,7 +369,7 @@ def test_export_of_a_root_without_latest_names_the_folders_to_pass(run, tmp_path
     root = tmp_path / "ckpt"
     copy_checkpoint(run, root, 2)
     copy_checkpoint(run, root, 4)
-    one_line(run_cmd([sys.executable, "-m", "sessa_train.export", str(root), str(tmp_path / "out")]),
+    one_line(run_cmd([*script("sessa-export"), str(root), str(tmp_path / "out")]),
              f"{root} holds checkpoints but no 'latest' file", f"newest: {root / 'step_00000004'}")  # fmt: skip
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from sessa_train.config import ComputeConfig, ModelConfig
 from sessa_train.flops import forward_flops_per_token
 from sessa_train.hardware import GPUS
 from sessa_train.sizing import Job, memory, saved_bytes, stage_parameters, step_time
+from tests.helpers import script
 from tests.trainer import REPO
 
 D, V, L = 32, 64, 3
@@ -82,7 +82,7 @@ def test_step_time_by_hand():
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sessa_train.sizing", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([*script("sessa-plan"), *args], cwd=REPO, capture_output=True, text=True)
 
 
 def test_cli_refuses_what_cannot_fit_naming_the_largest_item_and_bad_layouts():

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sessa_train.errors import SessaError, argument_parser
+from sessa_train.errors import SessaError, argument_parser, user_error
 
 DEFAULT_DATA_DIR = Path("data/default")
 INPUT_HELP = (
@@ -35,7 +35,7 @@ def _run(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], N
     try:
         work(args)
     except SessaError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        return user_error(parser.prog, e)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Task accuracy by sequence length / lag and validation perplexity (tools/eval.py)."""
+"""Task accuracy by sequence length / lag and validation perplexity (python -m sessa_train.evaluation.report)."""
 
 from __future__ import annotations
 

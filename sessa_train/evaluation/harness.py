@@ -190,9 +190,8 @@ def log_to_run(results: dict, checkpoint: Path, log_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
 
-    from sessa_train.errors import argument_parser
+    from sessa_train.errors import argument_parser, user_error
 
     p = argument_parser(prog="sessa-eval", description="lm-evaluation-harness on an export or a checkpoint.")
     p.add_argument("model", help="an export folder, or a checkpoint (a step_N folder or a checkpoint.dir)")
@@ -212,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             log_to_run(results, Path(args.model), run)
     except SessaError as e:
-        print(f"sessa-eval: error: {e}", file=sys.stderr)
-        return 2
+        return user_error(p.prog, e)
     for key, value in scalars_of(results).items():
         print(f"{key}: {value:.4f}")
     print(f"wrote {out}")

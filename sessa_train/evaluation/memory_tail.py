@@ -13,13 +13,12 @@ log I(l) over l in [l_min, l_max]:
 and both fits' residuals (RMS of log I minus the fit) are reported: the smaller one says which
 shape the measured tail has, whatever the exponents are.
 
-    python tools/memory_tail.py --model sessa=runs/x/ckpt --random sessa-random=configs/tiny.yaml \\
+    python -m sessa_train.evaluation.memory_tail --model sessa=runs/x/ckpt --random sessa-random=configs/tiny.yaml \\
         --seq-len 256 --out runs/memory_tail
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -87,11 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     from sessa_train.config import load_config
+    from sessa_train.errors import argument_parser
     from sessa_train.evaluation.report import load_model
 
-    p = argparse.ArgumentParser(
-        prog="memory_tail", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argument_parser(prog="python -m sessa_train.evaluation.memory_tail", description=__doc__)
     p.add_argument(
         "--model",
         action="append",

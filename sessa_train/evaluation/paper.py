@@ -1,7 +1,7 @@
-"""`tools/paper_row.py`: one row of the paper's SymbolSoup table, from data to the results table.
+"""`sessa-paper-row`: one row of the paper's SymbolSoup table, from data to the results table.
 
-    python tools/paper_row.py 125m mamba2 --nproc 8      # one node, 8 GPUs (torchrun)
-    python tools/paper_row.py tiny sessa                 # CPU, minutes
+    sessa-paper-row 125m mamba2 --nproc 8      # one node, 8 GPUs (torchrun)
+    sessa-paper-row tiny sessa                 # CPU, minutes
 
 A row is a size of ``configs/paper/rows.yaml`` and an architecture. The command
 1. writes the size's SymbolSoup shards (``symbol_soup.py``) unless they are there,
@@ -17,7 +17,6 @@ prints (``--print-train``), then ``--skip-train`` on one node for steps 3-4.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sessa_train.config import ARCHITECTURES
-from sessa_train.errors import ConfigError, SessaError, argument_parser
+from sessa_train.errors import ConfigError, SessaError, argument_parser, user_error
 
 # the repository's files, found from the package (not from the working directory): the rows and
 # the configs they name (relative to the repository's root)
@@ -164,7 +163,7 @@ def write_results(row: dict, out: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argument_parser(prog="paper_row", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(prog="sessa-paper-row", description=__doc__)
     p.add_argument("size", help=f"a size of {ROWS} (tiny, 125m, 350m)")
     p.add_argument("arch", choices=ARCHITECTURES)
     p.add_argument("--rows", type=Path, default=ROWS, help=f"the rows file (default: {ROWS})")
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SessaError(f"training of {run.name} failed (its output is above)")
         row = evaluate_row(size, args.arch, run, cfg)
     except SessaError as e:
-        p.exit(2, f"paper_row: error: {e}\n")
+        return user_error(p.prog, e)
     write_results(row, args.results)
     accuracy = ", ".join(f"{n}: {a:.3f}" for n, a in row["accuracy"].items())
     print(f"{row['row']}: accuracy {accuracy}; wrote {args.results}/results.md, results.json, accuracy.png")

@@ -1,15 +1,15 @@
-"""`tools/eval.py`: task accuracy by length or lag (and validation perplexity) for several models,
-as a Markdown table, JSON, a PNG plot and tensorboard scalars.
+"""`python -m sessa_train.evaluation.report`: task accuracy by length or lag (and validation
+perplexity) for several models, as a Markdown table, JSON, a PNG plot and tensorboard scalars.
 
-    python tools/eval.py --model sessa=runs/needle-sessa/ckpt --model transformer=runs/needle-tf/ckpt \\
-        --task needle --seq-len 256 --lags 16 64 128 250 --samples 256 --out runs/eval-needle
+    python -m sessa_train.evaluation.report --model sessa=runs/needle-sessa/ckpt \\
+        --model transformer=runs/needle-tf/ckpt --task needle --seq-len 256 --lags 16 64 128 250 \\
+        --samples 256 --out runs/eval-needle
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from sessa_train.evaluation.evaluate import perplexity, task_accuracy
@@ -90,7 +90,9 @@ def write_outputs(rows: list[dict], task: str, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sessa_train.errors import argument_parser, user_error
+
+    p = argument_parser(prog="python -m sessa_train.evaluation.report", description=__doc__)
     p.add_argument(
         "--model",
         action="append",
@@ -115,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = evaluate(args)
     except ValueError as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        return 2
+        return user_error(p.prog, e)
     print(write_outputs(rows, args.task, args.out))
     print(f"wrote {args.out / 'eval.json'}, {args.out / 'accuracy.png'}, {args.out / 'tb'}")
     return 0
