@@ -21,7 +21,7 @@ rm -rf "$TARGET"/numpy* "$TARGET"/torch* "$TARGET"/bin
 echo "compat_check: transformers $VERSION ($(PYTHONPATH="$TARGET" "$PY" -c 'import tokenizers, huggingface_hub as h; print(f"tokenizers {tokenizers.__version__}, huggingface-hub {h.__version__}")'))"
 run() { PYTHONPATH="$TARGET" HF_MODULES_CACHE="$WORK/modules" "$PY" -m pytest -q -p no:cacheprovider "$@"; }
 run tests/test_export.py
-run tests/test_tools.py -k "autotokenizer or padded_batches"
+run tests/test_tools.py -k "autotokenizer or padded_batches or either_route"
 if "$PY" -c "import sys; from packaging.version import Version as V; sys.exit(V('$VERSION') < V('5.24'))"; then
   run tests/test_paper.py -k mamba2
 fi
