@@ -189,6 +189,7 @@ def _print_plan(found, config: str, efficiency: float) -> None:
 
     job, gpu, t = found.job, found.gpu, found.step
     layout = f"tensor={job.tensor} pipeline={job.pipeline} context={job.context} data={job.data} zero={job.zero}"
+    layout += " sequence_parallel" if job.sequence_parallel else ""
     print(f"{config}: seq {job.seq_len}, {layout}, {job.micro_batches} micro-batches of {job.micro_batch}")
     print(f"{stage_parameters(job.model, job.tensor, job.pipeline) / 1e6:.1f}M parameters on the busiest rank")
     print("| per-rank memory | GiB |\n|---|---|")
@@ -197,6 +198,6 @@ def _print_plan(found, config: str, efficiency: float) -> None:
     print(f"| **total** | **{found.total / GiB:.2f}** of {gpu.memory / GiB:.1f} on {gpu.name} |")
     print(f"host memory per rank while saving a checkpoint: {found.host_bytes / GiB:.2f} GiB (CPU copies of its share)")
     print("| step time | s |\n|---|---|")
-    for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor all-reduces", "total"):
+    for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor-parallel collectives", "total"):
         print(f"| {item} | {t[item]:.3f} |")
     print(f"{t['tokens/s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (at {efficiency:.0%} matmul efficiency)")

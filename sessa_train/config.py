@@ -228,6 +228,9 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1  # context parallelism: every sequence split over this many ranks (docs/parallelism.md)
+    # with tensor > 1: the residual stream, LayerNorms and the loss's inputs are split along the
+    # sequence over the tensor-parallel ranks (Megatron's --sequence-parallel; docs/parallelism.md)
+    sequence_parallel: bool = True
     zero_stage: int = 0
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
 

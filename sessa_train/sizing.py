@@ -9,10 +9,11 @@ Memory of the busiest rank (the first pipeline stage), in bytes:
     optimizer      P x (8 AdamW moments + 4 fp32 master under bf16 or ZeRO) / DP under ZeRO-1/2/3
     checkpoint     host memory, not the GPU's: a save gathers this rank's share of whole fp32
                    weights and moments on the host before writing: P x 12 / (DP x CP)
-    activations    what autograd keeps for the backward per micro-batch (measured off the one model
-                   definition: saved tensors of a forward at small T, scaled linearly in T), x the
-                   micro-batches in flight (1, or PP under 1F1B), / (TP x CP); full recomputation
-                   keeps each layer's input
+    activations    what autograd keeps for the backward per micro-batch on one tensor-parallel
+                   rank (measured off the one model definition built with that rank's shapes,
+                   ``rank_pass``: saved tensors of a forward at small T, scaled linearly in T), x
+                   the micro-batches in flight (1, or PP under 1F1B), / CP; full recomputation
+                   keeps each layer's input (T / TP rows of it under sequence parallelism)
     backward       the larger transient of the backward: the fp32 gradient of the logits twice,
                    or one layer's activation gradients (twice its activations when recomputed)
     solve strips   the feedback solve's largest transient during one layer's backward, from the
@@ -20,14 +21,14 @@ Memory of the busiest rank (the first pipeline stage), in bytes:
     buffers        DeepSpeed's ZeRO-1/2 reduce and all-gather buckets, ZeRO-3 prefetch
 P counts the parameters of the largest pipeline stage held by one tensor-parallel rank, read off
 the model built on the meta device. Not modelled: allocator fragmentation and caching, the CUDA
-context and NCCL's own buffers (``--runtime-gib``, 1 GiB by default on a GPU), TP's replicated
-activations (the layer input and norms are divided by TP here as if sequence-parallel), and
-temporary copies inside DeepSpeed's step.
+context and NCCL's own buffers (``--runtime-gib``, 1 GiB by default on a GPU), and temporary
+copies inside DeepSpeed's step.
 
 Time per step: model FLOPs (``flops.py``; + one forward under full recomputation) at
 ``--efficiency`` of the GPU's peak, the 1F1B bubble (PP - 1) / (micro-batches + PP - 1), and the
-data-parallel gradient all-reduce and TP's per-layer all-reduces at NVLink / network bandwidth
-assumed not overlapped with compute (an upper bound on their cost).
+data-parallel gradient all-reduce and the tensor-parallel collectives (all-reduce, all-gather,
+reduce-scatter, counted by ``rank_pass`` where megatron-core runs them) at NVLink / network
+bandwidth assumed not overlapped with compute (an upper bound on their cost).
 """
 
 from __future__ import annotations
@@ -35,15 +36,18 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig
 from sessa_train.errors import SessaError
 from sessa_train.flops import forward_flops_per_token
 from sessa_train.hardware import GPU, GPUS, GiB
-from sessa_train.models import ModelPlan, SessaLM, SessaMixer
+from sessa_train.models import ModelPlan, Positions, SessaLM, SessaMixer
 from sessa_train.ops.feedback import resolve_backend
 from sessa_train.parallel.layout import stage_splits
 
@@ -66,6 +70,7 @@ class Job:
     data: int = 1
     zero: int = 0
     bf16: bool = True
+    sequence_parallel: bool = False  # only with tensor > 1
 
     @classmethod
     def of(cls, cfg: TrainConfig, seq_len: int, world: int, bf16: bool) -> Job:
@@ -76,6 +81,7 @@ class Job:
         return cls(
             cfg.model, cfg.compute, seq_len, cfg.data.micro_batch_size, cfg.schedule.global_batch_size,
             par.tensor, par.pipeline, par.context, world // model_parallel, par.zero_stage, bf16,
+            par.sequence_parallel and par.tensor > 1,
         )  # fmt: skip
 
     @property
@@ -98,12 +104,132 @@ def _stage(cfg: ModelConfig, stages: int, stage: int) -> list[tuple[tuple[int, .
     return [(tuple(p.shape), splits[name]) for name, p in model.named_parameters()]
 
 
-@functools.lru_cache(maxsize=32)
-def saved_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype, recompute: str) -> int:
-    """Bytes autograd keeps for the backward after a forward of one sequence (batch 1) of
-    ``seq_len`` tokens through the whole model with the loss, each storage counted once."""
+class _RankShapes(ModelPlan):
+    """One rank of ``tensor`` tensor-parallel ranks (with or without sequence parallelism) in one
+    process, for counting only: every tensor has the shape it has on that rank (not its values),
+    so what autograd keeps here is what the rank keeps, and each collective that ``MegatronPlan``
+    (megatron-core's layers) runs is counted where it runs: ``traffic[(pass, kind)]`` adds the
+    elements of the whole (gathered, or reduced) tensor of each all-reduce, all-gather and
+    reduce-scatter of the forward and the backward pass."""
+
+    def __init__(self, compute: ComputeConfig, tensor: int, sequence_parallel: bool) -> None:
+        super().__init__(compute)
+        self.tp, self.sp = tensor, sequence_parallel and tensor > 1
+        self.traffic: Counter = Counter()
+
+    def count(self, direction: str, kind: str, elements: int) -> None:
+        if self.tp > 1:
+            self.traffic[(direction, kind)] += elements
+
+    def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:
+        return _Column(self, n_in, n_out, bias, gather_rows=self.sp and residual)
+
+    def row(self, n_in: int, n_out: int, *, bias: bool = True, residual: bool = False) -> nn.Module:
+        return _Row(self, n_in, n_out, bias, scatter_rows=self.sp and residual)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return _Embedding(self, vocab_size, dim)
+
+    def part(self, value: torch.Tensor, split) -> torch.Tensor:
+        return value if split is None else value.chunk(self.tp, split.dim)[0].clone()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        self.count("forward", "all-gather", x.numel() * self.tp)
+        return torch.cat([x] * self.tp, dim=-1)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        self.count("backward", "all-gather", x.numel())
+        return x[..., : x.shape[-1] // self.tp]
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        self.count("backward", "all-reduce", x.numel())
+        return x
+
+    def positions(self, length: int, position_ids: torch.Tensor | None = None) -> Positions:
+        return super().positions(length * self.tp if self.sp else length, position_ids)
+
+    def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.count("forward", "all-reduce", 3 * targets.numel())  # vocab-parallel: max, target logit, sum
+        return super().token_loss(logits, targets % logits.shape[-1])
+
+
+class _Column(nn.Linear):
+    """Column-parallel: this rank's output features. Reading the residual stream under sequence
+    parallelism it gathers the rows (and again in the backward, for the weight's gradient) and
+    keeps this rank's rows only; otherwise its input gradient is all-reduced."""
+
+    def __init__(self, plan: _RankShapes, n_in: int, n_out: int, bias: bool, gather_rows: bool) -> None:
+        super().__init__(n_in, n_out // plan.tp, bias=bias)
+        self.__dict__["plan"], self.gather_rows = plan, gather_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if not self.gather_rows:
+            plan.count("backward", "all-reduce", x.numel())
+            return super().forward(x)
+        whole = x.numel() * plan.tp
+        plan.count("forward", "all-gather", whole)
+        plan.count("backward", "all-gather", whole)
+        plan.count("backward", "reduce-scatter", whole)
+        return _GatheredLinear.apply(x, self.weight, self.bias, plan.tp)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """linear(the rows of ``tp`` ranks, weight, bias), keeping this rank's rows (counting only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tp):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return F.linear(torch.cat([x] * tp, dim=1), weight, bias)
+
+
+class _Row(nn.Linear):
+    """Row-parallel: this rank's input features; the output summed over the ranks (all-reduce),
+    or, adding to the residual stream under sequence parallelism, this rank's rows of the sum."""
+
+    def __init__(self, plan: _RankShapes, n_in: int, n_out: int, bias: bool, scatter_rows: bool) -> None:
+        super().__init__(n_in // plan.tp, n_out, bias=bias)
+        self.__dict__["plan"], self.scatter_rows = plan, scatter_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan, y = self.plan, F.linear(x, self.weight)
+        if self.scatter_rows:
+            plan.count("forward", "reduce-scatter", y.numel())
+            plan.count("backward", "all-gather", y.numel())
+            y = y[:, : y.shape[1] // plan.tp]
+        else:
+            plan.count("forward", "all-reduce", y.numel())
+        return y if self.bias is None else y + self.bias
+
+
+class _Embedding(nn.Embedding):
+    """This rank's vocabulary rows; the lookup summed over the ranks (all-reduce), or under
+    sequence parallelism this rank's rows of the sum."""
+
+    def __init__(self, plan: _RankShapes, vocab_size: int, dim: int) -> None:
+        super().__init__(vocab_size // plan.tp, dim)
+        self.__dict__["plan"] = plan
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        plan, out = self.plan, super().forward(ids % self.num_embeddings)
+        if plan.sp:
+            plan.count("forward", "reduce-scatter", out.numel())
+            plan.count("backward", "all-gather", out.numel())
+            return out[:, : out.shape[1] // plan.tp]
+        plan.count("forward", "all-reduce", out.numel())
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def rank_pass(
+    cfg: ModelConfig, seq_len: int, dtype: torch.dtype, tensor: int = 1, sequence_parallel: bool = False
+) -> tuple[int, dict[tuple[str, str], int]]:
+    """One tensor-parallel rank's forward of one sequence (batch 1) of ``seq_len`` tokens through
+    the whole model with the loss: (bytes autograd keeps for the backward, each storage counted
+    once; elements of each collective by (pass, kind), ``_RankShapes``)."""
+    plan = _RankShapes(ComputeConfig(), tensor, sequence_parallel)
     with torch.device("meta"):  # shapes only: no initialisation (the values play no part in the count)
-        model = SessaLM(cfg, ModelPlan(ComputeConfig(recompute=recompute)))
+        model = SessaLM(cfg, plan)
     model = model.to(dtype).to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -127,7 +253,15 @@ def saved_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype, recompute: s
     finally:
         quiet.setLevel(level)
     del loss
-    return sum(kept.values())
+    return sum(kept.values()), dict(plan.traffic)
+
+
+def saved_bytes(
+    cfg: ModelConfig, seq_len: int, dtype: torch.dtype, tensor: int = 1, sequence_parallel: bool = False
+) -> int:
+    """Bytes autograd keeps on one tensor-parallel rank after a forward of one sequence of
+    ``seq_len`` tokens through the whole model with the loss (``rank_pass``)."""
+    return rank_pass(cfg, seq_len, dtype, tensor, sequence_parallel)[0]
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,24 +271,60 @@ def _solves(cfg: ModelConfig) -> bool:
         return any(isinstance(m, SessaMixer) for m in SessaLM(replace_layers(cfg, 1)).modules())
 
 
+def _sample_len(job: Job) -> int:
+    """Tokens of the counting passes: 256 and twice that (whole SSD chunks), a multiple of TP."""
+    return 256 * job.tensor // math.gcd(256, job.tensor)
+
+
+def _per_token(job: Job, measure) -> tuple[float, float]:
+    """(per layer, embedding + head with the loss) per token of ``measure(cfg, seq_len)``, which is
+    linear in the tokens (no T x T tensor is kept), from 1- and 2-layer models at two lengths."""
+    t0 = _sample_len(job)
+    small = replace_layers(job.model, 1), replace_layers(job.model, 2)
+    one, two = ((measure(c, 2 * t0) - measure(c, t0)) / t0 for c in small)
+    return two - one, 2 * one - two
+
+
 def activation_bytes(job: Job) -> tuple[float, float, float]:
     """Per micro-batch and rank: (kept by a stage's layers, kept by the embedding and the head
-    with the loss, one layer's activations)."""
+    with the loss, one layer's activations), counted on one tensor-parallel rank (``rank_pass``):
+    without sequence parallelism the residual stream and the LayerNorms are whole on every rank."""
     cfg, dtype = job.model, torch.bfloat16 if job.bf16 else torch.float32
-    small = replace_layers(cfg, 1), replace_layers(cfg, 2)
-    t0 = 256  # linear in T (no T x T tensor is kept): per token from T = 256 and 512 (whole SSD chunks)
-    per_token = [(saved_bytes(c, 2 * t0, dtype, "none") - saved_bytes(c, t0, dtype, "none")) / t0 for c in small]
-    layer, rest = per_token[1] - per_token[0], 2 * per_token[0] - per_token[1]  # per layer; embedding + head
+    layer, rest = _per_token(job, lambda c, t: saved_bytes(c, t, dtype, job.tensor, job.sequence_parallel))
     tokens = job.micro_batch * job.seq_len / job.context
     layers = math.ceil(cfg.n_layers / job.pipeline)
     elt = dtype.itemsize
-    if job.compute.recompute == "full":
-        kept = layers * tokens * cfg.d_model * elt  # each layer's input
+    if job.compute.recompute == "full":  # each layer's input: this rank's rows under sequence parallelism
+        kept = layers * tokens * cfg.d_model * elt / (job.tensor if job.sequence_parallel else 1)
     else:
         kept = layers * layer * tokens
-        if job.compute.recompute == "selective":  # the attention core keeps its output and log-sum-exp
-            kept -= layers * tokens * cfg.d_model * elt
-    return kept / job.tensor, rest * tokens / job.tensor, layer * tokens / job.tensor
+        if job.compute.recompute == "selective":  # the attention core keeps its output (this rank's heads)
+            kept -= layers * tokens * cfg.d_model * elt / job.tensor
+    return kept, rest * tokens, layer * tokens
+
+
+def tensor_parallel_seconds(job: Job) -> float:
+    """Seconds per step of the tensor-parallel collectives a rank runs (counted by ``rank_pass``:
+    forward and backward, the forward's again under full recomputation) at NVLink bandwidth: ring
+    algorithms move 2 (P - 1) / P of a tensor per all-reduce, (P - 1) / P per all-gather or
+    reduce-scatter. Not overlapped with compute: an upper bound."""
+    P = job.tensor
+    if P == 1:
+        return 0.0
+    dtype = torch.bfloat16 if job.bf16 else torch.float32
+    share = {"all-reduce": 2 * (P - 1) / P, "all-gather": (P - 1) / P, "reduce-scatter": (P - 1) / P}
+    again = 2 if job.compute.recompute == "full" else 1
+
+    def moved(cfg: ModelConfig, seq_len: int) -> float:
+        traffic = rank_pass(cfg, seq_len, dtype, P, job.sequence_parallel)[1]
+        return sum(
+            n * share[kind] * (again if direction == "forward" else 1) for (direction, kind), n in traffic.items()
+        )
+
+    layer, rest = _per_token(job, moved)
+    tokens = job.micro_batches * job.micro_batch * job.seq_len / job.context
+    layers = math.ceil(job.model.n_layers / job.pipeline)
+    return (layers * layer + rest) * tokens * dtype.itemsize / NVLINK
 
 
 def replace_layers(cfg: ModelConfig, n: int) -> ModelConfig:
@@ -221,15 +391,13 @@ def step_time(job: Job, gpu, gpus_per_node: int, efficiency: float) -> dict[str,
     across_nodes = job.tensor * job.pipeline * job.context * job.data > gpus_per_node
     bw = NETWORK if across_nodes else NVLINK
     grad_sync = 2 * (dp - 1) / dp * P * (2 if job.bf16 else 4) / bw if dp > 1 else 0.0
-    layers = math.ceil(job.model.n_layers / job.pipeline)
-    tp_bytes = 4 * layers * m * job.micro_batch * job.seq_len / job.context * job.model.d_model * 2
-    tp = 2 * (job.tensor - 1) / job.tensor * tp_bytes / NVLINK if job.tensor > 1 else 0.0
+    tp = tensor_parallel_seconds(job)
     total = compute + bubble + grad_sync + tp
     return {
         "compute": compute,
         "pipeline bubble": bubble,
         "gradient all-reduce": grad_sync,
-        "tensor all-reduces": tp,
+        "tensor-parallel collectives": tp,
         "total": total,
         "tokens/s": tokens / total,
         "mfu": model_flops / (total * gpus * peak),

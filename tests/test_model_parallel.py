@@ -7,7 +7,9 @@ exactly what the trainer builds and runs (``trainer.build_engine``: the model un
 reduction, clipping and AdamW). The loss of every step (relative 1e-5), under ZeRO-0 every
 gradient merged back to the plain layout (within 1e-5 of the step's largest gradient entry), and
 the gradient norm before clipping that the trainer logs (DeepSpeed's under ZeRO 1-3,
-``Engine.grad_norm`` without; relative 1e-6) must equal the 1-process model's. AdamW's eps is
+``Engine.grad_norm`` without; relative 1e-6) must equal the 1-process model's (which steps the
+trainer's AdamW and learning-rate schedule). Sequence parallelism is on wherever TP > 1 (the
+default); TP2, TP2 x PP2 and TP2 x CP2 run 12 steps with it, and some layouts switch it off. AdamW's eps is
 large so that the update depends on the gradient's scale: a wrong gradient norm (hence
 clipping) shows up.
 """
@@ -27,7 +29,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("megatron.core", reason="megatron-core (dev extra) is needed")
 pytestmark = pytest.mark.slow
 
-WORLD, SEQS, N_MICRO, T, STEPS = 4, 4, 2, 12, 2  # SEQS: sequences per micro-batch over all DP ranks
+WORLD, SEQS, N_MICRO, T = 4, 4, 2, 12  # SEQS: sequences per micro-batch over all DP ranks
 
 
 class Layout(NamedTuple):
@@ -46,6 +48,8 @@ class Layout(NamedTuple):
     backend: str | None = None
     compute: tuple = ()  # compute keys of the parallel run (the 1-process reference keeps the default)
     documents: bool = False  # packed documents (data.document_masking): the batches carry position_ids
+    sequence_parallel: bool = True  # parallel.sequence_parallel (acts with tensor > 1)
+    steps: int = 2
 
 
 LAYOUTS = [
@@ -69,6 +73,13 @@ LAYOUTS = [
     Layout(2, 1, 2, 1, True, 1, compute=(("recompute", "selective"),)),
     Layout(2, 1, 2, 0, True, 1, documents=True),  # a document spans the two context-parallel ranks
     Layout(1, 2, 1, 0, False, 2, documents=True),
+    # sequence parallelism (on above wherever tensor > 1) for 12 steps, and switched off
+    Layout(2, 1, 1, 0, True, 1, steps=12),
+    Layout(2, 2, 1, 1, False, 2, (("ffn_hidden_size", 48),), steps=12),
+    Layout(2, 1, 2, 0, True, 1, documents=True, steps=12),
+    Layout(2, 2, 1, 0, True, 1, sequence_parallel=False),
+    Layout(2, 1, 2, 1, False, 2, documents=True, sequence_parallel=False),
+    Layout(2, 1, 1, 0, False, 1, (("arch", "transformer"),), sequence_parallel=False),
 ]
 EOS = 5
 
@@ -105,7 +116,11 @@ def _train_config(layout: Layout, dp: int):
         optimizer=OptimizerConfig(lr=1e-2, grad_clip=0.05, eps=1e-3),  # clipping active; see _reference
         schedule=ScheduleConfig(train_steps=10, warmup_steps=0, global_batch_size=SEQS * N_MICRO),
         parallel=ParallelConfig(
-            tensor=layout.tensor, pipeline=layout.pipeline, context=layout.context, zero_stage=layout.zero
+            tensor=layout.tensor,
+            pipeline=layout.pipeline,
+            context=layout.context,
+            zero_stage=layout.zero,
+            sequence_parallel=layout.sequence_parallel,
         ),
     )
 
@@ -131,15 +146,14 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
     import torch.nn.functional as F
 
     from sessa_train.models import ModelPlan, SessaLM
-    from sessa_train.trainer.optim import parameter_groups
+    from sessa_train.trainer.optim import make_optimizer
 
     torch.manual_seed(0)
     model = SessaLM(_model_config(layout), ModelPlan(_compute(layout, reference=True)))
     cfg = _train_config(layout, 1)
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt, schedule = make_optimizer(cfg, model)  # AdamW and the learning-rate schedule the trainer steps
     losses, grads, norms = [], [], []
-    for step in range(STEPS):
+    for step in range(layout.steps):
         total = 0.0
         for batch in _batches(step, 0, 1, layout.documents):
             tok = batch["tokens"]
@@ -153,6 +167,7 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
             grads[-1]["lm_head.weight"] = grads[-1]["embed.weight"]
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip).item())
         opt.step()
+        schedule.step()
         opt.zero_grad()
     return losses, grads, norms
 
@@ -187,7 +202,7 @@ def _worker(rank: int, port: int, out) -> None:
         state = parallel_state(cfg, info)
         engine = build_engine(cfg, info, state, T)  # exactly what the trainer builds
         losses, grads, norms = [], [], []
-        for step in range(STEPS):
+        for step in range(layout.steps):
             loss = engine.forward_backward(iter(_batches(step, state.dp_rank, state.dp, layout.documents)))
             losses.append(loss)
             if layout.zero == 0 and state.model_parallel > 1:
@@ -198,6 +213,7 @@ def _worker(rank: int, port: int, out) -> None:
             applied, norm = engine.update(loss)
             assert applied
             norms.append(norm)
+        assert state.sequence_parallel == (layout.sequence_parallel and layout.tensor > 1)
         results[layout] = (losses, grads, norms)
         ps.destroy_model_parallel()
         os.environ.pop("SESSA_FEEDBACK_BACKEND", None)

@@ -274,3 +274,32 @@ def test_document_masking_through_the_trainer_under_data_parallelism(shards, tmp
         runs[name] = [loss for _, loss in losses(run)]
     assert all(abs(a - b) <= 1e-5 * a for a, b in zip(runs["one"], runs["two"], strict=True))
     assert max(abs(a - b) for a, b in zip(runs["one"], runs["off"], strict=True)) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        (["parallel.context=3"], "sequence length 31 of {shards} is not divisible by parallel.context=3"),
+        (["parallel.tensor=2"], "sequence length 31 of {shards} is not divisible by parallel.context=1 x parallel."
+                                "tensor=2, as parallel.sequence_parallel=true needs; set parallel.sequence_parallel="
+                                "false or write the data with another sequence length"),
+        (["parallel.tensor=2", "parallel.sequence_parallel=false"], None),
+    ],
+)  # fmt: skip
+def test_a_sequence_that_does_not_split_over_the_layout_is_refused_in_one_line(shards, tmp_path, parallel, message):
+    """Context parallelism splits each sequence over its ranks, and sequence parallelism each
+    context rank's block over the tensor-parallel ranks: the data's sequence length must divide."""
+    from sessa_train.config import load_config
+    from sessa_train.errors import TrainError
+    from sessa_train.parallel.state import ParallelState
+    from sessa_train.trainer.build import build_loader
+
+    cfg = load_config([write_config(tmp_path / "c.yaml", shards, tmp_path / "r")], parallel)
+    par = cfg.parallel
+    state = ParallelState(par.tensor, 1, 1, 0, 0, 0, par.context, 0, par.sequence_parallel and par.tensor > 1)
+    if message is None:
+        assert build_loader(cfg, state).index["seq_len"] == 31
+        return
+    with pytest.raises(TrainError) as refused:
+        build_loader(cfg, state)
+    assert str(refused.value) == message.format(shards=shards)

@@ -6,7 +6,9 @@ y    = y + MLP(LayerNorm(y))        only when ffn_hidden_size > 0 (the reference
 
 Under tensor parallelism W_in is column-parallel with a and g blocks cut alike (a rank gets
 its channels of both); a is gathered (q/k/v and W_fb read all of it), g stays split like s,
-and W_out is row-parallel.
+and W_out is row-parallel. Under sequence parallelism x (the residual stream) and the
+LayerNorms hold this rank's rows of the sequence only: W_in gathers the rows, W_out sums into
+this rank's rows (``residual`` linears, ``models/plan.py``); the mixer always sees every row.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, plan: ModelPlan) -> None:
         super().__init__()
-        self.fc1 = plan.column(d_model, hidden)
-        self.fc2 = plan.row(hidden, d_model)
+        self.fc1 = plan.column(d_model, hidden, residual=True)
+        self.fc2 = plan.row(hidden, d_model, residual=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.profiler.record_function("sessa.mlp"):
@@ -41,11 +43,11 @@ class SessaLayer(nn.Module):
         plan = plan or ModelPlan()
         D = cfg.d_model
         self.plan = plan
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.in_proj = plan.column(D, 2 * D, parts=2)
+        self.norm = plan.norm(D, cfg.ln_eps)
+        self.in_proj = plan.column(D, 2 * D, parts=2, residual=True)
         self.mixer = SessaMixer(cfg, plan)
-        self.out_proj = plan.row(D, D)
-        self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.ffn_hidden_size else None
+        self.out_proj = plan.row(D, D, residual=True)
+        self.mlp_norm = plan.norm(D, cfg.ln_eps) if cfg.ffn_hidden_size else None
         self.mlp = MLP(D, cfg.ffn_hidden_size, plan) if cfg.ffn_hidden_size else None
 
     def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> SessaCache:

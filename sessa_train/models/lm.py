@@ -87,8 +87,8 @@ class SessaLM(nn.Module):
         for i in plan.layer_ids(cfg.n_layers):
             units[f"layers.{i}"] = lambda: layer(cfg, plan)
         if plan.last_stage:
-            units["norm"] = lambda: nn.LayerNorm(D, eps=cfg.ln_eps)
-            head = lambda: plan.column(D, V, bias=False)  # noqa: E731
+            units["norm"] = lambda: plan.norm(D, cfg.ln_eps)
+            head = lambda: plan.column(D, V, bias=False, residual=True)  # noqa: E731
             units["lm_head"] = head if cfg.tie_embeddings else lambda: normal(head())
         return units
 

@@ -132,9 +132,9 @@ class Mamba2Layer(nn.Module):
         plan = plan or ModelPlan()
         D = cfg.d_model
         self.cfg, self.plan = cfg, plan
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.norm = plan.norm(D, cfg.ln_eps)
         self.mixer = _mixer_class()(_library_config(cfg), layer_idx=0)
-        self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.mlp_norm = plan.norm(D, cfg.ln_eps)
         self.mlp = MLP(D, mamba2_ffn_hidden_size(cfg), plan)
 
     def sequence_flops_per_token(self, seq_len: int) -> float:

@@ -79,13 +79,16 @@ class ModelPlan:
         return range(start, start + base + (self.stage < extra))
 
     # -- modules ----------------------------------------------------------------------------
-    def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1) -> nn.Module:
-        """A linear whose output features are split over tensor-parallel ranks."""
+    def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:
+        """A linear whose output features are split over tensor-parallel ranks. ``residual``: its
+        input is the residual stream (B, T, D), which sequence parallelism splits along T: the
+        linear then gathers the rows it reads (and sums their gradients back)."""
         return tag(nn.Linear(n_in, n_out, bias=bias), weight=Split(0, parts), bias=Split(0, parts))
 
-    def row(self, n_in: int, n_out: int, *, bias: bool = True) -> nn.Module:
+    def row(self, n_in: int, n_out: int, *, bias: bool = True, residual: bool = False) -> nn.Module:
         """A linear whose input features are split over tensor-parallel ranks; its output is
-        summed over them (the bias is added once, after the sum)."""
+        summed over them (the bias is added once, after the sum). ``residual``: its output joins
+        the residual stream, so under sequence parallelism each rank keeps the sum of its rows only."""
         return tag(nn.Linear(n_in, n_out, bias=bias), weight=Split(1))
 
     def replicated(self, n_in: int, n_out: int, *, bias: bool = True) -> nn.Module:
@@ -95,6 +98,10 @@ class ModelPlan:
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         """The token embedding; tensor parallelism splits its vocabulary rows."""
         return tag(nn.Embedding(vocab_size, dim), weight=Split(0))
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        """A LayerNorm of the residual stream (replicated over tensor-parallel ranks)."""
+        return nn.LayerNorm(dim, eps=eps)
 
     def parameter(self, owner: nn.Module, name: str, value: torch.Tensor, split: Split | None) -> None:
         """A free parameter ``owner.<name>`` (e.g. the gamma gate's bias): this rank's part of ``value``."""
@@ -121,8 +128,9 @@ class ModelPlan:
 
     # -- sequence ---------------------------------------------------------------------------
     def positions(self, length: int, position_ids: torch.Tensor | None = None) -> Positions:
-        """This rank's rows of a sequence of which it holds ``length`` (context parallelism splits
-        it), with their positions in their documents (``Positions.of``)."""
+        """The rows a layer's mixer works on, for a residual stream of ``length`` rows on this rank
+        (context parallelism splits the sequence, sequence parallelism the residual stream within
+        that), with their positions in their documents (``Positions.of``)."""
         return Positions.of(0, length, position_ids)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:

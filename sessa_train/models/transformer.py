@@ -31,10 +31,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.cfg, self.plan = cfg, plan
         D, hd = cfg.d_model, cfg.head_dim
-        self.q_proj = plan.column(D, cfg.n_heads * hd)
-        self.k_proj = plan.column(D, cfg.kv_heads * hd)
-        self.v_proj = plan.column(D, cfg.kv_heads * hd)
-        self.o_proj = plan.row(D, D)
+        self.q_proj = plan.column(D, cfg.n_heads * hd, residual=True)
+        self.k_proj = plan.column(D, cfg.kv_heads * hd, residual=True)
+        self.v_proj = plan.column(D, cfg.kv_heads * hd, residual=True)
+        self.o_proj = plan.row(D, D, residual=True)
 
     def sequence_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of QK^T and AV over on average T/2 keys."""
@@ -49,9 +49,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         plan = plan or ModelPlan()
         D = cfg.d_model
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.norm = plan.norm(D, cfg.ln_eps)
         self.mixer = CausalSelfAttention(cfg, plan)
-        self.mlp_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.mlp_norm = plan.norm(D, cfg.ln_eps)
         self.mlp = MLP(D, matched_ffn_hidden_size(cfg), plan)
 
     def init_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> AttentionCache:

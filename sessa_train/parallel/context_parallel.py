@@ -243,7 +243,9 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         local = None if starts is None else (starts - offset).clamp(min=0)
         width = 2 * dk + dv + 4  # q, lam, dq accumulator, lse, gamma, dgamma, document start
         f32 = {"dtype": torch.promote_types(q.dtype, torch.float32), "device": q.device}  # the ring's state
-        push, dk_cross = grad_s.to(f32["dtype"]).clone(), torch.zeros(N, T, dk, **f32)
+        # a copy, contiguous as the kernels read it (an incoming gradient may be a strided view)
+        push = grad_s.to(f32["dtype"], memory_format=torch.contiguous_format, copy=True)
+        dk_cross = torch.zeros(N, T, dk, **f32)
         relay: dict[Msg, torch.Tensor] = {}  # received pieces waiting to go on (rank 0: their dq, home)
         done: list = []  # [dq, dk, lam, dgamma] of the own rows
         dq_home = torch.zeros(N, T, dk, **f32)  # dq of the own rows over earlier ranks' columns

@@ -6,7 +6,8 @@ a TP x PP x CP group read the same micro-batches (the loader is split by data-pa
 a CP rank keeps its block of each sequence. Each micro-batch's loss is the mean over the rank's
 tokens divided by the number of micro-batches, so averaging gradients over DP x CP gives the
 1-process gradient; DeepSpeed reduces them and steps. Activations travel between stages as
-(T, B, D). With tied embeddings and PP > 1 the first stage lends its embedding to the last
+(T, B, D) (with sequence parallelism this rank's T / TP rows, whose LayerNorm gradients megatron-core
+then sums over the TP group). With tied embeddings and PP > 1 the first stage lends its embedding to the last
 stage's head every step: a broadcast before the micro-batches, the gradient summed back after.
 """
 
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -26,12 +29,14 @@ from sessa_train.models import SessaLM
 
 class _ScheduleModel:
     """What megatron-core's schedule asks of a model: ``config``, ``model_type`` and
-    ``set_input_tensor`` (the activation received from the previous stage)."""
+    ``set_input_tensor`` (the activation received from the previous stage); and what its gradient
+    finalisation reads (``ddp_config``: the gradients are DeepSpeed's, in ``param.grad``)."""
 
     def __init__(self, model: SessaLM) -> None:
         self.module = model
         self.config = model.plan.config
         self.model_type = ModelType.encoder_or_decoder
+        self.ddp_config = DistributedDataParallelConfig()
         self.input_tensor: torch.Tensor | None = None
 
     def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor] | None) -> None:
@@ -64,6 +69,8 @@ class PipelineRunner:
             forward_only=forward_only,
         )
         if not forward_only:
+            if self.state.sequence_parallel:  # LayerNorms and residual biases saw this rank's rows only
+                _allreduce_non_tensor_model_parallel_grads([self.adapter], self.adapter.config)
             self._return_embedding_grad()
             self.engine.allreduce_gradients()  # over megatron's data-parallel group (the mpu's)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)

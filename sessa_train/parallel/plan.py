@@ -11,6 +11,7 @@ same weights. megatron-core is imported only for model-parallel layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -72,10 +73,12 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
 
 
 def megatron_config(cfg: ModelConfig, state: ParallelState, dtype: torch.dtype, cuda: bool):
-    """The megatron-core config the parallel layers and the pipeline schedule read."""
+    """The megatron-core config the parallel layers and the pipeline schedule read (with
+    sequence parallelism the schedule sends each stage's rows of the residual stream)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
+        sequence_parallel=state.sequence_parallel,
         num_layers=cfg.n_layers,
         hidden_size=cfg.d_model,
         num_attention_heads=cfg.n_heads,
@@ -93,6 +96,14 @@ def megatron_config(cfg: ModelConfig, state: ParallelState, dtype: torch.dtype, 
 
 
 class MegatronPlan(ModelPlan):
+    """With sequence parallelism (``state.sequence_parallel``) the residual stream of a rank is
+    (B, T / TP, D): megatron-core's linears gather the rows they read from it and reduce-scatter
+    what they add to it (its ``sequence_parallel`` in the ``residual`` linears), the embedding
+    reduce-scatters its output, and the gradients of the parameters that see only this rank's rows
+    (LayerNorms, the residual linears' biases) are summed over the TP group after the backward
+    (``pipeline.py``). megatron-core's layers work sequence-first, (T, B, D): the residual linears
+    take and give batch-first views."""
+
     def __init__(self, compute: ComputeConfig, state: ParallelState, config) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel as tp
@@ -100,19 +111,41 @@ class MegatronPlan(ModelPlan):
         super().__init__(compute, stages=state.pp, stage=state.pp_rank)
         self.state, self.config, self.ps, self.tp = state, config, ps, tp
 
-    # -- modules ----------------------------------------------------------------------------
-    def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1) -> nn.Module:
-        column = _megatron_linears()[0]
-        return column(n_in, n_out, config=self.config, init_method=_KEEP, bias=bias, gather_output=False)
+    @functools.cached_property
+    def inner_config(self):
+        """The config of the linears inside a layer, which read and give whole rows (the mixer's
+        q/k/v, W_fb, Wo)."""
+        return dataclasses.replace(self.config, sequence_parallel=False)
 
-    def row(self, n_in: int, n_out: int, *, bias: bool = True) -> nn.Module:
+    # -- modules ----------------------------------------------------------------------------
+    def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:
+        column = _megatron_linears()[0]
+        config = self.config if residual else self.inner_config
+        return column(n_in, n_out, config=config, init_method=_KEEP, bias=bias, gather_output=False)
+
+    def row(self, n_in: int, n_out: int, *, bias: bool = True, residual: bool = False) -> nn.Module:
         row = _megatron_linears()[1]
+        config = self.config if residual else self.inner_config
         return row(
-            n_in, n_out, config=self.config, init_method=_KEEP, bias=bias, input_is_parallel=True, skip_bias_add=False
+            n_in, n_out, config=config, init_method=_KEEP, bias=bias, input_is_parallel=True, skip_bias_add=False
         )
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        return self.tp.VocabParallelEmbedding(vocab_size, dim, init_method=_KEEP, config=self.config)
+        return _megatron_embedding()(
+            vocab_size,
+            dim,
+            init_method=_KEEP,
+            config=self.config,
+            reduce_scatter_embeddings=self.state.sequence_parallel,
+        )
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        """Under sequence parallelism a LayerNorm's gradients come from this rank's rows only: they
+        are marked (megatron's ``sequence_parallel``) to be summed over the TP group."""
+        module = super().norm(dim, eps)
+        for p in module.parameters():
+            p.sequence_parallel = self.state.sequence_parallel
+        return module
 
     def part(self, value: torch.Tensor, split: Split | None) -> torch.Tensor:
         if split is None:
@@ -131,6 +164,8 @@ class MegatronPlan(ModelPlan):
 
     # -- sequence ---------------------------------------------------------------------------
     def positions(self, length: int, position_ids: torch.Tensor | None = None) -> Positions:
+        if self.state.sequence_parallel:
+            length *= self.state.tp  # the mixer works on the whole block of the TP group
         return Positions.of(self.state.cp_rank * length, length, position_ids)  # this rank's block of every sequence
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Positions) -> torch.Tensor:
@@ -168,23 +203,47 @@ class MegatronPlan(ModelPlan):
             )
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.tp.vocab_parallel_cross_entropy(logits.float(), targets)
+        if not self.state.sequence_parallel:
+            return self.tp.vocab_parallel_cross_entropy(logits.float(), targets)
+        # the head's logits are (T, B, V / TP) underneath: taken in that order, not copied
+        loss = self.tp.vocab_parallel_cross_entropy(logits.transpose(0, 1).float(), targets.t().contiguous())
+        return loss.t()
 
 
 @functools.cache
 def _megatron_linears() -> tuple[type, type]:
-    """megatron-core's column- and row-parallel linears, returning their output only (bias added)."""
+    """megatron-core's column- and row-parallel linears on (B, T, features), returning their
+    output only (bias added). With sequence parallelism megatron gathers and reduce-scatters
+    along its first dimension, the sequence: those linears see (T, B, features)."""
     from megatron.core import tensor_parallel as tp
 
     class Column(tp.ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            if self.sequence_parallel:  # x: this rank's rows -> output over every row
+                return super().forward(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
             return super().forward(x)[0]
 
     class Row(tp.RowParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            if self.sequence_parallel:  # every row -> the sum of this rank's rows
+                return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
             return super().forward(x)[0]
 
     return Column, Row
+
+
+@functools.cache
+def _megatron_embedding() -> type:
+    """megatron-core's vocabulary-parallel embedding on (B, T); reduce-scattering its output over
+    the sequence, it gives this rank's rows as (B, T / TP, D)."""
+    from megatron.core import tensor_parallel as tp
+
+    class Embedding(tp.VocabParallelEmbedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            out = super().forward(ids)
+            return out.transpose(0, 1) if self.reduce_scatter_embeddings else out
+
+    return Embedding
 
 
 def build_model(

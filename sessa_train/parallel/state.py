@@ -35,6 +35,7 @@ class ParallelState:
     dp_rank: int
     cp: int = 1
     cp_rank: int = 0
+    sequence_parallel: bool = False  # TP > 1 and parallel.sequence_parallel: the residual stream split over TP
 
     @classmethod
     def plain(cls, world_size: int, rank: int) -> ParallelState:
@@ -117,9 +118,11 @@ def megatron_on_cpu() -> None:
     schedules.torch = _TorchOnCpu()
 
 
-def init_parallel(tensor: int, pipeline: int, context: int, world_size: int, rank: int) -> ParallelState:
+def init_parallel(
+    tensor: int, pipeline: int, context: int, world_size: int, rank: int, sequence_parallel: bool = False
+) -> ParallelState:
     """This rank's state (torch.distributed must be initialised); megatron-core's groups are
-    created when any model-parallel size is > 1."""
+    created when any model-parallel size is > 1. ``sequence_parallel`` applies only when tensor > 1."""
     check_sizes(tensor, pipeline, context, world_size)
     if tensor * pipeline * context == 1:
         return ParallelState.plain(world_size, rank)
@@ -139,6 +142,7 @@ def init_parallel(tensor: int, pipeline: int, context: int, world_size: int, ran
         dp_rank=ps.get_data_parallel_rank(),
         cp=context,
         cp_rank=ps.get_context_parallel_rank(),
+        sequence_parallel=sequence_parallel and tensor > 1,
     )
 
 

@@ -25,7 +25,7 @@ def parallel_state(cfg: TrainConfig, info: DistInfo) -> ParallelState:
     """Check the layout and, when any model-parallel size is > 1, create megatron-core's groups."""
     check_layout(cfg, info.world_size)
     par = cfg.parallel
-    return init_parallel(par.tensor, par.pipeline, par.context, info.world_size, info.rank)
+    return init_parallel(par.tensor, par.pipeline, par.context, info.world_size, info.rank, par.sequence_parallel)
 
 
 def check_memory(cfg: TrainConfig, state: ParallelState, seq_len: int, device: torch.device) -> None:
@@ -102,10 +102,17 @@ def build_loader(cfg: TrainConfig, layout: ParallelState, slots=None, stop=lambd
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({index['vocab_size']}) of {data.sources[0][1]}"
         )
-    if index["seq_len"] % cfg.parallel.context:
+    par = cfg.parallel
+    if index["seq_len"] % par.context:
         raise TrainError(
             f"sequence length {index['seq_len']} of {data.sources[0][1]} is not divisible by "
-            f"parallel.context={cfg.parallel.context}"
+            f"parallel.context={par.context}"
+        )
+    if par.tensor > 1 and par.sequence_parallel and index["seq_len"] % (par.context * par.tensor):
+        raise TrainError(
+            f"sequence length {index['seq_len']} of {data.sources[0][1]} is not divisible by parallel.context="
+            f"{par.context} x parallel.tensor={par.tensor}, as parallel.sequence_parallel=true needs; "
+            "set parallel.sequence_parallel=false or write the data with another sequence length"
         )
     return loader
 
