@@ -198,6 +198,6 @@ def _print_plan(found, config: str, efficiency: float) -> None:
     print(f"| **total** | **{found.total / GiB:.2f}** of {gpu.memory / GiB:.1f} on {gpu.name} |")
     print(f"host memory per rank while saving a checkpoint: {found.host_bytes / GiB:.2f} GiB (CPU copies of its share)")
     print("| step time | s |\n|---|---|")
-    for item in ("compute", "pipeline bubble", "gradient all-reduce", "tensor-parallel collectives", "total"):
+    for item in ("compute", "pipeline bubble", "gradient reduction", "tensor-parallel collectives", "total"):
         print(f"| {item} | {t[item]:.3f} |")
     print(f"{t['tokens/s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (at {efficiency:.0%} matmul efficiency)")

@@ -232,6 +232,11 @@ class ParallelConfig:
     # sequence over the tensor-parallel ranks (Megatron's --sequence-parallel; docs/parallelism.md)
     sequence_parallel: bool = True
     zero_stage: int = 0
+    # DeepSpeed's gradient reduction under data parallelism alone (ZeRO 1-3): each bucket is
+    # reduced while the backward goes on (overlap_comm); elements per reduce / all-gather /
+    # ZeRO-3 prefetch bucket (docs/parallelism.md, "Overlapped communication")
+    overlap_comm: bool = True
+    bucket_size: int = 50_000_000
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
 
     def __post_init__(self) -> None:
@@ -239,6 +244,7 @@ class ParallelConfig:
             value = getattr(self, name)
             _check(value >= 1, f"parallel.{name} must be >= 1, got {value}")
         _check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.bucket_size >= 1, f"parallel.bucket_size must be >= 1 (elements), got {self.bucket_size}")
         _choice("parallel", "precision", self.precision, PRECISIONS)
 
 

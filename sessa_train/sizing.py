@@ -18,7 +18,8 @@ Memory of the busiest rank (the first pipeline stage), in bytes:
                    or one layer's activation gradients (twice its activations when recomputed)
     solve strips   the feedback solve's largest transient during one layer's backward, from the
                    backend's record (``ops.feedback.BACKENDS``: O(block x T) strips, or T x T)
-    buffers        DeepSpeed's ZeRO-1/2 reduce and all-gather buckets, ZeRO-3 prefetch
+    buffers        DeepSpeed's ZeRO-1/2 reduce and all-gather buckets (4.5 x a bucket with
+                   overlap_comm), ZeRO-3 prefetch and reduce buckets (``parallel.bucket_size``)
 P counts the parameters of the largest pipeline stage held by one tensor-parallel rank, read off
 the model built on the meta device. Not modelled: allocator fragmentation and caching, the CUDA
 context and NCCL's own buffers (``--runtime-gib``, 1 GiB by default on a GPU), and temporary
@@ -26,7 +27,8 @@ copies inside DeepSpeed's step.
 
 Time per step: model FLOPs (``flops.py``; + one forward under full recomputation) at
 ``--efficiency`` of the GPU's peak, the 1F1B bubble (PP - 1) / (micro-batches + PP - 1), and the
-data-parallel gradient all-reduce and the tensor-parallel collectives (all-reduce, all-gather,
+data-parallel gradient reduction (with ``parallel.overlap_comm`` under data parallelism alone,
+only what the last micro-batch's backward cannot hide) and the tensor-parallel collectives (all-reduce, all-gather,
 reduce-scatter, counted by ``rank_pass`` where megatron-core runs them) at NVLink / network
 bandwidth assumed not overlapped with compute (an upper bound on their cost).
 """
@@ -53,8 +55,6 @@ from sessa_train.parallel.layout import stage_splits
 
 NVLINK = 450e9  # bytes/s per GPU within a node (H100 SXM NVLink, one direction)
 NETWORK = 50e9  # bytes/s per GPU between nodes (400 Gb/s InfiniBand per GPU)
-ZERO_BUCKET = 5e8  # elements: DeepSpeed's default reduce / all-gather bucket (ZeRO-1/2)
-ZERO3_PREFETCH = 5e7  # elements: DeepSpeed's default ZeRO-3 prefetch bucket
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ class Job:
     zero: int = 0
     bf16: bool = True
     sequence_parallel: bool = False  # only with tensor > 1
+    bucket: int = 50_000_000  # elements per DeepSpeed reduce / all-gather / prefetch bucket
+    overlap: bool = False  # DeepSpeed reduces gradient buckets during the backward (data parallelism alone)
 
     @classmethod
     def of(cls, cfg: TrainConfig, seq_len: int, world: int, bf16: bool) -> Job:
@@ -81,7 +83,8 @@ class Job:
         return cls(
             cfg.model, cfg.compute, seq_len, cfg.data.micro_batch_size, cfg.schedule.global_batch_size,
             par.tensor, par.pipeline, par.context, world // model_parallel, par.zero_stage, bf16,
-            par.sequence_parallel and par.tensor > 1,
+            par.sequence_parallel and par.tensor > 1, par.bucket_size,
+            par.overlap_comm and model_parallel == 1 and par.zero_stage > 0,
         )  # fmt: skip
 
     @property
@@ -122,7 +125,7 @@ class _RankShapes(ModelPlan):
             self.traffic[(direction, kind)] += elements
 
     def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:
-        return _Column(self, n_in, n_out, bias, gather_rows=self.sp and residual)
+        return _Column(self, n_in, n_out, bias, residual, gather_rows=self.sp and residual)
 
     def row(self, n_in: int, n_out: int, *, bias: bool = True, residual: bool = False) -> nn.Module:
         return _Row(self, n_in, n_out, bias, scatter_rows=self.sp and residual)
@@ -156,16 +159,18 @@ class _RankShapes(ModelPlan):
 class _Column(nn.Linear):
     """Column-parallel: this rank's output features. Reading the residual stream under sequence
     parallelism it gathers the rows (and again in the backward, for the weight's gradient) and
-    keeps this rank's rows only; otherwise its input gradient is all-reduced."""
+    keeps this rank's rows only; reading it otherwise, its input gradient is all-reduced; reading
+    a ``shared`` tensor, nothing (the mark sums the gradient)."""
 
-    def __init__(self, plan: _RankShapes, n_in: int, n_out: int, bias: bool, gather_rows: bool) -> None:
+    def __init__(self, plan: _RankShapes, n_in: int, n_out: int, bias: bool, residual: bool, gather_rows: bool):
         super().__init__(n_in, n_out // plan.tp, bias=bias)
-        self.__dict__["plan"], self.gather_rows = plan, gather_rows
+        self.__dict__["plan"], self.residual, self.gather_rows = plan, residual, gather_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         if not self.gather_rows:
-            plan.count("backward", "all-reduce", x.numel())
+            if self.residual:
+                plan.count("backward", "all-reduce", x.numel())
             return super().forward(x)
         whole = x.numel() * plan.tp
         plan.count("forward", "all-gather", whole)
@@ -361,7 +366,11 @@ def memory(job: Job) -> dict[str, float]:
         if _solves(job.model)
         else 0
     )
-    buffers = {0: 0, 1: 2 * min(ZERO_BUCKET, P) * low, 2: 2 * min(ZERO_BUCKET, P) * low, 3: ZERO3_PREFETCH * low}
+    bucket = min(job.bucket, P) * low
+    # ZeRO-1/2: a reduce and an all-gather bucket, 4.5 x a bucket with overlap_comm (DeepSpeed's
+    # documented cost); ZeRO-3: the prefetch bucket and the reduce bucket (two with overlap_comm)
+    buffers = {0: 0, 1: (4.5 if job.overlap else 2) * bucket, 2: (4.5 if job.overlap else 2) * bucket}
+    buffers[3] = job.bucket * low + (2 if job.overlap else 1) * bucket
     return {
         **state_bytes(job),
         # the first stage's layers and the last stage's logits taken together: exact without
@@ -391,12 +400,14 @@ def step_time(job: Job, gpu, gpus_per_node: int, efficiency: float) -> dict[str,
     across_nodes = job.tensor * job.pipeline * job.context * job.data > gpus_per_node
     bw = NETWORK if across_nodes else NVLINK
     grad_sync = 2 * (dp - 1) / dp * P * (2 if job.bf16 else 4) / bw if dp > 1 else 0.0
+    if job.overlap:  # all but the last bucket hide behind the last micro-batch's backward (2/3 of its compute)
+        grad_sync = max(grad_sync * min(1.0, job.bucket / P), grad_sync - 2 / 3 * compute / m)
     tp = tensor_parallel_seconds(job)
     total = compute + bubble + grad_sync + tp
     return {
         "compute": compute,
         "pipeline bubble": bubble,
-        "gradient all-reduce": grad_sync,
+        "gradient reduction": grad_sync,
         "tensor-parallel collectives": tp,
         "total": total,
         "tokens/s": tokens / total,

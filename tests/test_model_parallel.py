@@ -9,7 +9,9 @@ gradient merged back to the plain layout (within 1e-5 of the step's largest grad
 the gradient norm before clipping that the trainer logs (DeepSpeed's under ZeRO 1-3,
 ``Engine.grad_norm`` without; relative 1e-6) must equal the 1-process model's (which steps the
 trainer's AdamW and learning-rate schedule). Sequence parallelism is on wherever TP > 1 (the
-default); TP2, TP2 x PP2 and TP2 x CP2 run 12 steps with it, and some layouts switch it off. AdamW's eps is
+default); TP2, TP2 x PP2 and TP2 x CP2 run 12 steps with it, and some layouts switch it off.
+DeepSpeed's reduction overlaps the backward under data parallelism alone with ZeRO 1-3 (the
+default; once in buckets of 300 elements) and not (one ZeRO-1 layout). AdamW's eps is
 large so that the update depends on the gradient's scale: a wrong gradient norm (hence
 clipping) shows up.
 """
@@ -50,6 +52,7 @@ class Layout(NamedTuple):
     documents: bool = False  # packed documents (data.document_masking): the batches carry position_ids
     sequence_parallel: bool = True  # parallel.sequence_parallel (acts with tensor > 1)
     steps: int = 2
+    parallel: tuple = ()  # more parallel keys (DeepSpeed's overlap_comm and bucket size)
 
 
 LAYOUTS = [
@@ -58,6 +61,9 @@ LAYOUTS = [
     Layout(1, 1, 1, 2, False, 1),
     Layout(1, 1, 1, 3, True, 1),
     Layout(1, 1, 1, 0, True, 1, documents=True),  # packed documents, DP = 4
+    # DeepSpeed's reduction overlapping the backward (the default above) in buckets of 300 elements, and not
+    Layout(1, 1, 1, 2, True, 1, parallel=(("bucket_size", 300),)),
+    Layout(1, 1, 1, 1, False, 1, parallel=(("overlap_comm", False),)),
     Layout(2, 2, 1, 0, True, 1),
     Layout(2, 1, 1, 0, False, 2),
     Layout(1, 2, 1, 0, False, 1),
@@ -121,6 +127,7 @@ def _train_config(layout: Layout, dp: int):
             context=layout.context,
             zero_stage=layout.zero,
             sequence_parallel=layout.sequence_parallel,
+            **dict(layout.parallel),
         ),
     )
 
@@ -214,6 +221,8 @@ def _worker(rank: int, port: int, out) -> None:
             assert applied
             norms.append(norm)
         assert state.sequence_parallel == (layout.sequence_parallel and layout.tensor > 1)
+        overlap = dict(layout.parallel).get("overlap_comm", True) and state.model_parallel == 1 and layout.zero > 0
+        assert engine.ds.zero_overlap_comm() == overlap, layout  # what DeepSpeed was configured with
         results[layout] = (losses, grads, norms)
         ps.destroy_model_parallel()
         os.environ.pop("SESSA_FEEDBACK_BACKEND", None)

@@ -79,9 +79,13 @@ class SessaMixer(nn.Module):
         B, T, _ = a.shape
         pos = pos or plan.positions(T)
         start = pos.start
-        f = causal_attention(self, a, pos, cache)  # (B, T, D), every channel; writes k, v into a cache
-        fb = self.fb_proj(a)
-        gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(a))  # (B, T, local heads)
+        # the column-parallel projections read a through one mark: their gradients are summed over
+        # the tensor-parallel ranks there, once; the single feedback head marks its own outputs
+        split = plan.shared(a)
+        f = causal_attention(self, split, pos, cache)  # (B, T, D), every channel; writes k, v into a cache
+        head_input = split if cfg.feedback_heads > 1 else a
+        fb = self.fb_proj(head_input)
+        gamma = cfg.gamma_max * torch.tanh(self.gamma_bias + self.gamma_proj(head_input))  # (B, T, local heads)
         if cfg.feedback_heads == 1:
             fb, gamma = plan.shared(fb), plan.shared(gamma)
         dfb = cfg.d_model // cfg.feedback_heads

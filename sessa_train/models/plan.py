@@ -82,7 +82,9 @@ class ModelPlan:
     def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:
         """A linear whose output features are split over tensor-parallel ranks. ``residual``: its
         input is the residual stream (B, T, D), which sequence parallelism splits along T: the
-        linear then gathers the rows it reads (and sums their gradients back)."""
+        linear then gathers the rows it reads (and sums their gradients back); otherwise it sums
+        its input's gradient over the ranks. Not ``residual``: its input is marked ``shared`` by
+        the caller, which sums the gradient once for every linear that reads it."""
         return tag(nn.Linear(n_in, n_out, bias=bias), weight=Split(0, parts), bias=Split(0, parts))
 
     def row(self, n_in: int, n_out: int, *, bias: bool = True, residual: bool = False) -> nn.Module:

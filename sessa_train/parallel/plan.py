@@ -120,8 +120,11 @@ class MegatronPlan(ModelPlan):
     # -- modules ----------------------------------------------------------------------------
     def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:
         column = _megatron_linears()[0]
-        config = self.config if residual else self.inner_config
-        return column(n_in, n_out, config=config, init_method=_KEEP, bias=bias, gather_output=False)
+        if residual:
+            return column(n_in, n_out, config=self.config, init_method=_KEEP, bias=bias, gather_output=False)
+        # its input is ``shared``: the gradient is summed there once for all its readers
+        return column(n_in, n_out, config=self.inner_config, init_method=_KEEP, bias=bias, gather_output=False,
+                      disable_grad_reduce=True)  # fmt: skip
 
     def row(self, n_in: int, n_out: int, *, bias: bool = True, residual: bool = False) -> nn.Module:
         row = _megatron_linears()[1]

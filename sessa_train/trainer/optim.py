@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sessa_train.config import TrainConfig
+from sessa_train.config import ParallelConfig, TrainConfig
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -89,6 +89,22 @@ def precision(cfg: TrainConfig, device: torch.device) -> str:
     return auto if cfg.parallel.precision == "auto" else cfg.parallel.precision
 
 
+def zero_config(par: ParallelConfig) -> dict:
+    """DeepSpeed's ``zero_optimization``. Its gradient reduction overlaps the backward only where
+    its engine drives the backward (data parallelism alone): under tensor/pipeline/context
+    parallelism megatron-core's schedule runs the micro-batches and the reduction follows them."""
+    data_parallel_only = par.tensor * par.pipeline * par.context == 1
+    bucket = par.bucket_size
+    return {
+        "stage": par.zero_stage,
+        "overlap_comm": par.overlap_comm and data_parallel_only and par.zero_stage > 0,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+    }
+
+
 def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
     """DeepSpeed's config. The runners drive the ``gas`` micro-batches of a step themselves (the
     accumulation boundary set by hand, or megatron-core's schedule) and scale their losses, so
@@ -99,7 +115,7 @@ def deepspeed_config(cfg: TrainConfig, gas: int, device: torch.device) -> dict:
         "train_batch_size": cfg.schedule.global_batch_size * cfg.parallel.context,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size * gas,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_config(cfg.parallel),
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
