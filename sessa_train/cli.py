@@ -190,6 +190,7 @@ def _print_plan(found, config: str, efficiency: float) -> None:
     job, gpu, t = found.job, found.gpu, found.step
     layout = f"tensor={job.tensor} pipeline={job.pipeline} context={job.context} data={job.data} zero={job.zero}"
     layout += " sequence_parallel" if job.sequence_parallel else ""
+    layout += f" virtual_stages={job.virtual}" if job.virtual > 1 else ""
     print(f"{config}: seq {job.seq_len}, {layout}, {job.micro_batches} micro-batches of {job.micro_batch}")
     print(f"{stage_parameters(job.model, job.tensor, job.pipeline) / 1e6:.1f}M parameters on the busiest rank")
     print("| per-rank memory | GiB |\n|---|---|")

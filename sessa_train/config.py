@@ -231,6 +231,9 @@ class ParallelConfig:
     # with tensor > 1: the residual stream, LayerNorms and the loss's inputs are split along the
     # sequence over the tensor-parallel ranks (Megatron's --sequence-parallel; docs/parallelism.md)
     sequence_parallel: bool = True
+    # model chunks per pipeline stage: megatron-core's interleaved 1F1B schedule (its virtual
+    # pipeline); the bubble shrinks by this factor (docs/parallelism.md)
+    virtual_stages: int = 1
     zero_stage: int = 0
     # DeepSpeed's gradient reduction under data parallelism alone (ZeRO 1-3): each bucket is
     # reduced while the backward goes on (overlap_comm); elements per reduce / all-gather /
@@ -240,7 +243,7 @@ class ParallelConfig:
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPU
 
     def __post_init__(self) -> None:
-        for name in ("tensor", "pipeline", "context"):
+        for name in ("tensor", "pipeline", "context", "virtual_stages"):
             value = getattr(self, name)
             _check(value >= 1, f"parallel.{name} must be >= 1, got {value}")
         _check(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")

@@ -12,7 +12,8 @@ Memory of the busiest rank (the first pipeline stage), in bytes:
     activations    what autograd keeps for the backward per micro-batch on one tensor-parallel
                    rank (measured off the one model definition built with that rank's shapes,
                    ``rank_pass``: saved tensors of a forward at small T, scaled linearly in T), x
-                   the micro-batches in flight (1, or PP under 1F1B), / CP; full recomputation
+                   the micro-batches in flight (1, or PP under 1F1B, PP + (PP - 1) / v
+                   interleaved over v virtual stages), / CP; full recomputation
                    keeps each layer's input (T / TP rows of it under sequence parallelism)
     backward       the larger transient of the backward: the fp32 gradient of the logits twice,
                    or one layer's activation gradients (twice its activations when recomputed)
@@ -26,7 +27,8 @@ context and NCCL's own buffers (``--runtime-gib``, 1 GiB by default on a GPU), a
 copies inside DeepSpeed's step.
 
 Time per step: model FLOPs (``flops.py``; + one forward under full recomputation) at
-``--efficiency`` of the GPU's peak, the 1F1B bubble (PP - 1) / (micro-batches + PP - 1), and the
+``--efficiency`` of the GPU's peak, the 1F1B bubble (PP - 1) / (micro-batches + PP - 1) (with
+v interleaved virtual stages (PP - 1) / v in place of PP - 1), and the
 data-parallel gradient reduction (with ``parallel.overlap_comm`` under data parallelism alone,
 only what the last micro-batch's backward cannot hide) and the tensor-parallel collectives (all-reduce, all-gather,
 reduce-scatter, counted by ``rank_pass`` where megatron-core runs them) at NVLink / network
@@ -73,6 +75,7 @@ class Job:
     sequence_parallel: bool = False  # only with tensor > 1
     bucket: int = 50_000_000  # elements per DeepSpeed reduce / all-gather / prefetch bucket
     overlap: bool = False  # DeepSpeed reduces gradient buckets during the backward (data parallelism alone)
+    virtual: int = 1  # model chunks per pipeline stage (interleaved 1F1B)
 
     @classmethod
     def of(cls, cfg: TrainConfig, seq_len: int, world: int, bf16: bool) -> Job:
@@ -84,7 +87,7 @@ class Job:
             cfg.model, cfg.compute, seq_len, cfg.data.micro_batch_size, cfg.schedule.global_batch_size,
             par.tensor, par.pipeline, par.context, world // model_parallel, par.zero_stage, bf16,
             par.sequence_parallel and par.tensor > 1, par.bucket_size,
-            par.overlap_comm and model_parallel == 1 and par.zero_stage > 0,
+            par.overlap_comm and model_parallel == 1 and par.zero_stage > 0, par.virtual_stages,
         )  # fmt: skip
 
     @property
@@ -355,7 +358,10 @@ def memory(job: Job) -> dict[str, float]:
     P = stage_parameters(job.model, job.tensor, job.pipeline)
     low = 2 if job.bf16 else 4
     dp = job.data * job.context  # ZeRO partitions over the data x context-parallel replicas
-    in_flight = min(job.pipeline, job.micro_batches)  # 1F1B: the first stage holds PP micro-batches
+    # 1F1B: the first stage holds PP micro-batches; interleaved, PP + (PP - 1) / v (its warm-up runs
+    # 2 (PP - 1) + (v - 1) PP chunk forwards before the first backward, a chunk being 1 / v of it)
+    in_flight = min(job.pipeline + (job.pipeline - 1) / job.virtual if job.virtual > 1 else job.pipeline,
+                    job.micro_batches)  # fmt: skip
     layers, ends, layer = activation_bytes(job)
     logits = job.micro_batch * job.seq_len / job.context * job.model.vocab_size * 4 / job.tensor
     solve = resolve_backend(job.compute.feedback_backend, "cuda")  # the backend a GPU job runs
@@ -394,7 +400,8 @@ def step_time(job: Job, gpu, gpus_per_node: int, efficiency: float) -> dict[str,
     peak = gpu.peak("bf16" if job.bf16 else "fp32")
     compute = model_flops * (1 + extra) / (gpus * peak * efficiency)
     m = job.micro_batches
-    bubble = compute * (job.pipeline - 1) / (m + job.pipeline - 1) if job.pipeline > 1 else 0.0
+    idle = (job.pipeline - 1) / job.virtual  # the 1F1B bubble in micro-batch times, / v interleaved
+    bubble = compute * idle / (m + idle) if job.pipeline > 1 else 0.0
     P = stage_parameters(job.model, job.tensor, job.pipeline)
     dp = job.data * job.context
     across_nodes = job.tensor * job.pipeline * job.context * job.data > gpus_per_node

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from typing import NamedTuple
 
 import pytest
@@ -86,6 +87,10 @@ LAYOUTS = [
     Layout(2, 2, 1, 0, True, 1, sequence_parallel=False),
     Layout(2, 1, 2, 1, False, 2, documents=True, sequence_parallel=False),
     Layout(2, 1, 1, 0, False, 1, (("arch", "transformer"),), sequence_parallel=False),
+    # interleaved pipeline stages: 4 layers, 2 model chunks per stage (layers 0 and 2 on stage 0)
+    Layout(1, 2, 1, 0, True, 1, (("n_layers", 4),), parallel=(("virtual_stages", 2),)),
+    Layout(2, 2, 1, 0, False, 2, (("n_layers", 4),), parallel=(("virtual_stages", 2),), steps=12),
+    Layout(1, 2, 2, 1, True, 1, (("n_layers", 4),), documents=True, parallel=(("virtual_stages", 2),)),
 ]
 EOS = 5
 
@@ -93,16 +98,9 @@ EOS = 5
 def _model_config(layout: Layout):
     from sessa_train.config import ModelConfig
 
-    return ModelConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=3,  # uneven over 2 stages
-        n_heads=4,
-        n_kv_heads=2,
-        tie_embeddings=layout.tie,
-        feedback_heads=layout.feedback_heads,
-        **dict(layout.model),
-    )
+    fields = {"vocab_size": 64, "d_model": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2}  # 3: uneven over 2 stages
+    fields |= {"tie_embeddings": layout.tie, "feedback_heads": layout.feedback_heads}
+    return ModelConfig(**(fields | dict(layout.model)))
 
 
 def _compute(layout: Layout, reference: bool = False):
@@ -216,13 +214,16 @@ def _worker(rank: int, port: int, out) -> None:
                 mine = {k: p.grad.clone() for k, p in engine.model.named_parameters(remove_duplicate=False)}
                 every: list = [None] * WORLD
                 dist.all_gather_object(every, ((state.pp_rank, state.tp_rank), mine))
-                grads.append(merge_states(dict(every), cfg.model))
+                grads.append(merge_states(dict(every), cfg.model, cfg.parallel.virtual_stages))
             applied, norm = engine.update(loss)
             assert applied
             norms.append(norm)
         assert state.sequence_parallel == (layout.sequence_parallel and layout.tensor > 1)
         overlap = dict(layout.parallel).get("overlap_comm", True) and state.model_parallel == 1 and layout.zero > 0
         assert engine.ds.zero_overlap_comm() == overlap, layout  # what DeepSpeed was configured with
+        if state.pp > 1:  # megatron-core's interleaved 1F1B with virtual stages
+            interleaved = engine.runner.schedule.__name__ == "forward_backward_pipelining_with_interleaving"
+            assert interleaved == (cfg.parallel.virtual_stages > 1), layout
         results[layout] = (losses, grads, norms)
         ps.destroy_model_parallel()
         os.environ.pop("SESSA_FEEDBACK_BACKEND", None)
@@ -299,7 +300,8 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     """configs/tiny.yaml at TP=2 x PP=2 (4 ranks, ZeRO-1): its first 20 losses are those of the
     1-process run (which starts from the same plain weights, sharded); its checkpoint exported
     to the plain layout holds each rank's trained weights and gives its validation loss; and the
-    1-process run's export loaded at CP=2 x TP=2 gives the plain model's loss on the first batch."""
+    1-process run's export loaded at CP=2 x TP=2 gives the plain model's loss on the first batch.
+    Its checkpoint resumed under 2 interleaved stages per pipeline rank goes on as 1 process."""
     from sessa_train.data import PackedTokenLoader
     from sessa_train.export import export_checkpoint, load_pretrained
     from sessa_train.parallel.layout import shard_state
@@ -331,6 +333,27 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     batches = [b["tokens"] for b in itertools.islice(val, 2)]
     ours = sum(_plain_loss(plain, t) * t[:, 1:].numel() for t in batches) / sum(t[:, 1:].numel() for t in batches)
     logged = json.loads((run / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val/loss"]
+    assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
+
+    # TP=2 x PP=2 -> TP=2 x PP=2 x 2 interleaved stages (each stage: layers {0, 2} or {1, 3}, 2
+    # micro-batches of 4 per step): the resumed steps 21-22 are the 1-process run's
+    resumed = tmp_path / "interleaved"
+    (resumed / "ckpt").mkdir(parents=True)
+    shutil.copytree(run / "ckpt" / "step_00000020", resumed / "ckpt" / "step_00000020")
+    v2 = ["parallel.virtual_stages=2", "data.micro_batch_size=4", "schedule.stop_after_steps=2"]
+    evaluate = ["logging.eval_every_steps=2", "logging.eval_batches=2"]  # forward-only through the schedule too
+    train(tiny, *tiny_overrides(data, resumed), *tp_pp, *v2, *evaluate, "--resume", "auto", nproc=4)
+    got, want = losses(resumed), losses(one)[20:22]
+    assert [s for s, _ in got] == [21, 22] == [s for s, _ in want]
+    drift = max(abs(a - b) / b for (_, a), (_, b) in zip(got, want, strict=True))
+    assert drift < 1e-4, f"resumed under interleaved stages, the losses drift from 1 process by {drift:.2e}"
+    export_checkpoint(resumed / "ckpt" / "step_00000022", tmp_path / "from_interleaved")  # and its validation:
+    at_22 = load_pretrained(tmp_path / "from_interleaved")  # 2 micro-batches of 4 through the interleaved schedule
+    val = PackedTokenLoader(data / "shards", "val", micro_batch_size=4, rank=0, world_size=1, shuffle=False,
+                            max_epochs=1)  # fmt: skip
+    batches = [b["tokens"] for b in itertools.islice(val, 2)]
+    ours = sum(_plain_loss(at_22, t) * t[:, 1:].numel() for t in batches) / sum(t[:, 1:].numel() for t in batches)
+    logged = json.loads((resumed / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val/loss"]
     assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
 
     # plain -> CP=2 x TP=2: the first loss of a run started from the 1-process export; its
@@ -382,3 +405,34 @@ def test_layouts_that_cannot_work_are_refused_in_one_line(sizes, model, message)
     with pytest.raises(ValueError, match=re.escape(message)):
         check_sizes(tensor, pipeline, context, world)
         check_parallel_model(cfg, tensor, pipeline)
+
+
+V2 = ["parallel.pipeline=2", "parallel.virtual_stages=2"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.virtual_stages=2"],
+         "parallel.virtual_stages=2 interleaves pipeline stages: needs parallel.pipeline > 1"),
+        ([*V2, "model.n_layers=6"],
+         "model.n_layers=6 is not divisible by parallel.pipeline=2 x parallel.virtual_stages=2"),
+        ([*V2, "model.n_layers=4", "schedule.global_batch_size=24", "data.micro_batch_size=8"],
+         "parallel.virtual_stages=2: the 3 micro-batches per step on each rank must be a multiple of "
+         "parallel.pipeline=2"),
+        ([*V2, "model.n_layers=4", "schedule.global_batch_size=32", "data.micro_batch_size=8"], None),
+    ],
+)  # fmt: skip
+def test_interleaved_stages_that_cannot_work_are_refused_in_one_line(overrides, message):
+    from sessa_train.config import load_config
+    from sessa_train.errors import ConfigError
+    from sessa_train.parallel.plan import check_layout
+    from tests.trainer import REPO
+
+    cfg = load_config([REPO / "configs" / "tiny.yaml"], overrides)
+    if message is None:
+        check_layout(cfg, 2)
+        return
+    with pytest.raises(ConfigError) as refused:
+        check_layout(cfg, 2)
+    assert str(refused.value).startswith(message)

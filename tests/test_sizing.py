@@ -137,3 +137,20 @@ def test_a_tensor_parallel_ranks_activations_and_collectives_are_the_plans(tmp_p
     # parallelism, half with it: the inputs of both LayerNorms and of the linears after them
     off, on = measured["0"]["False"]["saved_bytes"], measured["0"]["True"]["saved_bytes"]
     assert off - on >= 3 * 4 * (128 * 32 * 4) / 2
+
+
+def test_interleaved_stages_by_hand():
+    """v virtual stages: the bubble is (PP - 1) / v micro-batch times, and the first rank holds
+    PP + (PP - 1) / v micro-batches of activations (megatron-core's interleaved warm-up)."""
+    from sessa_train.sizing import activation_bytes
+
+    cfg = ModelConfig.from_dict(CFG.to_dict() | {"n_layers": 8})
+    one, two = (Job(cfg, ComputeConfig(), 128, 2, 64, pipeline=4, data=2, virtual=v) for v in (1, 2))
+    m = 64 // (2 * 2)  # micro-batches per step
+    t1, t2 = (step_time(job, GPUS["H100"], gpus_per_node=8, efficiency=0.5) for job in (one, two))
+    assert t1["compute"] == t2["compute"]
+    assert t1["pipeline bubble"] == pytest.approx(t1["compute"] * 3 / (m + 3))
+    assert t2["pipeline bubble"] == pytest.approx(t2["compute"] * 1.5 / (m + 1.5))
+    layers, ends, _ = activation_bytes(one)
+    assert memory(one)["activations"] == pytest.approx(layers * 4 + ends)
+    assert memory(two)["activations"] == pytest.approx(layers * (4 + 3 / 2) + ends)

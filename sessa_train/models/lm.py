@@ -2,7 +2,8 @@
 
 The layers are those of ``model.arch`` (``models/registry.py``): Sessa layers, or a baseline's.
 A pipeline stage (``ModelPlan.stages`` > 1) holds the embedding only on the first stage, its
-block of layers, and the final norm and head only on the last; layers keep their global index
+block of layers (with interleaved stages, a block per model chunk), and the final norm and head
+only on the last; layers keep their global index
 as their name, so every weight has the same name in every layout.
 """
 
@@ -105,6 +106,7 @@ class SessaLM(nn.Module):
         *,
         targets: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        chunk: int | None = None,
     ) -> torch.Tensor:
         """inputs (B, T) int64 token ids -> logits (B, T, vocab_size), or with ``targets`` (B, T)
         the per-token cross-entropy (B, T) in float32.
@@ -115,9 +117,12 @@ class SessaLM(nn.Module):
         With ``cache`` (from ``init_cache``): the first call prefills, later calls take one token.
         A pipeline stage without the embedding takes hidden states (B, T, D) as ``inputs``; one
         without the head returns hidden states. Under tensor parallelism logits hold this rank's
-        vocabulary rows (the loss is taken over all of them).
+        vocabulary rows (the loss is taken over all of them). ``chunk``: only that model chunk of
+        an interleaved pipeline stage (``ModelPlan.chunk_layers``; the embedding is the first
+        chunk's, the head the last's).
         """
-        if self.embed is not None:
+        first, last = chunk in (None, 0), chunk in (None, self.plan.virtual - 1)
+        if self.embed is not None and first:
             if inputs.dim() != 2 or inputs.dtype not in (torch.int32, torch.int64):
                 got = f"{inputs.dtype} {tuple(inputs.shape)}"
                 raise ValueError(f"SessaLM expects integer token ids of shape (batch, seq), got {got}")
@@ -132,8 +137,9 @@ class SessaLM(nn.Module):
             x = inputs
         if cache is None:
             pos = self.plan.positions(x.shape[1], position_ids)
-            for layer in self.layers.values():
-                x = self.plan.recompute("full", self.compiled(layer), x, pos)
+            ids = self.layers if chunk is None else map(str, self.plan.chunk_layers(self.cfg.n_layers, chunk))
+            for i in ids:
+                x = self.plan.recompute("full", self.compiled(self.layers[i]), x, pos)
         else:
             if len(cache.layers) != len(self.layers):
                 raise ValueError(f"cache has {len(cache.layers)} layers, model has {len(self.layers)}")
@@ -141,7 +147,7 @@ class SessaLM(nn.Module):
             for layer, state in zip(self.layers.values(), cache.layers, strict=True):
                 x = layer(x, pos, state)
             cache.length += x.shape[1]
-        if self.lm_head is None:
+        if self.lm_head is None or not last:
             return x
         logits = self.lm_head(self.norm(x))
         return logits if targets is None else self.plan.token_loss(logits, targets)

@@ -61,6 +61,7 @@ class ModelPlan:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     stages: int = 1
     stage: int = 0
+    virtual: int = 1  # model chunks per stage: interleaved pipeline stages (Megatron's virtual pipeline)
 
     # -- pipeline stage ---------------------------------------------------------------------
     @property
@@ -71,12 +72,18 @@ class ModelPlan:
     def last_stage(self) -> bool:
         return self.stage == self.stages - 1
 
-    def layer_ids(self, n_layers: int) -> range:
-        """Global indices of this stage's layers: contiguous blocks, and when n_layers % stages
-        != 0 the first stages take one layer more."""
-        base, extra = divmod(n_layers, self.stages)
-        start = self.stage * base + min(self.stage, extra)
-        return range(start, start + base + (self.stage < extra))
+    def chunk_layers(self, n_layers: int, chunk: int) -> range:
+        """Global indices of the layers of this stage's model chunk ``chunk``: virtual stage
+        chunk x stages + stage of stages x virtual, each a contiguous block (when they do not
+        divide, the first take one layer more). One chunk per stage: the stage's block."""
+        parts, part = self.stages * self.virtual, chunk * self.stages + self.stage
+        base, extra = divmod(n_layers, parts)
+        start = part * base + min(part, extra)
+        return range(start, start + base + (part < extra))
+
+    def layer_ids(self, n_layers: int) -> list[int]:
+        """Global indices of this stage's layers, chunk after chunk."""
+        return [i for chunk in range(self.virtual) for i in self.chunk_layers(n_layers, chunk)]
 
     # -- modules ----------------------------------------------------------------------------
     def column(self, n_in: int, n_out: int, *, bias: bool = True, parts: int = 1, residual: bool = False) -> nn.Module:

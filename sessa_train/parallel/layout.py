@@ -23,10 +23,11 @@ from sessa_train.models.plan import parameter_splits
 
 
 @functools.lru_cache(maxsize=64)
-def stage_splits(cfg: ModelConfig, stages: int = 1, stage: int = 0) -> dict[str, Split | None]:
-    """State-dict name -> how TP splits it (None: replicated), for pipeline ``stage`` of ``stages``."""
+def stage_splits(cfg: ModelConfig, stages: int = 1, stage: int = 0, virtual: int = 1) -> dict[str, Split | None]:
+    """State-dict name -> how TP splits it (None: replicated), for pipeline ``stage`` of ``stages``
+    (with ``virtual`` model chunks each)."""
     with torch.device("meta"):
-        model = SessaLM(cfg, ModelPlan(stages=stages, stage=stage))
+        model = SessaLM(cfg, ModelPlan(stages=stages, stage=stage, virtual=virtual))
     splits = parameter_splits(model)
     return {name: splits[name] for name in model.state_dict()}
 
@@ -43,24 +44,25 @@ def join(pieces: list[torch.Tensor], split: Split) -> torch.Tensor:
 
 
 def shard_state(
-    plain: dict[str, torch.Tensor], cfg: ModelConfig, tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1
+    plain: dict[str, torch.Tensor], cfg: ModelConfig, tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1, vp: int = 1
 ) -> dict[str, torch.Tensor]:
-    """The state of TP rank ``tp_rank`` of pipeline stage ``pp_rank``, cut from a plain state dict."""
+    """The state of TP rank ``tp_rank`` of pipeline stage ``pp_rank`` (``vp`` chunks), cut from a
+    plain state dict."""
     return {
         name: (plain[name] if split is None else cut(plain[name], split, tp_rank, tp)).clone()
-        for name, split in stage_splits(cfg, pp, pp_rank).items()
+        for name, split in stage_splits(cfg, pp, pp_rank, vp).items()
     }
 
 
 def rank_initial_state(
-    cfg: ModelConfig, seed: int, tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1
+    cfg: ModelConfig, seed: int, tp_rank: int, tp: int, pp_rank: int = 0, pp: int = 1, vp: int = 1
 ) -> dict[str, torch.Tensor]:
     """The initial state of TP rank ``tp_rank`` of stage ``pp_rank`` for ``seed``, built one whole
     unit (embedding, layer, norm, head) at a time and cut: never more of the plain model in memory
     than one unit. Equal to ``shard_state`` of ``SessaLM(cfg)`` built after ``manual_seed(seed)``."""
-    splits = stage_splits(cfg, pp, pp_rank)
+    splits = stage_splits(cfg, pp, pp_rank, vp)
     state: dict[str, torch.Tensor] = {}
-    for unit, make in SessaLM.units(cfg, ModelPlan(stages=pp, stage=pp_rank)).items():
+    for unit, make in SessaLM.units(cfg, ModelPlan(stages=pp, stage=pp_rank, virtual=vp)).items():
         for key, t in build_unit(seed, unit, make).state_dict().items():
             if (name := f"{unit}.{key}") in splits and not (cfg.tie_embeddings and name == "lm_head.weight"):
                 state[name] = t if splits[name] is None else cut(t, splits[name], tp_rank, tp).clone()
@@ -69,8 +71,11 @@ def rank_initial_state(
     return {name: state[name] for name in splits}
 
 
-def merge_states(states: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A plain SessaLM state dict from every rank's state, keyed by (pp_rank, tp_rank)."""
+def merge_states(
+    states: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: ModelConfig, vp: int = 1
+) -> dict[str, torch.Tensor]:
+    """A plain SessaLM state dict from every rank's state, keyed by (pp_rank, tp_rank) (``vp``
+    model chunks per stage)."""
     pp = 1 + max(p for p, _ in states)
     tp = 1 + max(t for _, t in states)
     missing = [(p, t) for p in range(pp) for t in range(tp) if (p, t) not in states]
@@ -78,7 +83,7 @@ def merge_states(states: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: Mo
         raise ValueError(f"stage states missing for (pipeline, tensor) ranks {missing}")
     plain = {}
     for stage in range(pp):
-        for name, split in stage_splits(cfg, pp, stage).items():
+        for name, split in stage_splits(cfg, pp, stage, vp).items():
             pieces = [states[(stage, r)][name] for r in range(tp)]
             plain[name] = pieces[0] if split is None else join(pieces, split)
     if cfg.tie_embeddings:

@@ -9,10 +9,13 @@ tokens divided by the number of micro-batches, so averaging gradients over DP x 
 (T, B, D) (with sequence parallelism this rank's T / TP rows, whose LayerNorm gradients megatron-core
 then sums over the TP group). With tied embeddings and PP > 1 the first stage lends its embedding to the last
 stage's head every step: a broadcast before the micro-batches, the gradient summed back after.
+With interleaved stages (``parallel.virtual_stages`` = v) each rank holds v model chunks of one
+``SessaLM`` (``ModelPlan.chunk_layers``) and the schedule is megatron-core's interleaved 1F1B.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -27,17 +30,22 @@ from sessa_train import distributed as comm
 from sessa_train.models import SessaLM
 
 
-class _ScheduleModel:
-    """What megatron-core's schedule asks of a model: ``config``, ``model_type`` and
+class _ScheduleModel(torch.nn.Module):
+    """One model chunk as megatron-core's schedule asks of it: ``config``, ``model_type`` and
     ``set_input_tensor`` (the activation received from the previous stage); and what its gradient
-    finalisation reads (``ddp_config``: the gradients are DeepSpeed's, in ``param.grad``)."""
+    finalisation reads (``ddp_config``: the gradients are DeepSpeed's, in ``param.grad``). The
+    interleaved schedule takes one per chunk (``chunk``; None: the whole stage)."""
 
-    def __init__(self, model: SessaLM) -> None:
-        self.module = model
+    def __init__(self, model: SessaLM, chunk: int | None = None) -> None:
+        super().__init__()
+        self.module, self.chunk = model, chunk
         self.config = model.plan.config
         self.model_type = ModelType.encoder_or_decoder
         self.ddp_config = DistributedDataParallelConfig()
         self.input_tensor: torch.Tensor | None = None
+        last = model.plan.virtual - 1
+        self.takes_tokens = model.embed is not None and chunk in (None, 0)
+        self.gives_loss = model.lm_head is not None and chunk in (None, last)
 
     def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor] | None) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
@@ -49,7 +57,8 @@ class PipelineRunner:
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.plan, self.state = model.plan, model.plan.state
         self.schedule = get_forward_backward_func()
-        self.adapter = _ScheduleModel(model)
+        chunks = [None] if self.state.vp == 1 else range(self.state.vp)
+        self.adapters = [_ScheduleModel(model, chunk) for chunk in chunks]
         ends = model.plan.first_stage or model.plan.last_stage
         self.lends_embedding = model.cfg.tie_embeddings and self.state.pp > 1 and ends
 
@@ -59,10 +68,11 @@ class PipelineRunner:
         Returns this rank's (loss sum, token count) as float64 (2,): zeros except on TP rank 0 of
         the last stage, so that a sum over all ranks counts every token once."""
         self._share_embedding()
+        interleaved = len(self.adapters) > 1  # every chunk reads each micro-batch (tokens, targets, positions)
         stats = self.schedule(
             forward_step_func=self._forward_step,
-            data_iterator=batches,
-            model=[self.adapter],
+            data_iterator=list(itertools.tee(batches, len(self.adapters))) if interleaved else batches,
+            model=self.adapters,
             num_microbatches=n,
             seq_length=self.seq_len,
             micro_batch_size=self.micro_batch_size,
@@ -70,7 +80,7 @@ class PipelineRunner:
         )
         if not forward_only:
             if self.state.sequence_parallel:  # LayerNorms and residual biases saw this rank's rows only
-                _allreduce_non_tensor_model_parallel_grads([self.adapter], self.adapter.config)
+                _allreduce_non_tensor_model_parallel_grads(self.adapters[:1], self.plan.config)
             self._return_embedding_grad()
             self.engine.allreduce_gradients()  # over megatron's data-parallel group (the mpu's)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -101,12 +111,10 @@ class PipelineRunner:
             rows = slice(st.cp_rank * block, (st.cp_rank + 1) * block)
             inputs, targets = inputs[:, rows], targets[:, rows]
             positions = None if positions is None else positions[:, rows]
-        model = adapter.module
-        x = inputs if model.embed is not None else adapter.input_tensor.transpose(0, 1)
-        out = model(
-            x, targets=targets, position_ids=positions
-        )  # the last stage: per-token loss (B, T); others: (B, T, D)
-        if model.lm_head is None:
+        x = inputs if adapter.takes_tokens else adapter.input_tensor.transpose(0, 1)
+        # the model's last chunk: per-token loss (B, T); others: (B, T, D)
+        out = adapter.module(x, targets=targets, position_ids=positions, chunk=adapter.chunk)
+        if not adapter.gives_loss:
             return out.transpose(0, 1).contiguous(), None
         return out, self._loss
 

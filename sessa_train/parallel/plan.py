@@ -28,8 +28,9 @@ from sessa_train.parallel.state import ParallelState, check_sizes, mark_norm_own
 _KEEP = nn.init.zeros_  # weights come from layout (rank_initial_state, shard_state) or a checkpoint
 
 
-def check_parallel_model(cfg: ModelConfig, tensor: int, pipeline: int, context: int = 1) -> None:
-    """One-line errors for a model that cannot be split ``tensor`` x ``pipeline`` x ``context`` ways."""
+def check_parallel_model(cfg: ModelConfig, tensor: int, pipeline: int, context: int = 1, virtual: int = 1) -> None:
+    """One-line errors for a model that cannot be split ``tensor`` x ``pipeline`` x ``context`` ways
+    (with ``virtual`` model chunks per pipeline stage)."""
     arch = RECORDS[cfg.arch]
     for size, name, supported in (
         ("tensor", tensor, arch.tensor_parallel),
@@ -44,6 +45,13 @@ def check_parallel_model(cfg: ModelConfig, tensor: int, pipeline: int, context: 
             raise ConfigError(f"model.{name}={value} must be{one} divisible by parallel.tensor={tensor}")
     if cfg.n_layers < pipeline:
         raise ConfigError(f"model.n_layers={cfg.n_layers} is fewer than parallel.pipeline={pipeline} stages")
+    if virtual > 1 and pipeline == 1:
+        raise ConfigError(f"parallel.virtual_stages={virtual} interleaves pipeline stages: needs parallel.pipeline > 1")
+    if virtual > 1 and cfg.n_layers % (pipeline * virtual):
+        raise ConfigError(
+            f"model.n_layers={cfg.n_layers} is not divisible by parallel.pipeline={pipeline} x "
+            f"parallel.virtual_stages={virtual} (interleaved stages hold equal blocks of layers)"
+        )
 
 
 def micro_batches(cfg: TrainConfig, data_parallel: int) -> int:
@@ -67,9 +75,14 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
             f"parallel.zero_stage={par.zero_stage} with tensor/pipeline/context parallelism; valid: 0 or 1 "
             "(ZeRO-2/3 partition gradients during a backward that megatron-core's schedule drives)"
         )
-    check_parallel_model(cfg.model, par.tensor, par.pipeline, par.context)
+    check_parallel_model(cfg.model, par.tensor, par.pipeline, par.context, par.virtual_stages)
     check_sizes(par.tensor, par.pipeline, par.context, world_size)
-    micro_batches(cfg, world_size // model_parallel)
+    n = micro_batches(cfg, world_size // model_parallel)
+    if par.virtual_stages > 1 and n % par.pipeline:
+        raise ConfigError(
+            f"parallel.virtual_stages={par.virtual_stages}: the {n} micro-batches per step on each rank must be a "
+            f"multiple of parallel.pipeline={par.pipeline} (the interleaved schedule runs them in groups of PP)"
+        )
 
 
 def megatron_config(cfg: ModelConfig, state: ParallelState, dtype: torch.dtype, cuda: bool):
@@ -84,6 +97,7 @@ def megatron_config(cfg: ModelConfig, state: ParallelState, dtype: torch.dtype, 
         num_attention_heads=cfg.n_heads,
         tensor_model_parallel_size=state.tp,
         pipeline_model_parallel_size=state.pp,
+        virtual_pipeline_model_parallel_size=state.vp if state.vp > 1 else None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         use_cpu_initialization=True,
@@ -108,7 +122,7 @@ class MegatronPlan(ModelPlan):
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel as tp
 
-        super().__init__(compute, stages=state.pp, stage=state.pp_rank)
+        super().__init__(compute, stages=state.pp, stage=state.pp_rank, virtual=state.vp)
         self.state, self.config, self.ps, self.tp = state, config, ps, tp
 
     @functools.cached_property
@@ -260,7 +274,7 @@ def build_model(
     """This rank's part of the model (its pipeline stage, its tensor-parallel shard) holding its
     share of the initial weights of ``seed``, or of the plain model's fp32 ``weights``: no rank
     builds more of the whole model than one unit at a time (models/lm.py)."""
-    check_parallel_model(cfg, state.tp, state.pp, state.cp)
+    check_parallel_model(cfg, state.tp, state.pp, state.cp, state.vp)
     torch.manual_seed(seed)
     if state.model_parallel == 1:  # the whole model: built under the seed, it holds that seed's weights
         model = SessaLM(cfg, ModelPlan(compute))
@@ -269,8 +283,8 @@ def build_model(
         return model.to(device)
     cuda = torch.device(device).type == "cuda"
     model = SessaLM(cfg, MegatronPlan(compute, state, megatron_config(cfg, state, torch.float32, cuda)))
-    ranks = (state.tp_rank, state.tp, state.pp_rank, state.pp)
+    ranks = (state.tp_rank, state.tp, state.pp_rank, state.pp, state.vp)
     own = rank_initial_state(cfg, seed, *ranks) if weights is None else shard_state(weights, cfg, *ranks)
     model.load_state_dict(own)
-    mark_norm_owners(model, stage_splits(cfg, state.pp, state.pp_rank), state)
+    mark_norm_owners(model, stage_splits(cfg, state.pp, state.pp_rank, state.vp), state)
     return model.to(device)

@@ -36,6 +36,7 @@ class ParallelState:
     cp: int = 1
     cp_rank: int = 0
     sequence_parallel: bool = False  # TP > 1 and parallel.sequence_parallel: the residual stream split over TP
+    vp: int = 1  # model chunks per pipeline stage (interleaved stages)
 
     @classmethod
     def plain(cls, world_size: int, rank: int) -> ParallelState:
@@ -119,10 +120,17 @@ def megatron_on_cpu() -> None:
 
 
 def init_parallel(
-    tensor: int, pipeline: int, context: int, world_size: int, rank: int, sequence_parallel: bool = False
+    tensor: int,
+    pipeline: int,
+    context: int,
+    world_size: int,
+    rank: int,
+    sequence_parallel: bool = False,
+    virtual_stages: int = 1,
 ) -> ParallelState:
     """This rank's state (torch.distributed must be initialised); megatron-core's groups are
-    created when any model-parallel size is > 1. ``sequence_parallel`` applies only when tensor > 1."""
+    created when any model-parallel size is > 1. ``sequence_parallel`` applies only when tensor > 1;
+    ``virtual_stages`` model chunks per pipeline stage."""
     check_sizes(tensor, pipeline, context, world_size)
     if tensor * pipeline * context == 1:
         return ParallelState.plain(world_size, rank)
@@ -131,7 +139,10 @@ def init_parallel(
     megatron_on_cpu()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline, context_parallel_size=context
+            tensor_model_parallel_size=tensor,
+            pipeline_model_parallel_size=pipeline,
+            context_parallel_size=context,
+            virtual_pipeline_model_parallel_size=virtual_stages if virtual_stages > 1 else None,
         )
     return ParallelState(
         tp=tensor,
@@ -143,6 +154,7 @@ def init_parallel(
         cp=context,
         cp_rank=ps.get_context_parallel_rank(),
         sequence_parallel=sequence_parallel and tensor > 1,
+        vp=virtual_stages,
     )
 
 

@@ -25,7 +25,9 @@ def parallel_state(cfg: TrainConfig, info: DistInfo) -> ParallelState:
     """Check the layout and, when any model-parallel size is > 1, create megatron-core's groups."""
     check_layout(cfg, info.world_size)
     par = cfg.parallel
-    return init_parallel(par.tensor, par.pipeline, par.context, info.world_size, info.rank, par.sequence_parallel)
+    return init_parallel(
+        par.tensor, par.pipeline, par.context, info.world_size, info.rank, par.sequence_parallel, par.virtual_stages
+    )
 
 
 def check_memory(cfg: TrainConfig, state: ParallelState, seq_len: int, device: torch.device) -> None:

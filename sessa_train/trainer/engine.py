@@ -44,7 +44,7 @@ class Engine:
         """The L2 norm of the step's whole gradient before clipping, from the gradients left on
         the parameters (fp32 without ZeRO, where DeepSpeed records no norm): each tensor x pipeline
         rank's sum of squares of the parameters it ``owns``, summed over the model-parallel group."""
-        splits = stage_splits(self.cfg.model, self.state.pp, self.state.pp_rank)
+        splits = stage_splits(self.cfg.model, self.state.pp, self.state.pp_rank, self.state.vp)
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for name, p in self.ds.module.named_parameters():
             if p.grad is not None and self.state.owns(splits[name]):

@@ -159,7 +159,7 @@ class ModelState:
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Collective: this rank's share of the weights and moments, as one shard (or none)."""
         engine, state = self.engine, self.engine.state
-        splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank)
+        splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank, state.vp)
         me, writers = _replicas(engine)
         params = list(engine.ds.module.named_parameters())
         size = {name: getattr(p, "ds_numel", p.numel()) for name, p in params}  # ZeRO-3: the whole size
@@ -189,7 +189,7 @@ class ModelState:
         start = time.perf_counter()
         engine, state = self.engine, self.engine.state
         reader = ParamReader(shards, engine.cfg.model, meta.layout.tensor, meta.layout.pipeline)
-        splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank)
+        splits = stage_splits(engine.cfg.model, state.pp, state.pp_rank, state.vp)
         base, masters, fragments, held = base_optimizer(engine.ds), _masters(engine), False, 0
         for name, p in engine.ds.module.named_parameters():
             where = {} if splits[name] is None else {"rank": state.tp_rank, "ranks": state.tp}
