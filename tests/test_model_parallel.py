@@ -9,9 +9,10 @@ gradient merged back to the plain layout (within 1e-5 of the step's largest grad
 the gradient norm before clipping that the trainer logs (DeepSpeed's under ZeRO 1-3,
 ``Engine.grad_norm`` without; relative 1e-6) must equal the 1-process model's (which steps the
 trainer's AdamW and learning-rate schedule). Sequence parallelism is on wherever TP > 1 (the
-default); TP2, TP2 x PP2 and TP2 x CP2 run 12 steps with it, and some layouts switch it off.
-DeepSpeed's reduction overlaps the backward under data parallelism alone with ZeRO 1-3 (the
-default; once in buckets of 300 elements) and not (one ZeRO-1 layout). AdamW's eps is
+default); TP2, TP2 x PP2 and TP2 x CP2 run 12 steps with it (ZeRO-0: every gradient compared at
+every step), and two layouts switch it off. DeepSpeed's reduction overlaps the backward under
+data parallelism alone with ZeRO 1-3 (the default; ZeRO-2 in buckets of 300 elements) and not
+(one ZeRO-1 layout). AdamW's eps is
 large so that the update depends on the gradient's scale: a wrong gradient norm (hence
 clipping) shows up.
 """
@@ -57,39 +58,36 @@ class Layout(NamedTuple):
 
 
 LAYOUTS = [
-    # no model parallelism first (DeepSpeed keeps the last engine's mpu): the plain path, DP = 4
+    # no model parallelism first (DeepSpeed keeps the last engine's mpu): the plain path, DP = 4;
+    # DeepSpeed's reduction overlaps the backward under ZeRO 1-3 (the default; ZeRO-2 in buckets of
+    # 300 elements), and not in the last of these
     Layout(1, 1, 1, 0, True, 1),
-    Layout(1, 1, 1, 2, False, 1),
+    Layout(1, 1, 1, 2, False, 1, parallel=(("bucket_size", 300),)),
     Layout(1, 1, 1, 3, True, 1),
     Layout(1, 1, 1, 0, True, 1, documents=True),  # packed documents, DP = 4
-    # DeepSpeed's reduction overlapping the backward (the default above) in buckets of 300 elements, and not
-    Layout(1, 1, 1, 2, True, 1, parallel=(("bucket_size", 300),)),
     Layout(1, 1, 1, 1, False, 1, parallel=(("overlap_comm", False),)),
+    # sequence parallelism is on wherever tensor > 1 (the default); 12 steps of TP2, TP2 x PP2, TP2 x CP2
     Layout(2, 2, 1, 0, True, 1),
-    Layout(2, 1, 1, 0, False, 2),
+    Layout(2, 1, 1, 0, False, 2, steps=12),
     Layout(1, 2, 1, 0, False, 1),
     Layout(2, 2, 1, 1, True, 2),
     Layout(2, 2, 1, 0, False, 2),
     Layout(2, 1, 2, 0, True, 1),
     Layout(1, 2, 2, 1, False, 2),
-    Layout(2, 2, 1, 0, False, 2, (("ffn_hidden_size", 48),)),
+    Layout(2, 2, 1, 0, False, 2, (("ffn_hidden_size", 48),), steps=12),
     Layout(2, 1, 1, 0, True, 1, (("arch", "transformer"),)),
     Layout(2, 1, 2, 0, False, 1, (("arch", "transformer"),)),
     Layout(2, 1, 2, 0, True, 1, (), "triton"),
     Layout(2, 2, 1, 0, False, 2, compute=(("recompute", "full"),)),
     Layout(2, 1, 2, 1, True, 1, compute=(("recompute", "selective"),)),
-    Layout(2, 1, 2, 0, True, 1, documents=True),  # a document spans the two context-parallel ranks
+    Layout(2, 1, 2, 0, True, 1, documents=True, steps=12),  # a document spans the two context-parallel ranks
     Layout(1, 2, 1, 0, False, 2, documents=True),
-    # sequence parallelism (on above wherever tensor > 1) for 12 steps, and switched off
-    Layout(2, 1, 1, 0, True, 1, steps=12),
-    Layout(2, 2, 1, 1, False, 2, (("ffn_hidden_size", 48),), steps=12),
-    Layout(2, 1, 2, 0, True, 1, documents=True, steps=12),
+    # sequence parallelism switched off
     Layout(2, 2, 1, 0, True, 1, sequence_parallel=False),
     Layout(2, 1, 2, 1, False, 2, documents=True, sequence_parallel=False),
-    Layout(2, 1, 1, 0, False, 1, (("arch", "transformer"),), sequence_parallel=False),
     # interleaved pipeline stages: 4 layers, 2 model chunks per stage (layers 0 and 2 on stage 0)
     Layout(1, 2, 1, 0, True, 1, (("n_layers", 4),), parallel=(("virtual_stages", 2),)),
-    Layout(2, 2, 1, 0, False, 2, (("n_layers", 4),), parallel=(("virtual_stages", 2),), steps=12),
+    Layout(2, 2, 1, 0, False, 2, (("n_layers", 4),), parallel=(("virtual_stages", 2),)),
     Layout(1, 2, 2, 1, True, 1, (("n_layers", 4),), documents=True, parallel=(("virtual_stages", 2),)),
 ]
 EOS = 5
