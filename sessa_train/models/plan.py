@@ -175,6 +175,12 @@ class ModelPlan:
             return feedback_solve(q, k, f, gamma, scale=scale, solver=self.solver(q.device), key_start=pos.doc_start)
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (B, T) in float32 of logits (B, T, V) against targets (B, T)."""
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        """Cross-entropy (B, T) in float32 (float64 for float64 logits) of logits (B, T, V) against
+        targets (B, T)."""
+        loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten(), reduction="none")
         return loss.view(targets.shape)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a narrower float type, else as it is (float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -20,6 +20,7 @@ from torch import nn
 from sessa_train.config import ComputeConfig, ModelConfig, TrainConfig
 from sessa_train.errors import ConfigError
 from sessa_train.models import ModelPlan, Positions, SessaLM, Split
+from sessa_train.models.plan import at_least_fp32
 from sessa_train.models.registry import RECORDS
 from sessa_train.ops import Solver
 from sessa_train.parallel.layout import rank_initial_state, shard_state, stage_splits
@@ -221,9 +222,9 @@ class MegatronPlan(ModelPlan):
 
     def token_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if not self.state.sequence_parallel:
-            return self.tp.vocab_parallel_cross_entropy(logits.float(), targets)
+            return self.tp.vocab_parallel_cross_entropy(at_least_fp32(logits), targets)
         # the head's logits are (T, B, V / TP) underneath: taken in that order, not copied
-        loss = self.tp.vocab_parallel_cross_entropy(logits.transpose(0, 1).float(), targets.t().contiguous())
+        loss = self.tp.vocab_parallel_cross_entropy(at_least_fp32(logits.transpose(0, 1)), targets.t().contiguous())
         return loss.t()
 
 
