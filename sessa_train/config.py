@@ -250,6 +250,17 @@ class ParallelConfig:
         _check(self.bucket_size >= 1, f"parallel.bucket_size must be >= 1 (elements), got {self.bucket_size}")
         _choice("parallel", "precision", self.precision, PRECISIONS)
 
+    @property
+    def splits_sequence(self) -> bool:
+        """Sequence parallelism acts: it is on and there are tensor-parallel ranks to split over."""
+        return self.sequence_parallel and self.tensor > 1
+
+    @property
+    def overlaps_reduction(self) -> bool:
+        """DeepSpeed's gradient reduction overlaps the backward: ZeRO 1-3 under data parallelism
+        alone, where its engine drives the backward (megatron-core's schedule drives the others)."""
+        return self.overlap_comm and self.zero_stage > 0 and self.tensor * self.pipeline * self.context == 1
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:

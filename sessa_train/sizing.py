@@ -86,8 +86,7 @@ class Job:
         return cls(
             cfg.model, cfg.compute, seq_len, cfg.data.micro_batch_size, cfg.schedule.global_batch_size,
             par.tensor, par.pipeline, par.context, world // model_parallel, par.zero_stage, bf16,
-            par.sequence_parallel and par.tensor > 1, par.bucket_size,
-            par.overlap_comm and model_parallel == 1 and par.zero_stage > 0, par.virtual_stages,
+            par.splits_sequence, par.bucket_size, par.overlaps_reduction, par.virtual_stages,
         )  # fmt: skip
 
     @property

@@ -121,8 +121,8 @@ class SessaLM(nn.Module):
         an interleaved pipeline stage (``ModelPlan.chunk_layers``; the embedding is the first
         chunk's, the head the last's).
         """
-        first, last = chunk in (None, 0), chunk in (None, self.plan.virtual - 1)
-        if self.embed is not None and first:
+        embeds, heads = self.chunk_ends(chunk)
+        if embeds:
             if inputs.dim() != 2 or inputs.dtype not in (torch.int32, torch.int64):
                 got = f"{inputs.dtype} {tuple(inputs.shape)}"
                 raise ValueError(f"SessaLM expects integer token ids of shape (batch, seq), got {got}")
@@ -147,10 +147,18 @@ class SessaLM(nn.Module):
             for layer, state in zip(self.layers.values(), cache.layers, strict=True):
                 x = layer(x, pos, state)
             cache.length += x.shape[1]
-        if self.lm_head is None or not last:
+        if not heads:
             return x
         logits = self.lm_head(self.norm(x))
         return logits if targets is None else self.plan.token_loss(logits, targets)
+
+    def chunk_ends(self, chunk: int | None) -> tuple[bool, bool]:
+        """Whether model chunk ``chunk`` of this stage (None: the whole stage) starts with the
+        embedding (takes token ids) and ends with the head (gives logits or the loss)."""
+        return (
+            self.embed is not None and chunk in (None, 0),
+            self.lm_head is not None and chunk in (None, self.plan.virtual - 1),
+        )
 
     def compiled(self, layer: nn.Module) -> nn.Module:
         """``layer``, or with ``compute.compile`` its ``torch.compile`` (made once, kept beside it)."""

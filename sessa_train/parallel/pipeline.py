@@ -43,9 +43,7 @@ class _ScheduleModel(torch.nn.Module):
         self.model_type = ModelType.encoder_or_decoder
         self.ddp_config = DistributedDataParallelConfig()
         self.input_tensor: torch.Tensor | None = None
-        last = model.plan.virtual - 1
-        self.takes_tokens = model.embed is not None and chunk in (None, 0)
-        self.gives_loss = model.lm_head is not None and chunk in (None, last)
+        self.takes_tokens, self.gives_loss = model.chunk_ends(chunk)
 
     def set_input_tensor(self, tensor: torch.Tensor | list[torch.Tensor] | None) -> None:
         self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor

@@ -110,7 +110,7 @@ def build_loader(cfg: TrainConfig, layout: ParallelState, slots=None, stop=lambd
             f"sequence length {index['seq_len']} of {data.sources[0][1]} is not divisible by "
             f"parallel.context={par.context}"
         )
-    if par.tensor > 1 and par.sequence_parallel and index["seq_len"] % (par.context * par.tensor):
+    if par.splits_sequence and index["seq_len"] % (par.context * par.tensor):
         raise TrainError(
             f"sequence length {index['seq_len']} of {data.sources[0][1]} is not divisible by parallel.context="
             f"{par.context} x parallel.tensor={par.tensor}, as parallel.sequence_parallel=true needs; "

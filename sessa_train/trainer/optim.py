@@ -90,14 +90,12 @@ def precision(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def zero_config(par: ParallelConfig) -> dict:
-    """DeepSpeed's ``zero_optimization``. Its gradient reduction overlaps the backward only where
-    its engine drives the backward (data parallelism alone): under tensor/pipeline/context
-    parallelism megatron-core's schedule runs the micro-batches and the reduction follows them."""
-    data_parallel_only = par.tensor * par.pipeline * par.context == 1
+    """DeepSpeed's ``zero_optimization``; its reduction overlaps the backward where
+    ``ParallelConfig.overlaps_reduction`` says it can."""
     bucket = par.bucket_size
     return {
         "stage": par.zero_stage,
-        "overlap_comm": par.overlap_comm and data_parallel_only and par.zero_stage > 0,
+        "overlap_comm": par.overlaps_reduction,
         "contiguous_gradients": True,
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
