@@ -225,6 +225,13 @@ def first_problem(problem: str | None, group=None) -> str | None:
     return next((p for p in all_gather_objects(problem, group) if p), None)
 
 
+def raise_first(problem: str | None, error: type[Exception], group=None) -> None:
+    """Collective: ``error`` of the first of the ranks' problems, raised alike on every rank; nothing
+    if no rank has one (``first_problem``)."""
+    if problem := first_problem(problem, group):
+        raise error(problem)
+
+
 def barrier(group=None) -> None:
     import torch.distributed as dist
 

@@ -77,7 +77,7 @@ def read_hostfile(path: str) -> dict[str, int]:
 
 
 SLURM_SIGNAL_LEAD_S = 120  # launch/slurm.sbatch: --signal=B:USR1@120
-CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weight and AdamW's two moments (checkpoint.py)
+CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weight and AdamW's two moments (checkpoint/model.py)
 
 
 def save_grace_s(parameters: int, nodes: int, gbps_per_node: float) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sessa_train.checkpoint import CheckpointManager, DataIdentity, Layout, Meta, read_meta
+from sessa_train.checkpoint import CheckpointManager, DataIdentity, Layout, Meta, RunRecord, read_meta
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +54,20 @@ class Weights(Counter):
 
 LAYOUT = Layout(ranks=1, tensor=1, pipeline=1, context=1, data=1, zero=0)
 DATA = DataIdentity(index_sha256="abc", seq_len=8, tokenizer_sha256=None, path="/data")
+RECORD = RunRecord(LAYOUT, DATA, {"model": {}}, None)
 
 
 def test_parts_round_trip_through_the_checkpoint_module(one_process_group, tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world=1, log=print)
     w = torch.arange(6.0).reshape(2, 3)
-    path = manager.save(7, 700, LAYOUT, DATA, {"counter": Counter(3), "weights": Weights(5, w)}, {"model": {}}, None)
+    manager.attach({"counter": Counter(3), "weights": Weights(5, w)}, RECORD)
+    path = manager.save(7, 700)
     assert json.loads((path / "manifest.json").read_text())["files"].keys() == {
         "config.json", "meta.json", "weights/only.safetensors",
     }  # fmt: skip
     back = {"counter": Counter(), "weights": Weights()}
-    meta = manager.load(path, back)
+    manager.attach(back, RECORD)
+    meta = manager.load(path)
     assert (meta.step, meta.tokens, meta.layout, meta.data) == (7, 700, LAYOUT, DATA)
     assert back["counter"].value == 3 and back["weights"].value == 5
     assert torch.equal(back["weights"].tensor, w)
@@ -75,11 +78,13 @@ def test_a_shard_the_manifest_does_not_list_is_never_read(one_process_group, tmp
     from safetensors.torch import save_file
 
     manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world=1, log=print)
-    path = manager.save(1, 10, LAYOUT, DATA, {"weights": Weights(0, torch.ones(2))}, {"model": {}}, None)
+    manager.attach({"weights": Weights(0, torch.ones(2))}, RECORD)
+    path = manager.save(1, 10)
     save_file({"w": torch.zeros(2)}, str(path / "weights" / "stale.safetensors"))
     save_file({"x": torch.zeros(2)}, str(path / "weights" / "other-name.safetensors"))
     back = {"weights": Weights()}
-    manager.load(path, back)
+    manager.attach(back, RECORD)
+    manager.load(path)
     assert torch.equal(back["weights"].tensor, torch.ones(2))
 
 
@@ -119,3 +124,4 @@ def test_the_solver_is_chosen_once_per_plan(monkeypatch):
     for _ in range(3):
         plan.solver(torch.device("cpu"))
     assert len(calls) == 1
+

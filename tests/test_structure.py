@@ -1,5 +1,5 @@
 """The package's structure: imports run downward (errors/files/config/distributed -> ops -> models ->
-parallel -> trainer, checkpoint, export, tools) and light entry points do not import torch."""
+parallel -> checkpoint -> trainer, export, tools) and light entry points do not import torch."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from tests.helpers import HANG_GUARD_S
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sessa_train"
 # a module of a layer may import its own layer and the ones before it, never a later one
-LAYERS = ["errors", "files", "hardware", "config", "distributed", "ops", "models", "parallel"]
-DATA = "data"  # beside the model stack: errors and config only
+LAYERS = ["errors", "files", "hardware", "config", "distributed", "ops", "models", "parallel", "checkpoint"]
+DATA = "data"  # beside the model stack: errors and config only; the checkpoint's loader part reads it
 
 
 def _layer(module: str) -> int:
@@ -49,7 +49,7 @@ def test_imports_run_downward(part):
         f"{path.relative_to(PACKAGE)} imports {target}"
         for path in _modules(part)
         for target in _imports(path)
-        if _layer(target) > allowed and not (part == DATA and target.startswith("sessa_train.data"))
+        if _layer(target) > allowed and not (part in (DATA, "checkpoint") and target.startswith("sessa_train.data"))
     }
     assert not wrong, sorted(wrong)
 

@@ -7,7 +7,7 @@ background and not (125m, 1 process), and what each rank reads on resume, by lay
 
 For each saving layout (TP2 x DP2 ZeRO-1, DP4 ZeRO-3, TP2 x PP2) a short run saves a checkpoint
 at step 2; it is then resumed under the same layout and under another one. The resume records
-(metrics.jsonl's resume event, from ``trainer/state.py``'s load) the largest rank's and all
+(metrics.jsonl's resume event, from ``checkpoint/model.py``'s load) the largest rank's and all
 ranks' bytes of model tensors read, the largest ratio of a rank's reads to the fp32 weight and
 moment bytes it holds, and the slowest rank's seconds. Fair share: the checkpoint's model
 tensors (counted from its files) over the ranks; a rank of a pipeline stage holding more than
@@ -52,7 +52,7 @@ CASES = [  # (saved under, resumed under)
 ]
 
 
-def _train(data: Path, run: Path, layout: str, *extra: str) -> None:
+def _train(data: Path, run: Path, layout: str, *extra: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
            str(29600 + os.getpid() % 300), "-m", "sessa_train.train", "--config", str(REPO / "configs" / "tiny.yaml"),
            "model.d_model=256", "data.micro_batch_size=2", f"data.path={data / 'shards'}",
@@ -65,6 +65,16 @@ def _train(data: Path, run: Path, layout: str, *extra: str) -> None:
     if out.returncode:
         errors = [line for line in out.stderr.splitlines() if "error" in line][:3]
         sys.exit(f"bench_checkpoint: {layout} failed:\n{out.stdout[-2000:]}" + "\n".join(errors))
+    return out.stdout
+
+
+def _save_seconds(stdout: str) -> tuple[float, float]:
+    """(blocking the step, writing in the background) of a run's first background save, from its log."""
+    import re
+
+    blocking = re.findall(r"\(([\d.]+) s blocking the step", stdout)
+    writing = re.findall(r"\(([\d.]+) s writing in the background\)", stdout)
+    return float(blocking[0]), float(writing[0])
 
 
 def _model_bytes(step_dir: Path) -> int:
@@ -105,7 +115,7 @@ import json, os, shutil, sys, time
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from safetensors.torch import load_file, save_file
-from sessa_train.checkpoint import MODEL, CheckpointManager, DataIdentity, Layout, ParamReader, shard_files
+from sessa_train.checkpoint import MODEL, CheckpointManager, DataIdentity, Layout, ParamReader, RunRecord, shard_files
 from sessa_train.config import load_config
 from sessa_train.files import fsync
 from sessa_train.parallel.layout import stage_splits
@@ -129,7 +139,8 @@ def timed(f):
 os.sync()
 manager = CheckpointManager(root + "/ours", 1, 0, 1, lambda m: None)
 layout, data = Layout(1, 1, 1, 1, 1, 0), DataIdentity("0" * 64, 1, "0" * 64, "x")
-out["ours_save"] = timed(lambda: manager.save(1, 1, layout, data, {MODEL: Weights()}, {"model": {}}, None))
+manager.attach({MODEL: Weights()}, RunRecord(layout, data, {"model": {}}, None))
+out["ours_save"] = timed(lambda: manager.save(1, 1))
 def ours_load():
     path = root + "/ours/step_00000001"
     from pathlib import Path
@@ -176,11 +187,15 @@ def main() -> None:
             formats = _formats(Path(tmp))
         if "saves" in args.parts:
             saves = _save_blocking(args.data, Path(tmp))
-        saved = {}
+        saved, writes = {}, []
         for before, after in CASES if "reads" in args.parts else []:
             if before not in saved:
                 saved[before] = Path(tmp) / before
-                _train(args.data, saved[before], before, "schedule.stop_after_steps=2")
+                log = _train(args.data, saved[before], before, "schedule.stop_after_steps=2")
+                blocking, writing = _save_seconds(log)
+                total = _model_bytes(saved[before] / "ckpt" / "step_00000002")
+                writes.append({"layout": before, "checkpoint_mib": total / 2**20, "blocking_s": blocking,
+                               "writing_s": writing})  # fmt: skip
             run = Path(tmp) / f"{before}-to-{after}"
             shutil.copytree(saved[before] / "ckpt", run / "ckpt")
             _train(args.data, run, after, "--resume", "auto", "schedule.stop_after_steps=1")
@@ -199,6 +214,10 @@ def main() -> None:
               f"{r['largest_mib']:9.2f} {r['largest_over_fair']:7.2f} {r['largest_over_held']:7.2f} "
               f"{r['all_ranks_mib']:8.2f} "
               f"{r['seconds']:6.2f}")  # fmt: skip
+    for w in writes:
+        print(f"saved under {w['layout']:>14} ({w['checkpoint_mib']:.1f} MiB): {w['blocking_s']:.2f} s blocking the "
+              f"step (states, the gathering to each tensor's writer, host copies), {w['writing_s']:.2f} s writing "
+              "in the background")  # fmt: skip
     if formats:
         print(f"125m fp32 weights + moments ({formats['gb']:.2f} GB), one process, s (GB/s):")
         for what in ("ours", "safetensors", "dcp"):
@@ -210,7 +229,7 @@ def main() -> None:
               f"{', '.join(f'{x:.2f}' for x in r['blocking_s'])} s; written in the background in "
               f"{', '.join(f'{x:.2f}' for x in r['background_writing_s']) or '-'} s")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"formats": formats, "reads": rows, "saves": saves}, indent=1))
+    args.json.write_text(json.dumps({"formats": formats, "reads": rows, "writes": writes, "saves": saves}, indent=1))
 
 
 if __name__ == "__main__":

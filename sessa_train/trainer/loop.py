@@ -1,7 +1,7 @@
 """The training loop: steps, validation, checkpoints, signals and metrics of one run.
 
 A run's state is its parts (``parts``: the model and optimizer through the engine, the RNG, the
-data position, the metrics sink; ``trainer/state.py``), which ``checkpoint.py`` saves and loads;
+data position, the metrics sink; ``checkpoint/``), which ``checkpoint/manager.py`` saves and loads;
 the loop itself keeps the step and token counters, which are the checkpoint's own record. A run
 resumes a checkpoint saved under any parallel layout: the same weights, AdamW moments, step
 counts, schedule and global batches go on under this job's layout. Stopping (SIGTERM/SIGINT, or
@@ -22,7 +22,19 @@ import torch
 
 from sessa_train import distributed as comm
 from sessa_train import logs
-from sessa_train.checkpoint import CheckpointManager, DataIdentity, Layout, Meta, Part, read_config, read_meta
+from sessa_train.checkpoint import (
+    CheckpointManager,
+    DataIdentity,
+    Layout,
+    Meta,
+    ModelState,
+    Part,
+    RunRecord,
+    read_config,
+    read_meta,
+)
+from sessa_train.checkpoint.loader import LoaderState
+from sessa_train.checkpoint.rng import RngState
 from sessa_train.config import TrainConfig, architecture_difference
 from sessa_train.data import PackedTokenLoader, StopRequestedError, find_tokenizer
 from sessa_train.distributed import DistInfo
@@ -30,10 +42,10 @@ from sessa_train.errors import DataError, TrainError, redact, redacted
 from sessa_train.flops import train_flops_per_token
 from sessa_train.hardware import peak_tflops
 from sessa_train.trainer.build import build_engine, build_loader, initial_weights, loader_args, parallel_state
+from sessa_train.trainer.fp32 import DeepSpeedFp32
 from sessa_train.trainer.metrics import Metrics
 from sessa_train.trainer.optim import precision
 from sessa_train.trainer.profiling import StepProfiler
-from sessa_train.trainer.state import LoaderState, ModelState, RngState
 
 log = logging.getLogger("sessa_train")
 
@@ -114,6 +126,7 @@ class Trainer:
             resume = "auto"  # a restarted worker group (torchrun) or a requeued job (Slurm) goes on
             self.print(f"restart {restarted} of this job: resuming from the newest complete checkpoint")
         self.resume_from = self.checkpoints.resolve(resume, ck.resume_older)
+        self.last_checkpoint = self.resume_from  # then the folder of each save
         meta = read_meta(self.resume_from) if self.resume_from else None
         saved = read_config(self.resume_from) if meta else None
         if meta and (differ := architecture_difference(saved["model"], cfg.model)):
@@ -145,17 +158,18 @@ class Trainer:
         self.record = redacted(cfg.to_dict())  # the config as checkpoints and metrics record it
         self.metrics = Metrics(cfg.logging, info.is_main, Path(ck.dir).parent.name, self.record)
         self.parts: dict[str, Part] = {
-            "model": ModelState(self.engine),
+            "model": ModelState(DeepSpeedFp32(self.engine), cfg.model, self.state),
             "rng": RngState(info.rank, self.layout),
             "loader": LoaderState(self.train_loader),
             "metrics": self.metrics,
         }
+        self.checkpoints.attach(self.parts, RunRecord(self.layout, self.data_identity, self.record, self.tokenizer))
         self.step, self.tokens, self.first_step = 0, 0, 0
         if meta:
             self._report_schedule_change(saved, meta.step)
             if meta.layout != self.layout:
                 self.print(f"resharding {self.resume_from.name} from {meta.layout.phrase()} to {self.layout.phrase()}")
-            self.checkpoints.load(self.resume_from, self.parts)
+            self.checkpoints.load(self.resume_from)
             self.step, self.tokens = meta.step, meta.tokens
             read = self.parts["model"].read_report
             self.print(f"resumed from {self.resume_from} at step {self.step} ({read.phrase()})")
@@ -180,8 +194,7 @@ class Trainer:
         problem = None
         if self.dist.is_main:
             problem = logging_problem(self.cfg.logging)
-        if problem := comm.first_problem(problem):
-            raise TrainError(problem)
+        comm.raise_first(problem, TrainError)
 
     def _report_schedule_change(self, saved: dict, step: int) -> None:
         """One line when a resumed run's learning-rate schedule differs from the one it was saved with."""
@@ -231,10 +244,7 @@ class Trainer:
         background, unless ``background=False``); the folder it is published as."""
         background = self.cfg.checkpoint.async_save if background is None else background
         start = time.perf_counter()
-        path = self.checkpoints.save(
-            self.step, self.tokens, self.layout, self.data_identity, self.parts, self.record, self.tokenizer,
-            background=background,
-        )  # fmt: skip
+        path = self.last_checkpoint = self.checkpoints.save(self.step, self.tokens, background=background)
         blocking = f"{time.perf_counter() - start:.2f} s blocking the step"
         if self.checkpoints.waited >= 0.01:
             blocking += f", {self.checkpoints.waited:.2f} s of it waiting for the save before"
@@ -345,7 +355,7 @@ class Trainer:
                     self.save()
                     last_saved = self.step
                 self.checkpoints.wait()  # the evaluation reads the published checkpoint
-                scalars |= self._lm_eval()
+                scalars |= self._lm_eval(self.last_checkpoint)
             extras = {"sample_ids": ids} if ids is not None else {}
             if sources := getattr(self.train_loader, "source_tokens", dict)():  # a blend's tokens by shard set
                 extras["source_tokens"] = sources
@@ -368,15 +378,14 @@ class Trainer:
             raise DataError(f"{self.data_error} ({saved})")
         return losses
 
-    def _lm_eval(self) -> dict[str, float]:
-        """Collective: rank 0 runs lm-evaluation-harness on the step's checkpoint (the others wait);
-        its scalars, as every rank sees them."""
+    def _lm_eval(self, path: Path) -> dict[str, float]:
+        """Collective: rank 0 runs lm-evaluation-harness on the step's checkpoint ``path`` (the
+        others wait); its scalars, as every rank sees them."""
         from sessa_train.evaluation.harness import evaluate, scalars_of
 
         scalars = {}
         if self.dist.is_main:
             lm = self.cfg.logging.lm_eval
-            path = Path(self.cfg.checkpoint.dir) / f"step_{self.step:08d}"
             results, out, _ = evaluate(
                 path, list(lm.tasks), batch_size=lm.batch_size, limit=lm.limit, device=self.dist.device
             )
