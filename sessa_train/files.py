@@ -6,14 +6,34 @@ import hashlib
 import os
 from pathlib import Path
 
+BLOCK = 1 << 24  # bytes read at a time for a digest
+
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes. The next block is read while this one is hashed (both
+    release the GIL), so a file not in the page cache costs about the slower of the two, not
+    their sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
+    with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(1, thread_name_prefix="sessa-read") as pool:
+        pending = pool.submit(fh.read, BLOCK)
+        while block := pending.result():
+            pending = pool.submit(fh.read, BLOCK)
             digest.update(block)
     return digest.hexdigest()
+
+
+def fsync_and_sha256(path: str | Path) -> str:
+    """``fsync(path)`` and ``file_sha256(path)`` at once (a file just written: the flush waits on
+    the disk while the digest reads the page cache)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sessa-fsync") as pool:
+        flushed = pool.submit(fsync, path)
+        digest = file_sha256(path)
+        flushed.result()
+    return digest
 
 
 def fsync(path: str | Path) -> None:

@@ -125,3 +125,17 @@ def test_the_solver_is_chosen_once_per_plan(monkeypatch):
         plan.solver(torch.device("cpu"))
     assert len(calls) == 1
 
+
+def test_file_digests_read_ahead_and_equal_hashlib(tmp_path, monkeypatch):
+    """The pipelined digest (the next block read while one is hashed) is sha256 of the whole file,
+    at every size around the block's."""
+    import hashlib
+
+    from sessa_train import files
+
+    monkeypatch.setattr(files, "BLOCK", 7)
+    for size in (0, 1, 6, 7, 8, 14, 15, 100):
+        data = bytes(range(size % 256)) * (size // 256) + bytes(range(size % 256))
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        assert files.file_sha256(path) == hashlib.sha256(data).hexdigest() == files.fsync_and_sha256(path), size

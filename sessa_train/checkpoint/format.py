@@ -32,7 +32,7 @@ import torch
 
 from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError
-from sessa_train.files import file_sha256, fsync, readable_by_group
+from sessa_train.files import file_sha256, fsync, fsync_and_sha256, readable_by_group
 
 FORMAT = "sessa-checkpoint-v3"
 READABLE = ("sessa-checkpoint-v2", FORMAT)  # v2: the same files, its meta flat (upgraded on read)
@@ -151,8 +151,8 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], partial: Path) -> 
             raise
         raise OSError(int(match[2] or 5), match[1]) from None
     readable_by_group(path)
-    fsync(path)
-    return {str(path.relative_to(partial)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}}
+    digest = fsync_and_sha256(path)
+    return {str(path.relative_to(partial)): {"bytes": path.stat().st_size, "sha256": digest}}
 
 
 def step_of(path: Path) -> int:
