@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from sessa_train.config import load_config
 from sessa_train.errors import ConfigError
 from sessa_train.evaluation import symbol_soup as ss
 from tests.helpers import HANG_GUARD_S, script
-from tests.trainer import ENV, REPO, losses, train
+from tests.trainer import ENV, REPO, losses, train, two_threads
 
 # -- SymbolSoup ---------------------------------------------------------------------------
 
@@ -209,16 +210,17 @@ def test_mamba2_trains_resumes_and_exports_like_the_others(default_data, tmp_pat
     from tests.conftest import tiny_overrides
 
     def run(root: Path, *extra: str) -> None:
-        steps = ("schedule.train_steps=24", "schedule.warmup_steps=6")
+        steps = ("schedule.train_steps=24", "schedule.warmup_steps=6", "checkpoint.every_steps=12")
         logs = ("logging.eval_every_steps=0", "logging.every_steps=1")
         train(TINY, *tiny_overrides(default_data, root), "model.arch=mamba2", *steps, *logs, *extra, threads=2)
 
     run(tmp_path / "whole")
     whole = losses(tmp_path / "whole")
     assert len(whole) == 24 and np.mean([x for _, x in whole[-10:]]) < whole[0][1] - 1.5, whole[::10]
-    run(tmp_path / "split", "schedule.stop_after_steps=12")
+    (tmp_path / "split" / "ckpt").mkdir(parents=True)  # its step-12 checkpoint, resumed on its own
+    shutil.copytree(tmp_path / "whole" / "ckpt" / "step_00000012", tmp_path / "split" / "ckpt" / "step_00000012")
     run(tmp_path / "split", "checkpoint.resume=auto")
-    assert losses(tmp_path / "split") == whole
+    assert losses(tmp_path / "split") == whole[12:]
     export_checkpoint(tmp_path / "whole" / "ckpt", tmp_path / "export")
     ids = torch.randint(0, 4096, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -239,7 +241,7 @@ def tiny_rows(tmp_path_factory) -> Path:
         cmd = [*script("sessa-paper-row"), "tiny", arch, "--runs", str(root), "--results",
                str(root / "results"), "schedule.train_steps=40", "schedule.warmup_steps=5",
                f"data.path={root / 'data'}", "logging.eval_every_steps=20"]  # fmt: skip
-        out = subprocess.run(cmd, cwd=REPO, env=ENV | {"OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+        out = subprocess.run(cmd, cwd=REPO, env=ENV | two_threads(2), capture_output=True, text=True,
                              timeout=HANG_GUARD_S)  # fmt: skip
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         assert f"tiny-{arch}: accuracy 64: " in out.stdout

@@ -4,6 +4,7 @@ cannot run on this machine. A new README command must be added to one of the two
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -62,7 +63,7 @@ def test_every_readme_command_runs_as_written(tmp_path, default_data):
         (scratch / name).symlink_to(REPO / name)
     (scratch / "data" / "default").symlink_to(default_data)  # prepared once for the suite
     env = ENV | {"PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    ran = []
+    ran, checked = [], []
     for command in commands:
         if any(command.startswith(prefix) for prefix in NOT_HERE):
             continue
@@ -71,27 +72,30 @@ def test_every_readme_command_runs_as_written(tmp_path, default_data):
         # DeepSpeed's comm-op build) would differ, and the next run would rebuild the op
         command = command.replace(".venv/bin/", f"{REPO / '.venv' / 'bin'}/")
         if command.startswith(CHECKED_ONLY):
-            check = [sys.executable, "-c", CHECK, *shlex.split(command)]
-            out = subprocess.run(check, cwd=scratch, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
-            assert out.returncode == 0, f"{command}\n{out.stdout[-1500:]}{out.stderr[-1500:]}"
-            ran.append(command)
+            checked.append(command)
             continue
         out = subprocess.run(stopped(command), shell=True, cwd=scratch, env=env, capture_output=True, text=True,
                              timeout=HANG_GUARD_S)  # fmt: skip
         assert out.returncode == 0, f"{command}\n{out.stdout[-1500:]}{out.stderr[-1500:]}"
         ran.append(command)
-    assert len(ran) + sum(any(c.startswith(p) for p in NOT_HERE) for c in commands) == len(commands)
+    check = [sys.executable, "-c", CHECK, *(json.dumps(shlex.split(c)) for c in checked)]  # one process for all
+    out = subprocess.run(check, cwd=scratch, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"] * len(checked), f"{checked}\n{out.stdout}{out.stderr}"
+    assert len(ran) + len(checked) + sum(any(c.startswith(p) for p in NOT_HERE) for c in commands) == len(commands)
+    assert checked, "the README's torchrun lines are gone from the check"
     assert (scratch / "runs" / "tiny" / "export" / "model.safetensors").is_file()
 
 
-# the layout check of a torchrun command line: its config, overrides and world size
+# the layout check of torchrun command lines (each argument: one line's words as JSON): its
+# config, overrides and world size; "ok" for each
 CHECK = """
-import sys
+import json, sys
 from sessa_train import train
 from sessa_train.parallel.plan import check_layout
-argv = sys.argv[1:]
-world = int(argv[argv.index("--nproc-per-node") + 1])
-trainer = argv[argv.index("sessa_train.train") + 1:]
-check_layout(train.config_of(train.parse_args(trainer)), world)
-print("ok", world)
+for line in sys.argv[1:]:
+    argv = json.loads(line)
+    world = int(argv[argv.index("--nproc-per-node") + 1])
+    trainer = argv[argv.index("sessa_train.train") + 1:]
+    check_layout(train.config_of(train.parse_args(trainer)), world)
+    print("ok", flush=True)
 """

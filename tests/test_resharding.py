@@ -48,7 +48,7 @@ PAIRS = [
     ("dp2-zero3", "dp1"),
     ("tp2-pp2", "dp2-tp2-no-sp"),  # sequence parallelism (on by default with TP) switched off
     ("cp2-tp2", "dp1"),
-    ("dp4", "tp2-pp2"),
+    ("dp2-zero2", "tp2-pp2"),  # ZeRO-2 partitions into stages (TP2 x PP2 into DP4: the kill test below)
     ("dp1", "dp2-zero3"),  # beyond the issue's six: into ZeRO-3's padded partitions
 ]
 

@@ -50,6 +50,13 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
 }
 
 
+def two_threads(threads: int) -> dict[str, str]:
+    """``threads`` intra-op threads; more than one spin at OpenMP's barriers (``ACTIVE``) rather
+    than sleep (the trainer's default, for shared machines): the suite runs one job at a time, and
+    on such a quiet machine a 2-thread tiny run takes 0.83x the wall time so (docs/benchmarks.md)."""
+    return {"OMP_NUM_THREADS": str(threads)} | ({"OMP_WAIT_POLICY": "ACTIVE"} if threads > 1 else {})
+
+
 def train(
     config: Path,
     *overrides: str,
@@ -62,7 +69,7 @@ def train(
     """``threads``: intra-op threads per rank (one rank alone may use both cores of CI); ``env``:
     variables added to the trainer's environment."""
     cmd = command(config, *overrides, nproc=nproc, entry=entry)
-    env = ENV | {"OMP_NUM_THREADS": str(threads)} | (env or {})
+    env = ENV | two_threads(threads) | (env or {})
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=HANG_GUARD_S)
     if check and out.returncode != 0:
         raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
