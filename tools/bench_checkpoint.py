@@ -17,6 +17,8 @@ Formats: the same tensors saved and loaded by our checkpoint (the manager's save
 and manifest checksums; verified load: every file's sha256, then each tensor read), by
 safetensors' save_file (+ fsync) / load_file, and by DCP's save / load; the page cache is
 dropped before each load when the machine allows it (root), otherwise loads read from memory.
+Five rounds, the order of the three rotating from round to round; medians (and every round in
+the JSON).
 
 Saving: configs/125m.yaml (fp32 weights + AdamW moments, 1.5 GB) on one process, micro-batch 1,
 6 steps with a checkpoint at step 3 (and the run's last, always synchronous, at 6), with
@@ -136,29 +138,36 @@ class Weights:  # the model part's tensors as one shard, as ModelState writes th
     def tensors(self): return {"tp0-pp0-0": state}
 def timed(f):
     t = time.perf_counter(); f(); return time.perf_counter() - t
-os.sync()
+def drop_cache():
+    os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
 manager = CheckpointManager(root + "/ours", 1, 0, 1, lambda m: None)
 layout, data = Layout(1, 1, 1, 1, 1, 0), DataIdentity("0" * 64, 1, "0" * 64, "x")
 manager.attach({MODEL: Weights()}, RunRecord(layout, data, {"model": {}}, None))
-out["ours_save"] = timed(lambda: manager.save(1, 1))
 def ours_load():
     path = root + "/ours/step_00000001"
     from pathlib import Path
     assert manager.verify(Path(path)) is None  # every file against its size and sha256
     reader = ParamReader(shard_files(Path(path), MODEL), cfg, 1, 1)
     [reader.full(n, w) for n in reader.names for w in ("", "exp_avg", "exp_avg_sq")]
-os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
-out["ours_load"] = timed(ours_load)
 def raw_save():
     save_file(state, root + "/raw.safetensors"); fsync(root + "/raw.safetensors")
-out["safetensors_save"] = timed(raw_save)
-os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
-out["safetensors_load"] = timed(lambda: load_file(root + "/raw.safetensors"))
 import torch.distributed.checkpoint as dcp
-out["dcp_save"] = timed(lambda: (dcp.save(state, checkpoint_id=root + "/dcp"), os.sync()))
 back = {k: torch.empty_like(v) for k, v in state.items()}
-os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")
-out["dcp_load"] = timed(lambda: dcp.load(back, checkpoint_id=root + "/dcp"))
+def dcp_save():
+    shutil.rmtree(root + "/dcp", ignore_errors=True); dcp.save(state, checkpoint_id=root + "/dcp"); os.sync()
+FORMATS = {"ours": (lambda: manager.save(1, 1), ours_load),
+           "safetensors": (raw_save, lambda: load_file(root + "/raw.safetensors")),
+           "dcp": (dcp_save, lambda: dcp.load(back, checkpoint_id=root + "/dcp"))}
+kinds, rounds = list(FORMATS), int(sys.argv[4])
+for r in range(rounds):  # the order rotates from round to round: none is always first on the disk
+    for name in kinds[r % 3:] + kinds[:r % 3]:
+        save, load = FORMATS[name]
+        os.sync()
+        out.setdefault(name + "_save_all", []).append(timed(save))
+        drop_cache()
+        out.setdefault(name + "_load_all", []).append(timed(load))
+for key in [k for k in out if k.endswith("_all")]:
+    out[key.removesuffix("_all")] = sorted(out[key])[len(out[key]) // 2]  # the median
 out["gb"] = size / 1e9
 dist.destroy_process_group()
 print(json.dumps(out))
@@ -166,7 +175,7 @@ print(json.dumps(out))
 
 
 def _formats(tmp: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", FORMATS, str(REPO), str(tmp), str(29900 + os.getpid() % 90)],
+    out = subprocess.run([sys.executable, "-c", FORMATS, str(REPO), str(tmp), str(29900 + os.getpid() % 90), "5"],
                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "2"})  # fmt: skip
     if out.returncode:
         sys.exit(f"bench_checkpoint: formats failed:\n{out.stderr[-3000:]}")
