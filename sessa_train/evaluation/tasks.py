@@ -13,6 +13,8 @@ the task's answer (predictable), everything else is context or unpredictable fil
 ``symbol_soup``
              the paper's 20-class SymbolSoup as the reference repository specifies it, with its
              own token ids (``symbol_soup.py``; one answer: the class after ``<label>``)
+``mqar``     Zoology's multi-query associative recall over its own vocabulary (``mqar.py``,
+             ``vocab`` ids, 8192 by default; answers: the value recalled after each query)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sessa_train.evaluation import mqar as mqar_task
 from sessa_train.evaluation.symbol_soup import EOS as SOUP_EOS
 from sessa_train.evaluation.symbol_soup import sample_tokens as symbol_soup_sample
 
@@ -30,8 +33,8 @@ SEP, NEEDLE, QUERY, CLS = 0, 1, 2, 3
 KEYS = np.arange(4, 20)
 VALUES = np.arange(20, 36)
 FILLER = np.arange(36, 64)
-TASKS = ("recall", "needle", "symbol_soup")
-EOS_ID = {"recall": SEP, "needle": SEP, "symbol_soup": SOUP_EOS}
+TASKS = ("recall", "needle", "symbol_soup", "mqar")
+EOS_ID = {"recall": SEP, "needle": SEP, "symbol_soup": SOUP_EOS, "mqar": 0}
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,20 @@ def symbol_soup(seq_len: int, seed: int, index: int) -> Sample:
     return Sample(tokens, [label_at])
 
 
+def mqar(seq_len: int, seed: int, index: int, **kwargs) -> Sample:
+    """Zoology's MQAR (``mqar.py``; ``pairs``, ``power_a``, ``vocab``)."""
+    return Sample(*mqar_task.sample(seq_len, seed, index, **kwargs))
+
+
+def vocab_size(task: str, **kwargs) -> int:
+    return kwargs.get("vocab", 8192) if task == "mqar" else VOCAB_SIZE
+
+
 def make(task: str, seq_len: int, seed: int, index: int, **kwargs) -> Sample:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-    return {"recall": recall, "needle": needle, "symbol_soup": symbol_soup}[task](seq_len, seed, index, **kwargs)
+    makers = {"recall": recall, "needle": needle, "symbol_soup": symbol_soup, "mqar": mqar}
+    return makers[task](seq_len, seed, index, **kwargs)
 
 
 def write_task_shards(
@@ -111,7 +124,7 @@ def write_task_shards(
         {"train": split(train, seed), "val": split(val, seed + 1)},
         out_dir,
         seq_len=seq_len,
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size(task, **kwargs),
         eos_id=EOS_ID[task],
         samples_per_shard=samples_per_shard,
     )
