@@ -5,8 +5,8 @@ data to the results table.
     sessa-mqar-row sessa 128 --cells 256:16 --lrs 3e-3
 
 A row is an architecture at a width (``model.arch``, ``model.d_model`` over
-``configs/mqar/base.yaml``: 2 layers, vocabulary 256 on CPU, 3000 steps of 64 examples). For each cell (sequence length, key-value
-pairs) the command
+``configs/mqar/base.yaml``: 2 layers, vocabulary 256 on CPU, 3000 steps of 64 examples). For
+each cell (sequence length, key-value pairs) the command
 1. writes the cell's MQAR shards (``mqar.py``; train seed 0, validation seed 1) unless they are
    there: ``train_steps x global_batch_size`` training examples, each seen once;
 2. trains one run per learning rate of the sweep (``sessa_train.train``; a finished run is kept
