@@ -73,6 +73,30 @@ def test_parts_round_trip_through_the_checkpoint_module(one_process_group, tmp_p
     assert torch.equal(back["weights"].tensor, w)
 
 
+def test_a_background_save_holds_the_tensors_as_they_were_once_copied(one_process_group, tmp_path, monkeypatch):
+    """In the background the host tensors are copied by the save's thread; once ``copied`` returns
+    (what the next optimizer step waits for) the originals may change and the checkpoint still
+    holds them as they were at the save. The write is held back until they have changed."""
+    import threading
+
+    from sessa_train.checkpoint import manager as manager_module
+
+    changed, write = threading.Event(), manager_module.write_shard
+    monkeypatch.setattr(manager_module, "write_shard", lambda *a: changed.wait(30) and write(*a))
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world=1, log=print, background=True)
+    w = torch.arange(1 << 20, dtype=torch.float32)
+    manager.attach({"weights": Weights(5, w)}, RECORD)
+    path = manager.save(3, 30)
+    manager.copied()
+    w.add_(1.0)  # the next step's update
+    changed.set()
+    manager.wait()
+    back = {"weights": Weights()}
+    manager.attach(back, RECORD)
+    manager.load(path)
+    assert torch.equal(back["weights"].tensor, torch.arange(1 << 20, dtype=torch.float32))
+
+
 def test_a_shard_the_manifest_does_not_list_is_never_read(one_process_group, tmp_path):
     """#30: a stale extra file in a part's folder is ignored, whatever it holds."""
     from safetensors.torch import save_file

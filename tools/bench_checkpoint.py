@@ -101,13 +101,16 @@ def _save_blocking(data: Path, tmp: Path) -> list[dict]:
                f"data.path={data / 'shards'}", f"data.tokenizer={data / 'tokenizer.model'}", "data.micro_batch_size=1",
                "schedule.global_batch_size=1", "schedule.train_steps=6", "schedule.warmup_steps=1",
                f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'tb'}", "logging.eval_every_steps=0",
-               "checkpoint.every_steps=3", f"checkpoint.async_save={background}"]  # fmt: skip
+               "checkpoint.every_steps=3", f"checkpoint.async_save={background}", "logging.every_steps=1"]  # fmt: skip
         out = subprocess.run(cmd, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"bench_checkpoint: 125m save failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
         blocking = [float(x) for x in re.findall(r"\(([\d.]+) s blocking the step", out.stdout)][:1]
         writing = [float(x) for x in re.findall(r"\(([\d.]+) s writing in the background\)", out.stdout)][:1]
-        rows.append({"async_save": background == "true", "blocking_s": blocking, "background_writing_s": writing})
+        metrics = [json.loads(line) for line in (run / "tb" / "metrics.jsonl").read_text().splitlines()]
+        step_s = {r["step"]: r["perf/step_time_s"] for r in metrics if "perf/step_time_s" in r}
+        rows.append({"async_save": background == "true", "blocking_s": blocking, "background_writing_s": writing,
+                     "step_s": step_s})  # fmt: skip
         shutil.rmtree(run)
     return rows
 
@@ -234,9 +237,11 @@ def main() -> None:
             print(f"  {what:>12}: save {save:6.2f} ({formats['gb'] / save:5.2f})   load {load:6.2f} "
                   f"({formats['gb'] / load:5.2f})")  # fmt: skip
     for r in saves:
+        steps = [r["step_s"].get(k, math.nan) for k in (2, 3, 4, 5)]
         print(f"125m, 1 process, async_save={r['async_save']}: blocking the step "
               f"{', '.join(f'{x:.2f}' for x in r['blocking_s'])} s; written in the background in "
-              f"{', '.join(f'{x:.2f}' for x in r['background_writing_s']) or '-'} s")  # fmt: skip
+              f"{', '.join(f'{x:.2f}' for x in r['background_writing_s']) or '-'} s; steps 2-5: "
+              f"{', '.join(f'{t:.2f}' for t in steps)} s")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"formats": formats, "reads": rows, "writes": writes, "saves": saves}, indent=1))
 

@@ -175,10 +175,12 @@ class CheckpointManager:
         record (with every part's JSON state), config and tokenizer. Returns the folder the
         checkpoint is (or, in the background, will be) published as.
 
-        ``background`` (None: the manager's): the parts' states and tensors are taken now (host
-        copies), and a thread per rank writes them, agrees with the other ranks' threads over a
-        communication group of its own (gloo) and publishes, while training goes on; one save is
-        in flight at a time (the next one, ``wait`` and the end of a run wait for it)."""
+        ``background`` (None: the manager's): the parts' states and tensors are taken now (device
+        tensors copied to the host here), and a thread per rank copies the host tensors, then
+        writes them, agrees with the other ranks' threads over a communication group of its own
+        (gloo) and publishes, while training goes on. The next optimizer step, which changes the
+        originals, waits for that copy (``copied``); one save is in flight at a time (the next
+        one, ``wait`` and the end of a run wait for it)."""
         assert self.record is not None, "attach the run's parts and record before saving"
         background = self.background if background is None else background
         self.waited = self.wait()
@@ -192,16 +194,28 @@ class CheckpointManager:
         for part_name, part in self.parts.items():  # every rank takes part in every part's collectives
             states[part_name] = part.state_dict()
             for shard, tensors in (part.tensors() if hasattr(part, "tensors") else {}).items():
-                if background:  # the step after this one changes the originals
-                    tensors = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+                if background:  # the step after this one changes the originals: device ones copied now
+                    tensors = {k: t.detach() if t.device.type == "cpu" else t.detach().to("cpu", copy=True)
+                               for k, t in tensors.items()}  # fmt: skip
                 shards[partial / part_name / f"{shard}.safetensors"] = tensors
         meta = Meta(step, tokens, self.record.layout, self.record.data, states)
         if not background:
             self._write(partial, final, shards, meta, group=None)
             return final
         group = self._group = self._group or comm.side_group()
-        self._pending = _Background(lambda: self._write(partial, final, shards, meta, group))
+
+        def copy() -> None:  # the host tensors, while the next step's forward and backward run
+            for file, tensors in shards.items():
+                shards[file] = {k: t.clone() if t.device.type == "cpu" else t for k, t in tensors.items()}
+
+        self._pending = _Background(copy, lambda: self._write(partial, final, shards, meta, group))
         return final
+
+    def copied(self) -> None:
+        """Until the save in flight (if any) holds its own copy of every tensor: what must come
+        before anything changes the weights or the optimizer's state (the next optimizer step)."""
+        if self._pending is not None:
+            self._pending.copied.wait()
 
     def wait(self, raising: bool = True) -> float:
         """Until the save in flight (if any) is published; its failure raised here, on every rank
@@ -283,17 +297,23 @@ class CheckpointManager:
 
 
 class _Background:
-    """``work()`` in a thread; ``join`` waits for it and raises what it raised."""
+    """``copy()`` then ``work()`` in a thread; ``copied`` is set once ``copy`` has returned (or
+    failed); ``join`` waits for both and raises what they raised."""
 
-    def __init__(self, work: Callable[[], None]) -> None:
+    def __init__(self, copy: Callable[[], None], work: Callable[[], None]) -> None:
         import threading
 
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(work,), name="sessa-checkpoint", daemon=True)
+        self.copied = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(copy, work), name="sessa-checkpoint", daemon=True)
         self.thread.start()
 
-    def _run(self, work: Callable[[], None]) -> None:
+    def _run(self, copy: Callable[[], None], work: Callable[[], None]) -> None:
         try:
+            try:
+                copy()
+            finally:
+                self.copied.set()
             work()
         except BaseException as e:  # raised again on the main thread by join
             self.error = e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class Engine:
     runner: Runner
     gas: int  # micro-batches per optimizer step on this rank
     n_params: int  # of the whole model
+    before_update: Callable[[], None] = lambda: None  # what must finish before the weights change
 
     def global_mean(self, total: torch.Tensor) -> float:
         """Mean token loss over the job from every rank's (loss sum, token count)."""
@@ -65,6 +67,7 @@ class Engine:
         norm = self.grad_norm() if own else math.nan
         if not math.isfinite(loss) and not hasattr(self.ds.optimizer, "overflow"):
             self.optimizer.skip_next = True
+        self.before_update()  # a background save's copy of the weights and moments
         with torch.profiler.record_function("sessa.optimizer"):
             self.ds.step()
         if not own:

@@ -164,6 +164,7 @@ class Trainer:
             "metrics": self.metrics,
         }
         self.checkpoints.attach(self.parts, RunRecord(self.layout, self.data_identity, self.record, self.tokenizer))
+        self.engine.before_update = self.checkpoints.copied
         self.step, self.tokens, self.first_step = 0, 0, 0
         if meta:
             self._report_schedule_change(saved, meta.step)
