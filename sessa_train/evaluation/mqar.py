@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+VOCAB = 8192  # Zoology's default
+
 
 def power_law(space: int, power_a: float) -> np.ndarray:
     """P(gap = g) for g in [0, space): ``power_a * (g + 1) ** (power_a - 1)``, normalised."""
@@ -42,7 +44,7 @@ def check(seq_len: int, pairs: int, vocab: int) -> None:
 
 
 def sample(
-    seq_len: int, seed: int, index: int, *, pairs: int, power_a: float = 0.01, vocab: int = 8192
+    seq_len: int, seed: int, index: int, *, pairs: int, power_a: float = 0.01, vocab: int = VOCAB
 ) -> tuple[np.ndarray, list[int]]:
     """(``seq_len + 1`` token ids, answer indices j: tokens[j + 1] is a recalled value)."""
     check(seq_len, pairs, vocab)

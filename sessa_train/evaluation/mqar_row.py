@@ -26,7 +26,6 @@ or keys and values of the pairs (unpredictable), so they add the same noise to e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,12 +33,11 @@ from pathlib import Path
 
 from sessa_train.config import ARCHITECTURES
 from sessa_train.errors import ConfigError, SessaError, argument_parser, user_error
+from sessa_train.evaluation.paper import REPO, TEST_SEED, replace_row  # TEST_SEED: the paper rows' held-out seed
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "mqar" / "base.yaml"
 CELLS = ((64, 4), (128, 8), (256, 16))
 LRS = (1e-3, 3e-3, 1e-2)
-TEST_SEED = 1_000_003  # training uses seed 0, validation seed 1
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -112,13 +110,7 @@ def write_results(row: dict, out: Path) -> list[dict]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["row"] != row["row"]]
-    rows = sorted([*rows, row], key=lambda r: (r["arch"], r["d_model"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    rows = replace_row(row, out, lambda r: (r["arch"], r["d_model"]))
     cells = sorted({c for r in rows for c in r["cells"]}, key=lambda c: [int(x) for x in c.split("x")])
     lines = ["| row | parameters | " + " | ".join(f"{c}: accuracy (lr)" for c in cells) + " | minutes |",
              "|---" * (3 + len(cells)) + "|"]  # fmt: skip

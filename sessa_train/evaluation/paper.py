@@ -119,6 +119,19 @@ def evaluate_row(size: Size, arch: str, run: Path, cfg) -> dict:
     }
 
 
+def replace_row(row: dict, out: Path, order) -> list[dict]:
+    """``row`` in place of the one of its name in ``out``/results.json (written whole, then renamed
+    into place); every row there, sorted by ``order``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["row"] != row["row"]]
+    rows = sorted([*rows, row], key=order)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
+    return rows
+
+
 def write_results(row: dict, out: Path) -> list[dict]:
     """Replace ``row`` in results.json (by its name) and rewrite results.md and accuracy.png."""
     import matplotlib
@@ -126,13 +139,7 @@ def write_results(row: dict, out: Path) -> list[dict]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["row"] != row["row"]]
-    rows = sorted([*rows, row], key=lambda r: (r["size"], r["arch"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
+    rows = replace_row(row, out, lambda r: (r["size"], r["arch"]))
     lengths = sorted({int(n) for r in rows for n in r["accuracy"]})
     lines = [
         "| row | parameters | trained at | tokens | final train loss | val loss | "

@@ -93,7 +93,7 @@ def mqar(seq_len: int, seed: int, index: int, **kwargs) -> Sample:
 
 
 def vocab_size(task: str, **kwargs) -> int:
-    return kwargs.get("vocab", 8192) if task == "mqar" else VOCAB_SIZE
+    return kwargs.get("vocab", mqar_task.VOCAB) if task == "mqar" else VOCAB_SIZE
 
 
 def make(task: str, seq_len: int, seed: int, index: int, **kwargs) -> Sample:
