@@ -131,18 +131,18 @@ def test_a_row_keeps_the_best_rate_per_cell_and_its_accuracy_recounts(tmp_path, 
 
     args = ["transformer", "16", "--cells", "16:2", "--lrs", "3e-3", "3e-2", "--test", "40",
             "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out"),
-            "schedule.train_steps=12", "schedule.warmup_steps=2", "logging.every_steps=1"]  # fmt: skip
+            "schedule.train_steps=12", "schedule.warmup_steps=2", "logging.every_steps=1", "model.vocab_size=64"]  # fmt: skip
     assert main(args) == 0
     row = json.loads((tmp_path / "out" / "results.json").read_text())[0]
     cell = row["cells"]["16x2"]
     by_lr = {float(lr): r["accuracy"] for lr, r in cell["by_lr"].items()}
     assert by_lr.keys() == {3e-3, 3e-2} and cell["lr"] == max(by_lr, key=by_lr.get)
     model = load_model(tmp_path / "runs" / f"transformer-d16-16x2-lr{cell['lr']:g}" / "checkpoints")
-    assert row["parameters"] == model.num_parameters() and model.cfg.vocab_size == 256
+    assert row["parameters"] == model.num_parameters() and model.cfg.vocab_size == 64
     right = total = 0
     with torch.no_grad():
         for i in range(40):
-            s = make("mqar", 16, TEST_SEED, i, pairs=2, vocab=256)
+            s = make("mqar", 16, TEST_SEED, i, pairs=2, vocab=64)
             tokens = torch.as_tensor(s.tokens)
             predicted = model(tokens[None, :-1])[0].argmax(-1)
             right += sum(int(predicted[j] == tokens[j + 1]) for j in s.answers)
@@ -164,3 +164,6 @@ def test_a_bad_cell_or_sweep_is_one_line(capsys):
     assert len(err) == 1 and "cell '30:8': MQAR needs an even length >= 4 x pairs" in err[0], err
     assert main(["transformer", "16", "--lrs", "0"]) == 2
     assert "--lrs must be positive" in capsys.readouterr().err
+    assert main(["transformer", "16", "model.vocab_size=256", "--cells", "64:4", "256:16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # refused before the first cell trains
+    assert len(err) == 1 and "cell 256x16 needs model.vocab_size > 256 (its length)" in err[0], err

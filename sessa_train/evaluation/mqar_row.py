@@ -5,7 +5,7 @@ data to the results table.
     sessa-mqar-row sessa 128 --cells 256:16 --lrs 3e-3
 
 A row is an architecture at a width (``model.arch``, ``model.d_model`` over
-``configs/mqar/base.yaml``: 2 layers, vocabulary 256 on CPU, 3000 steps of 64 examples). For
+``configs/mqar/base.yaml``: 2 layers, vocabulary 512 on CPU, 3000 steps of 64 examples). For
 each cell (sequence length, key-value pairs) the command
 1. writes the cell's MQAR shards (``mqar.py``; train seed 0, validation seed 1) unless they are
    there: ``train_steps x global_batch_size`` training examples, each seen once;
@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         base = [f"model.arch={args.arch}", f"model.d_model={args.d_model}", *args.overrides]
         cfg = load_config([CONFIG], base)
         vocab, examples = cfg.model.vocab_size, cfg.schedule.train_steps * cfg.schedule.global_batch_size
+        for length, pairs in cells:  # before any cell trains: Zoology's bound on the vocabulary
+            if vocab <= length or vocab // 2 - 1 < pairs:
+                raise ConfigError(f"cell {cell_name(length, pairs)} needs model.vocab_size > {length} (its length) "
+                                  f"and >= {2 * pairs + 2} (its pairs), got {vocab}")  # fmt: skip
         row = {"row": f"{args.arch}-d{args.d_model}", "arch": args.arch, "d_model": args.d_model, "cells": {}}
         for length, pairs in cells:
             name = cell_name(length, pairs)
