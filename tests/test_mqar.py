@@ -131,7 +131,8 @@ def test_a_row_keeps_the_best_rate_per_cell_and_its_accuracy_recounts(tmp_path, 
 
     args = ["transformer", "16", "--cells", "16:2", "--lrs", "3e-3", "3e-2", "--test", "40",
             "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out"),
-            "schedule.train_steps=12", "schedule.warmup_steps=2", "logging.every_steps=1", "model.vocab_size=64"]  # fmt: skip
+            "schedule.train_steps=12", "schedule.warmup_steps=2", "logging.every_steps=1",
+            "model.vocab_size=64"]  # fmt: skip
     assert main(args) == 0
     row = json.loads((tmp_path / "out" / "results.json").read_text())[0]
     cell = row["cells"]["16x2"]
@@ -154,6 +155,11 @@ def test_a_row_keeps_the_best_rate_per_cell_and_its_accuracy_recounts(tmp_path, 
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 5_000
     capsys.readouterr()
     assert main(args) == 0 and "training " not in capsys.readouterr().out  # finished runs are kept
+    again = json.loads((tmp_path / "out" / "results.json").read_text())[0]
+    assert again["seconds"] == row["seconds"] == sum(r["train_seconds"] for r in cell["by_lr"].values())
+    assert main([*args, "schedule.warmup_steps=3"]) == 2  # a kept run of another recipe is not reused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with schedule.warmup_steps=2, this row asks for 3" in err[0], err
 
 
 def test_a_bad_cell_or_sweep_is_one_line(capsys):
@@ -164,6 +170,10 @@ def test_a_bad_cell_or_sweep_is_one_line(capsys):
     assert len(err) == 1 and "cell '30:8': MQAR needs an even length >= 4 x pairs" in err[0], err
     assert main(["transformer", "16", "--lrs", "0"]) == 2
     assert "--lrs must be positive" in capsys.readouterr().err
-    assert main(["transformer", "16", "model.vocab_size=256", "--cells", "64:4", "256:16"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()  # refused before the first cell trains
-    assert len(err) == 1 and "cell 256x16 needs model.vocab_size > 256 (its length)" in err[0], err
+
+
+def test_a_cell_as_long_as_the_vocabulary_takes_the_next_power_of_two():
+    from sessa_train.evaluation.mqar_row import cell_vocab
+
+    assert [cell_vocab(256, n) for n in (64, 128, 255, 256, 300, 512)] == [256, 256, 256, 512, 512, 1024]
+    assert cell_vocab(8192, 256) == 8192

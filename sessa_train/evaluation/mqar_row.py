@@ -5,12 +5,15 @@ data to the results table.
     sessa-mqar-row sessa 128 --cells 256:16 --lrs 3e-3
 
 A row is an architecture at a width (``model.arch``, ``model.d_model`` over
-``configs/mqar/base.yaml``: 2 layers, vocabulary 512 on CPU, 3000 steps of 64 examples). For
+``configs/mqar/base.yaml``: 2 layers, vocabulary 256 on CPU, 3000 steps of 64 examples; a cell
+at least as long as the vocabulary takes the next power of two, as Zoology requires vocab >
+length). For
 each cell (sequence length, key-value pairs) the command
 1. writes the cell's MQAR shards (``mqar.py``; train seed 0, validation seed 1) unless they are
    there: ``train_steps x global_batch_size`` training examples, each seen once;
 2. trains one run per learning rate of the sweep (``sessa_train.train``; a finished run is kept
-   and not trained again);
+   and not trained again, and a run trained with another model, data, optimizer or schedule is
+   refused in one line);
 3. measures accuracy on ``--test`` held-out examples (a seed no training example uses): the
    fraction of recalled values predicted exactly (argmax over the vocabulary at each query);
 4. keeps the best learning rate per cell, as Zoology does, and replaces the row in
@@ -38,6 +41,7 @@ from sessa_train.evaluation.paper import REPO, TEST_SEED, replace_row  # TEST_SE
 CONFIG = REPO / "configs" / "mqar" / "base.yaml"
 CELLS = ((64, 4), (128, 8), (256, 16))
 LRS = (1e-3, 3e-3, 1e-2)
+RECIPE = ("model", "data", "optimizer", "schedule")  # what a kept run must have been trained with
 
 
 def parse_cell(text: str) -> tuple[int, int]:
@@ -53,6 +57,12 @@ def parse_cell(text: str) -> tuple[int, int]:
 
 def cell_name(length: int, pairs: int) -> str:
     return f"{length}x{pairs}"
+
+
+def cell_vocab(vocab: int, length: int) -> int:
+    """The vocabulary of a cell: ``model.vocab_size``, or where that is not above the cell's length
+    (Zoology requires vocab > length) the smallest power of two that is."""
+    return vocab if vocab > length else 1 << length.bit_length()
 
 
 def write_data(path: Path, length: int, pairs: int, train: int, val: int, vocab: int) -> None:
@@ -75,8 +85,8 @@ def train_command(run: Path, overrides: list[str]) -> list[str]:
 
 def train_and_score(run: Path, overrides: list[str], length: int, pairs: int, test: int, vocab: int) -> dict:
     """One run of a cell at one learning rate (trained unless its last checkpoint is there): its
-    held-out accuracy, losses, parameters and seconds."""
-    from sessa_train.checkpoint import find_checkpoint, read_meta
+    held-out accuracy, losses, parameters and training seconds."""
+    from sessa_train.checkpoint import find_checkpoint, read_config, read_meta
     from sessa_train.config import load_config
     from sessa_train.errors import CheckpointError
     from sessa_train.evaluation.evaluate import task_accuracy
@@ -85,15 +95,27 @@ def train_and_score(run: Path, overrides: list[str], length: int, pairs: int, te
     cfg = load_config([CONFIG], overrides)
     start = time.perf_counter()
     try:
-        done = read_meta(find_checkpoint(run / "checkpoints")).step >= cfg.schedule.train_steps
+        found = find_checkpoint(run / "checkpoints")
     except CheckpointError:
-        done = False
+        found = None
+    if found is not None:
+        saved, wanted = read_config(found), cfg.to_dict()
+        for section in RECIPE:
+            for key, value in wanted[section].items():
+                if saved.get(section, {}).get(key) != value:
+                    raise ConfigError(
+                        f"{run} was trained with {section}.{key}={saved.get(section, {}).get(key)!r}, this row "
+                        f"asks for {value!r}: delete that run or give another --runs"
+                    )
+    done = found is not None and read_meta(found).step >= cfg.schedule.train_steps
     if not done:
         command = train_command(run, [*overrides, "checkpoint.resume=auto"])
         print(f"training {run.name}: {' '.join(command)}", flush=True)
         if subprocess.run(command).returncode != 0:
             raise SessaError(f"training of {run.name} failed (its output is above)")
-    seconds = time.perf_counter() - start
+        (run / "train_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+    timed = run / "train_seconds.json"  # a kept run: what training it took when it was trained
+    seconds = json.loads(timed.read_text()) if timed.is_file() else time.perf_counter() - start
     model = load_model(run / "checkpoints")
     accuracy = task_accuracy(model, "mqar", length, samples=test, seed=TEST_SEED, batch_size=50, pairs=pairs,
                              vocab=vocab)  # fmt: skip
@@ -161,32 +183,33 @@ def main(argv: list[str] | None = None) -> int:
         base = [f"model.arch={args.arch}", f"model.d_model={args.d_model}", *args.overrides]
         cfg = load_config([CONFIG], base)
         vocab, examples = cfg.model.vocab_size, cfg.schedule.train_steps * cfg.schedule.global_batch_size
-        for length, pairs in cells:  # before any cell trains: Zoology's bound on the vocabulary
-            if vocab <= length or vocab // 2 - 1 < pairs:
-                raise ConfigError(f"cell {cell_name(length, pairs)} needs model.vocab_size > {length} (its length) "
-                                  f"and >= {2 * pairs + 2} (its pairs), got {vocab}")  # fmt: skip
         row = {"row": f"{args.arch}-d{args.d_model}", "arch": args.arch, "d_model": args.d_model, "cells": {}}
         for length, pairs in cells:
-            name = cell_name(length, pairs)
-            data = args.data / f"{name}-v{vocab}-n{examples}"  # another vocabulary or size: other shards
-            write_data(data, length, pairs, examples, 256, vocab)
+            name, v = cell_name(length, pairs), cell_vocab(vocab, length)
+            if v != vocab:
+                print(f"cell {name}: vocabulary {v} (Zoology's bound: more ids than the length)", flush=True)
+            data = args.data / f"{name}-v{v}-n{examples}"  # another vocabulary or size: other shards
+            write_data(data, length, pairs, examples, 256, v)
             runs = {}
             for lr in args.lrs:
                 run = args.runs / f"{row['row']}-{name}-lr{lr:g}"
-                overrides = [*base, f"data.path={data}", f"optimizer.lr={lr}", f"optimizer.min_lr={lr / 10}"]
-                runs[lr] = train_and_score(run, overrides, length, pairs, args.test, vocab)
+                overrides = [*base, f"model.vocab_size={v}", f"data.path={data}", f"optimizer.lr={lr}",
+                             f"optimizer.min_lr={lr / 10}"]  # fmt: skip
+                runs[lr] = train_and_score(run, overrides, length, pairs, args.test, v)
                 print(f"{row['row']} {name} lr {lr:g}: accuracy {runs[lr]['accuracy']:.3f}", flush=True)
             best = max(runs, key=lambda lr: runs[lr]["accuracy"])
-            row["cells"][name] = {"lr": best, "accuracy": runs[best]["accuracy"],
+            row["cells"][name] = {"lr": best, "accuracy": runs[best]["accuracy"], "vocab": v,
                                   "by_lr": {f"{lr:g}": r for lr, r in runs.items()}}  # fmt: skip
-            row["parameters"] = runs[best]["parameters"]
-        row["seconds"] = time.perf_counter() - start
+            row.setdefault("parameters", runs[best]["parameters"])  # the first cell's (another vocabulary: more)
+        # the row's training, kept runs included (as long as each took when it was trained)
+        row["seconds"] = sum(r["train_seconds"] for c in row["cells"].values() for r in c["by_lr"].values())
+        row["wall_seconds"] = time.perf_counter() - start  # this command's own
         row["command"] = " ".join(["sessa-mqar-row", *(argv if argv is not None else sys.argv[1:])])
     except SessaError as e:
         return user_error(p.prog, e)
     write_results(row, args.results)
     summary = ", ".join(f"{c}: {v['accuracy']:.3f} (lr {v['lr']:g})" for c, v in row["cells"].items())
-    print(f"{row['row']}: {summary}; {row['seconds'] / 60:.1f} min; wrote {args.results}/results.md, "
+    print(f"{row['row']}: {summary}; {row['seconds'] / 60:.1f} min of training; wrote {args.results}/results.md, "
           "results.json, accuracy.png")  # fmt: skip
     return 0
 
