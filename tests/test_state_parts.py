@@ -152,14 +152,61 @@ def test_the_solver_is_chosen_once_per_plan(monkeypatch):
 
 def test_file_digests_read_ahead_and_equal_hashlib(tmp_path, monkeypatch):
     """The pipelined digest (the next block read while one is hashed) is sha256 of the whole file,
-    at every size around the block's."""
+    and the per-block digests (any number of threads) are sha256 of each block, at every size
+    around the read's and the block's."""
     import hashlib
 
     from sessa_train import files
 
     monkeypatch.setattr(files, "BLOCK", 7)
+    paths, data = [], {}
     for size in (0, 1, 6, 7, 8, 14, 15, 100):
-        data = bytes(range(size % 256)) * (size // 256) + bytes(range(size % 256))
-        path = tmp_path / f"f{size}"
-        path.write_bytes(data)
-        assert files.file_sha256(path) == hashlib.sha256(data).hexdigest() == files.fsync_and_sha256(path), size
+        data[size] = bytes(range(size % 256)) * (size // 256) + bytes(range(size % 256))
+        paths.append(tmp_path / f"f{size}")
+        paths[-1].write_bytes(data[size])
+        assert files.file_sha256(paths[-1]) == hashlib.sha256(data[size]).hexdigest(), size
+    for threads in (1, 3):
+        for block in (5, 7, 14):
+            got = files.block_sha256(paths, block, threads)
+            for size, path in zip(data, paths, strict=True):
+                want = [hashlib.sha256(data[size][a : a + block]).hexdigest() for a in range(0, size, block)]
+                assert got[path] == (want or [hashlib.sha256().hexdigest()]), (size, block, threads)
+    assert files.while_flushing(paths[-1], lambda: 42) == 42
+
+
+def test_the_manifest_checks_every_block_and_reads_the_whole_file_digests_of_v3(tmp_path, monkeypatch):
+    """A changed byte in any block of any file fails the check, naming the file; a v3 record (one
+    sha256 of the whole file) still verifies and still catches one; a v4 record whose digests do
+    not cover its size, or a block size not a power of two, is a damaged manifest."""
+    import hashlib
+
+    from sessa_train.checkpoint import format as fmt
+
+    monkeypatch.setattr(fmt, "DIGEST_BLOCK", 8)
+    folder = tmp_path / "step"
+    (folder / "model").mkdir(parents=True)
+    paths = [folder / "model" / "a.safetensors", folder / "meta.json"]
+    paths[0].write_bytes(bytes(range(45)))
+    paths[1].write_bytes(b"{}")
+    records = fmt.file_records(paths, folder)
+    assert [len(r["sha256_blocks"]) for r in records.values()] == [6, 1]
+
+    def write(files: dict) -> None:
+        (folder / "manifest.json").write_text(json.dumps({"files": files}))
+
+    write(records)
+    assert fmt.check_files(folder) is None
+    assert [fmt.check_files(folder, rank, 2) for rank in (0, 1)] == [None, None]
+    for at in (0, 7, 8, 44):  # first and last byte of a block, and of the file
+        changed = bytearray(range(45))
+        changed[at] ^= 1
+        paths[0].write_bytes(bytes(changed))
+        assert fmt.check_files(folder) == f"{paths[0]} does not match its checksum in the manifest", at
+    write({name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+           for name, p in zip(records, paths, strict=True)})  # fmt: skip
+    assert fmt.check_files(folder) is None  # v3, of the changed bytes
+    paths[0].write_bytes(bytes(range(45)))
+    assert fmt.check_files(folder) == f"{paths[0]} does not match its checksum in the manifest"
+    for bad in ({"bytes": 9}, {"block_bytes": 12}):  # digests that do not cover the size; not a power of two
+        write({**records, "meta.json": records["meta.json"] | bad})
+        assert fmt.check_files(folder) == f"{folder / 'manifest.json'} is not a manifest (damaged)", bad

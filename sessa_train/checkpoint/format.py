@@ -9,7 +9,8 @@ A checkpoint is a folder ``step_NNNNNNNN/`` under ``checkpoint.dir``:
     <part>/<shard>.safetensors
                      tensor parts' shards (``model.py``: model/tp{t}-pp{p}-{k}.safetensors;
                      ``rng.py``: rng/rank{r:05d}.safetensors)
-    manifest.json    every other file with its size and sha256, written last
+    manifest.json    every other file with its size and the sha256 of each of its 64 MiB blocks
+                     (v3: of the whole file), written last
     latest           (beside the folders) the name of the newest complete checkpoint
 
 Nothing is a pickle: safetensors and JSON only, so loading a checkpoint runs no code, and only
@@ -32,10 +33,13 @@ import torch
 
 from sessa_train.config import ModelConfig
 from sessa_train.errors import CheckpointError
-from sessa_train.files import file_sha256, fsync, fsync_and_sha256, readable_by_group
+from sessa_train.files import block_sha256, file_sha256, fsync, readable_by_group, while_flushing
 
-FORMAT = "sessa-checkpoint-v3"
-READABLE = ("sessa-checkpoint-v2", FORMAT)  # v2: the same files, its meta flat (upgraded on read)
+FORMAT = "sessa-checkpoint-v4"
+# v3: the same files, each with one sha256 of the whole of it in the manifest (checked on one
+# core); v2: also its meta flat (upgraded on read)
+READABLE = ("sessa-checkpoint-v2", "sessa-checkpoint-v3", FORMAT)
+DIGEST_BLOCK = 1 << 26  # a file's digests: one per 64 MiB, checked in parallel
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -151,8 +155,20 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], partial: Path) -> 
             raise
         raise OSError(int(match[2] or 5), match[1]) from None
     readable_by_group(path)
-    digest = fsync_and_sha256(path)
-    return {str(path.relative_to(partial)): {"bytes": path.stat().st_size, "sha256": digest}}
+    return while_flushing(path, lambda: file_records([path], partial))
+
+
+def digest_threads() -> int:
+    """Threads hashing a rank's blocks: its cores (torch's threads: the launcher gives each rank its
+    share of the node), and at least 4 so that several reads are in flight at the disk."""
+    return max(4, torch.get_num_threads())
+
+
+def file_records(paths: list[Path], folder: Path) -> dict[str, dict]:
+    """The manifest's records of files in ``folder``: size and per-block digests, by name."""
+    digests = block_sha256(paths, DIGEST_BLOCK, digest_threads())
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "block_bytes": DIGEST_BLOCK,
+                                         "sha256_blocks": digests[p]} for p in paths}  # fmt: skip
 
 
 def step_of(path: Path) -> int:
@@ -163,6 +179,25 @@ def folder_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _is_record(record: object) -> bool:
+    """v4: size, block size (a power of two: a damaged one never passes for another block size
+    that would check a small file the same) and one digest per block; v3: size and the whole
+    file's digest."""
+    if not (isinstance(record, dict) and isinstance(record.get("bytes"), int) and record["bytes"] >= 0):
+        return False
+    if "sha256" in record:
+        return isinstance(record["sha256"], str)
+    block, digests = record.get("block_bytes"), record.get("sha256_blocks")
+    return (
+        isinstance(block, int)
+        and block > 0
+        and block & (block - 1) == 0
+        and isinstance(digests, list)
+        and len(digests) == max(1, -(-record["bytes"] // block))
+        and all(isinstance(d, str) for d in digests)
+    )
+
+
 def manifest(path: Path) -> dict[str, dict] | str:
     """The manifest's file records, or why it cannot be read."""
     manifest = path / "manifest.json"
@@ -170,11 +205,8 @@ def manifest(path: Path) -> dict[str, dict] | str:
         return f"{manifest} is missing"
     try:
         files = json.loads(manifest.read_text())["files"]
-        for name, record in files.items():
-            if not (
-                isinstance(record, dict) and isinstance(record["bytes"], int) and isinstance(record["sha256"], str)
-            ):
-                raise TypeError(name)
+        if not all(_is_record(record) for record in files.values()):
+            raise TypeError
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{manifest} is not a manifest (damaged)"
     return files
@@ -182,17 +214,31 @@ def manifest(path: Path) -> dict[str, dict] | str:
 
 def check_files(path: Path, part: int = 0, parts: int = 1) -> str | None:
     """None if every file of the manifest (every ``parts``-th from ``part``) is there with its size
-    and checksum, else why not."""
+    and checksums, else why not. The blocks of all of them are hashed at once (``digest_threads``)."""
     files = manifest(path)
     if isinstance(files, str):
         return files
-    for name, record in sorted(files.items())[part::parts]:
+    mine = sorted(files.items())[part::parts]
+    for name, record in mine:
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
         if file.stat().st_size != record["bytes"]:
             return f"{file} has {file.stat().st_size} bytes, the manifest says {record['bytes']}"
-        if file_sha256(file) != record["sha256"]:
+    blocks: dict[int, list[Path]] = {}  # v4 records by block size
+    for name, record in mine:
+        if "sha256" not in record:
+            blocks.setdefault(record["block_bytes"], []).append(path / name)
+    found = {}
+    for size, group in blocks.items():
+        found |= block_sha256(group, size, digest_threads())
+    for name, record in mine:
+        file = path / name
+        if "sha256" in record:  # v3
+            matches = file_sha256(file) == record["sha256"]
+        else:
+            matches = found[file] == record["sha256_blocks"]
+        if not matches:
             return f"{file} does not match its checksum in the manifest"
     return None
 

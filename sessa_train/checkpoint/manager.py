@@ -32,6 +32,7 @@ from sessa_train.checkpoint.format import (
     Part,
     check_files,
     checkpoint_folders,
+    file_records,
     folder_name,
     read_config,
     read_meta,
@@ -41,7 +42,7 @@ from sessa_train.checkpoint.format import (
     write_shard,
 )
 from sessa_train.errors import CheckpointError
-from sessa_train.files import RunLock, file_sha256, fsync, replace_durably
+from sessa_train.files import RunLock, fsync, replace_durably
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class CheckpointManager:
             own.append(partial / f"tokenizer{''.join(Path(tokenizer).suffixes) or '.model'}")
             shutil.copyfile(tokenizer, own[-1])
             fsync(own[-1])
-        files |= {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in own}
+        files |= file_records(own, partial)
         write_json(partial / "manifest.json", {"files": dict(sorted(files.items()))})
         for sub in [p for p in partial.iterdir() if p.is_dir()] + [partial]:
             fsync(sub)

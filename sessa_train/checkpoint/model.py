@@ -224,11 +224,11 @@ class ParamReader:
                     if a < b:
                         out.append(self._counted(piece[saved][a:b]))
                     at += hi - lo
-                out = torch.cat(out) if out else torch.empty(0, *shape[1:])
+                out = _joined(out, 0) if out else torch.empty(0, *shape[1:])
             else:
                 index = (slice(first, stop),) + (slice(None),) * (split.dim - 1)
-                out = torch.cat([self._counted(piece[saved][(*index, slice(lo, hi))]) for saved, lo, hi in runs],
-                                split.dim)  # fmt: skip
+                out = _joined([self._counted(piece[saved][(*index, slice(lo, hi))]) for saved, lo, hi in runs],
+                              split.dim)  # fmt: skip
         if flat is None:
             return out
         return out.flatten()[flat[0] - first * row : flat[1] - first * row]
@@ -236,6 +236,12 @@ class ParamReader:
     def _counted(self, t: torch.Tensor) -> torch.Tensor:
         self.bytes_read += t.numel() * t.element_size()
         return t
+
+
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The saved pieces of one region side by side; one piece as it was read (no copy: the
+    caller copies it into the parameter or its optimizer state anyway)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def _saved_runs(length: int, parts: int, rank: int, ranks: int, saved: int) -> list[tuple[int, int, int]]:
