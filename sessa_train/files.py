@@ -30,35 +30,35 @@ def file_sha256(path: str | Path) -> str:
 
 def block_sha256(paths: list[Path], block_bytes: int, threads: int) -> dict[Path, list[str]]:
     """Hex sha256 of each ``block_bytes`` block of each file, in order (an empty file: one digest,
-    of nothing). Every block of every file is one task of a pool of ``threads``: reading
-    (``os.pread``) and hashing both release the GIL, so a file is checked by as many cores as the
-    caller gives, where one whole-file sha256 runs on one."""
+    of nothing). Every block of every file is one task of a pool of ``threads``, with its own
+    descriptor (open only while it runs: a process checking a whole checkpoint of thousands of
+    files holds a few): reading (``os.pread``) and hashing both release the GIL, so a file is
+    checked by as many cores as the caller gives, where one whole-file sha256 runs on one."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(path: Path, fd: int, start: int, end: int) -> str:
+    def one(path: Path, start: int, end: int) -> str:
         digest = hashlib.sha256()
-        if hasattr(os, "posix_fadvise"):  # Linux: the block's read-ahead starts now
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-        while start < end:
-            block = os.pread(fd, min(BLOCK, end - start), start)
-            if not block:
-                raise OSError(f"{path} ended {end - start} bytes early")  # shrank while it was read
-            digest.update(block)
-            start += len(block)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):  # Linux: the block's read-ahead starts now
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            while start < end:
+                block = os.pread(fd, min(BLOCK, end - start), start)
+                if not block:
+                    raise OSError(f"{path} ended {end - start} bytes early")  # shrank while it was read
+                digest.update(block)
+                start += len(block)
+        finally:
+            os.close(fd)
         return digest.hexdigest()
 
-    fds = {path: os.open(path, os.O_RDONLY) for path in paths}
-    try:
-        sizes = {path: os.fstat(fd).st_size for path, fd in fds.items()}
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sessa-digest") as pool:
-            pending = {
-                path: [pool.submit(one, path, fd, a, min(a + block_bytes, size)) for a in range(0, size, block_bytes)]
-                for (path, fd), size in zip(fds.items(), sizes.values(), strict=True)
-            }
-            return {path: [f.result() for f in fs] or [hashlib.sha256().hexdigest()] for path, fs in pending.items()}
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    sizes = {path: os.stat(path).st_size for path in paths}
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sessa-digest") as pool:
+        pending = {
+            path: [pool.submit(one, path, a, min(a + block_bytes, size)) for a in range(0, size, block_bytes)]
+            for path, size in sizes.items()
+        }
+        return {path: [f.result() for f in fs] or [hashlib.sha256().hexdigest()] for path, fs in pending.items()}
 
 
 def while_flushing(path: str | Path, work: Callable[[], T]) -> T:

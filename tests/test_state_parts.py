@@ -174,6 +174,27 @@ def test_file_digests_read_ahead_and_equal_hashlib(tmp_path, monkeypatch):
     assert files.while_flushing(paths[-1], lambda: 42) == 42
 
 
+def test_checking_more_files_than_the_process_may_open_at_once(tmp_path):
+    """A whole checkpoint checked by one process (an export of a 1,024-rank job) has more files
+    than a usual limit of open descriptors; each block opens its file only while it is read."""
+    import hashlib
+    import resource
+
+    from sessa_train import files
+
+    paths = []
+    for i in range(300):
+        paths.append(tmp_path / f"shard{i}")
+        paths[-1].write_bytes(i.to_bytes(2, "little"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        got = files.block_sha256(paths, 8, 4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert all(got[p] == [hashlib.sha256(p.read_bytes()).hexdigest()] for p in paths)
+
+
 def test_the_manifest_checks_every_block_and_reads_the_whole_file_digests_of_v3(tmp_path, monkeypatch):
     """A changed byte in any block of any file fails the check, naming the file; a v3 record (one
     sha256 of the whole file) still verifies and still catches one; a v4 record whose digests do
