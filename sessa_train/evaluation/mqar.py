@@ -35,9 +35,14 @@ def power_law(space: int, power_a: float) -> np.ndarray:
     return p / p.sum()
 
 
+def fits(seq_len: int, pairs: int) -> bool:
+    """Zoology's bound on a length: even, with room for the pairs and as many query slots."""
+    return seq_len % 2 == 0 and pairs >= 1 and 4 * pairs <= seq_len
+
+
 def check(seq_len: int, pairs: int, vocab: int) -> None:
-    """Zoology's bounds: an even length, room for the pairs and as many query slots, enough ids."""
-    if seq_len % 2 or pairs < 1 or 4 * pairs > seq_len:
+    """Zoology's bounds: ``fits``, and enough ids."""
+    if not fits(seq_len, pairs):
         raise ValueError(f"mqar needs an even seq_len >= 4 x pairs, got seq_len={seq_len}, pairs={pairs}")
     if vocab <= seq_len or vocab // 2 - 1 < pairs:
         raise ValueError(f"mqar needs vocab > seq_len and vocab / 2 - 1 >= pairs, got vocab={vocab}")
