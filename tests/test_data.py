@@ -568,3 +568,73 @@ def test_a_blend_refuses_what_it_cannot_split_or_mix(corpus, second_set, tmp_pat
     other_weights = BlendedLoader([(0.5, corpus["dir"]), (0.5, second_set)], micro_batch_size=5, global_batch_size=10)
     with pytest.raises(DataError, match=r"blended with weights \[0.6, 0.4\]; this run has \[0.5, 0.5\]"):
         other_weights.load_state_dict(state)
+
+
+# -- scored samples: their own targets travel with the tokens ------------------------------
+
+
+def _scored_set(folder: Path, n: int, seed: int, scored: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` samples of 9 ids, each scored at 2 random targets (never the first) that are not
+    the next tokens (ids 50-59, outside the tokens' 0-49)."""
+    from sessa_train.data.shards import write_sample_shards
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        targets = np.full(9, -1)
+        targets[1 + rng.choice(8, 2, replace=False)] = rng.integers(50, 60, 2)
+        rows.append((rng.integers(0, 50, 9), targets))
+    samples = rows if scored else [t for t, _ in rows]
+    write_sample_shards({"train": samples, "val": samples[:2]}, folder, seq_len=8, vocab_size=60, eos_id=0,
+                        samples_per_shard=4, scored=scored)  # fmt: skip
+    return rows
+
+
+def test_scored_samples_reach_the_batch_as_their_targets_and_loss_mask(tmp_path):
+    """Every batch's targets and loss_mask are its samples' own, shifted onto the predictions
+    (targets[j + 1] scores the prediction made at j), matched to the right sample through any
+    shuffle; a blend with an unscored set gives that set's next tokens, every one scored."""
+    rows = _scored_set(tmp_path / "scored", 12, 0)
+    loader = PackedTokenLoader(tmp_path / "scored", micro_batch_size=3, seed=1, max_epochs=1)
+    seen = 0
+    for batch in loader:
+        for tokens, targets, mask in zip(batch["tokens"], batch["targets"], batch["loss_mask"], strict=True):
+            want = next(t for x, t in rows if np.array_equal(x, tokens.numpy()))[1:]
+            assert mask.dtype == torch.float32 and mask.tolist() == (want >= 0).tolist()
+            assert targets.tolist() == np.maximum(want, 0).tolist()
+            seen += 1
+    assert seen == 12
+    _scored_set(tmp_path / "plain", 8, 1, scored=False)
+    assert "loss_mask" not in next(iter(PackedTokenLoader(tmp_path / "plain", micro_batch_size=2, max_epochs=1)))
+    blend = BlendedLoader([(1, tmp_path / "scored"), (1, tmp_path / "plain")], micro_batch_size=4, global_batch_size=4)
+    batch = next(iter(blend))
+    assert batch["loss_mask"][:2].sum(1).tolist() == [2.0, 2.0] and batch["loss_mask"][2:].eq(1).all()
+    assert batch["targets"][2:].equal(batch["tokens"][2:, 1:]) and batch["targets"][:2].max() >= 50
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (np.array([5, -1, -1, -1, -1, -1, -1, -1, -1]), "the first -1"),
+        (np.array([-1, 60, -1, -1, -1, -1, -1, -1, -1]), r"targets in \[0, 60\) or -1"),
+        (np.full(8, -1), "need 9 targets"),
+    ],
+)
+def test_bad_targets_are_refused_in_one_line(tmp_path, targets, message):
+    from sessa_train.data.shards import write_sample_shards
+
+    with pytest.raises(DataError, match=message) as e:
+        write_sample_shards({"train": [(np.arange(9), targets)]}, tmp_path / "x", seq_len=8, vocab_size=60, eos_id=0,
+                            samples_per_shard=4, scored=True)  # fmt: skip
+    assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
+
+
+def test_an_index_that_says_scored_needs_targets_in_every_sample(tmp_path):
+    _scored_set(tmp_path / "plain", 4, 2, scored=False)
+    index = json.loads((tmp_path / "plain" / "index.json").read_text())
+    (tmp_path / "plain" / "index.json").write_text(json.dumps(index | {"scored": "yes"}))
+    with pytest.raises(ShardError, match="scored must be true or false, got 'yes'"):
+        PackedTokenLoader(tmp_path / "plain", micro_batch_size=2, max_epochs=1)
+    (tmp_path / "plain" / "index.json").write_text(json.dumps(index | {"scored": True}))
+    with pytest.raises(ShardError, match=r"train-000000.tar: unreadable shard \(KeyError: 'targets.npy'\)"):
+        next(iter(PackedTokenLoader(tmp_path / "plain", micro_batch_size=2, max_epochs=1)))

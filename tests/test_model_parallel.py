@@ -52,6 +52,7 @@ class Layout(NamedTuple):
     backend: str | None = None
     compute: tuple = ()  # compute keys of the parallel run (the 1-process reference keeps the default)
     documents: bool = False  # packed documents (data.document_masking): the batches carry position_ids
+    scored: bool = False  # scored shards: own targets, a loss mask on a quarter of them (uneven over ranks)
     sequence_parallel: bool = True  # parallel.sequence_parallel (acts with tensor > 1)
     steps: int = 2
     parallel: tuple = ()  # more parallel keys (DeepSpeed's overlap_comm and bucket size)
@@ -64,7 +65,7 @@ LAYOUTS = [
     Layout(1, 1, 1, 0, True, 1),
     Layout(1, 1, 1, 2, False, 1, parallel=(("bucket_size", 300),)),
     Layout(1, 1, 1, 3, True, 1),
-    Layout(1, 1, 1, 0, True, 1, documents=True),  # packed documents, DP = 4
+    Layout(1, 1, 1, 0, True, 1, documents=True, scored=True),  # packed documents, DP = 4
     Layout(1, 1, 1, 1, False, 1, parallel=(("overlap_comm", False),)),
     # sequence parallelism is on wherever tensor > 1 (the default); 12 steps of TP2, TP2 x PP2, TP2 x CP2
     Layout(2, 2, 1, 0, True, 1),
@@ -80,7 +81,7 @@ LAYOUTS = [
     Layout(2, 1, 2, 0, True, 1, (), "triton"),
     Layout(2, 2, 1, 0, False, 2, compute=(("recompute", "full"),)),
     Layout(2, 1, 2, 1, True, 1, compute=(("recompute", "selective"),)),
-    Layout(2, 1, 2, 0, True, 1, documents=True, steps=12),  # a document spans the two context-parallel ranks
+    Layout(2, 1, 2, 0, True, 1, documents=True, steps=12, scored=True),  # a document spans the two CP ranks
     Layout(1, 2, 1, 0, False, 2, documents=True),
     # sequence parallelism switched off
     Layout(2, 2, 1, 0, True, 1, sequence_parallel=False),
@@ -88,7 +89,7 @@ LAYOUTS = [
     # interleaved pipeline stages: 4 layers, 2 model chunks per stage (layers 0 and 2 on stage 0)
     Layout(1, 2, 1, 0, True, 1, (("n_layers", 4),), parallel=(("virtual_stages", 2),)),
     Layout(2, 2, 1, 0, False, 2, (("n_layers", 4),), parallel=(("virtual_stages", 2),)),
-    Layout(1, 2, 2, 1, True, 1, (("n_layers", 4),), documents=True, parallel=(("virtual_stages", 2),)),
+    Layout(1, 2, 2, 1, True, 1, (("n_layers", 4),), documents=True, scored=True, parallel=(("virtual_stages", 2),)),
 ]
 EOS = 5
 
@@ -128,17 +129,25 @@ def _train_config(layout: Layout, dp: int):
     )
 
 
-def _batches(step: int, dp_rank: int, dp: int, documents: bool = False) -> list[dict]:
+def _batches(step: int, dp_rank: int, dp: int, documents: bool = False, scored: bool = False) -> list[dict]:
     """The micro-batches of one data-parallel rank: a slice of the same global batch (with packed
-    documents: EOS after token 3 and 8 of every other sequence, and the loader's position_ids)."""
+    documents: EOS after token 3 and 8 of every other sequence, and the loader's position_ids;
+    scored: targets of their own, not the next tokens, and a loss mask on a random quarter of them,
+    so ranks and CP blocks hold different counts)."""
     from sessa_train.data import document_positions
 
     g = torch.Generator().manual_seed(100 + step)
     tokens = torch.randint(0, 64, (N_MICRO, SEQS, T + 1), generator=g)
+    masks = (torch.rand(N_MICRO, SEQS, T, generator=g) < 0.25).float()
+    targets = torch.randint(0, 64, (N_MICRO, SEQS, T), generator=g)
     if documents:
         tokens[:, ::2, 3] = tokens[:, ::2, 8] = EOS
     per_rank = SEQS // dp
-    batches = [{"tokens": t[dp_rank * per_rank : (dp_rank + 1) * per_rank]} for t in tokens]
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    batches = [
+        {"tokens": t[rows]} | ({"targets": y[rows], "loss_mask": m[rows]} if scored else {})
+        for t, y, m in zip(tokens, targets, masks, strict=True)
+    ]
     for b in batches if documents else ():
         b["position_ids"] = document_positions(b["tokens"][:, :-1], EOS)
     return batches
@@ -158,10 +167,15 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
     losses, grads, norms = [], [], []
     for step in range(layout.steps):
         total = 0.0
-        for batch in _batches(step, 0, 1, layout.documents):
+        batches = _batches(step, 0, 1, layout.documents, layout.scored)
+        masks = [b.get("loss_mask", torch.ones(b["tokens"][:, 1:].shape)) for b in batches]
+        scored = sum(m.sum() for m in masks)  # the step's mean over every scored target
+        for batch, mask in zip(batches, masks, strict=True):
             tok = batch["tokens"]
             logits = model(tok[:, :-1], position_ids=batch.get("position_ids"))
-            loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten()) / N_MICRO
+            targets = batch.get("targets", tok[:, 1:])
+            per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            loss = (per_token * mask.flatten()).sum() / scored
             loss.backward()
             total += loss.item()
         losses.append(total)
@@ -206,7 +220,9 @@ def _worker(rank: int, port: int, out) -> None:
         engine = build_engine(cfg, info, state, T)  # exactly what the trainer builds
         losses, grads, norms = [], [], []
         for step in range(layout.steps):
-            loss = engine.forward_backward(iter(_batches(step, state.dp_rank, state.dp, layout.documents)))
+            loss = engine.forward_backward(
+                iter(_batches(step, state.dp_rank, state.dp, layout.documents, layout.scored))
+            )
             losses.append(loss)
             if layout.zero == 0 and state.model_parallel > 1:
                 mine = {k: p.grad.clone() for k, p in engine.model.named_parameters(remove_duplicate=False)}

@@ -15,25 +15,46 @@ from sessa_train.evaluation.mqar import power_law, sample
 from sessa_train.evaluation.tasks import make
 
 
-def test_an_example_is_pairs_then_each_key_queried_once_with_its_value_next():
+def test_an_example_is_pairs_then_each_key_queried_once_with_its_value_a_label_only():
     """Read back by hand: N pairs of a key below V/2 and a value from V/2, then each key exactly
-    once at an even offset after them, followed by its own value; the answers are those query
-    positions and nothing else."""
+    once at an even offset after them; each query's label is its own key's value, and that value
+    is not the input after the query (a random id, as Zoology writes it): over 50 examples the
+    input after a query equals its value no more often than chance."""
     seq_len, pairs, vocab = 64, 4, 200
+    shown = 0
     for index in range(50):
-        tokens, answers = sample(seq_len, 3, index, pairs=pairs, vocab=vocab)
+        tokens, queries, labels = sample(seq_len, 3, index, pairs=pairs, vocab=vocab)
         assert tokens.shape == (seq_len + 1,) and tokens.min() >= 0 and tokens.max() < vocab
         keys, values = tokens[0 : 2 * pairs : 2].tolist(), tokens[1 : 2 * pairs : 2].tolist()
         assert len(set(keys)) == pairs and all(1 <= k < vocab // 2 for k in keys)
         assert len(set(values)) == pairs and all(vocab // 2 <= v < vocab for v in values)
         value_of = dict(zip(keys, values, strict=True))
-        assert len(answers) == pairs and answers == sorted(answers)
-        assert all(j >= 2 * pairs and (j - 2 * pairs) % 2 == 0 and j + 1 <= seq_len - 1 for j in answers)
-        assert sorted(tokens[j] for j in answers) == sorted(keys)  # each key queried once
-        assert all(tokens[j + 1] == value_of[tokens[j]] for j in answers)
+        assert len(queries) == pairs and queries == sorted(queries)
+        assert all(j >= 2 * pairs and (j - 2 * pairs) % 2 == 0 and j + 1 <= seq_len - 1 for j in queries)
+        assert sorted(tokens[j] for j in queries) == sorted(keys)  # each key queried once
+        assert labels == [value_of[tokens[j]] for j in queries]
+        shown += sum(int(tokens[j + 1] == value_of[tokens[j]]) for j in queries)
+    assert shown <= 2  # 200 queries, a 1 in 200 chance each
+    s = make("mqar", seq_len, 3, 0, pairs=pairs, vocab=vocab)
+    assert s.answers == sample(seq_len, 3, 0, pairs=pairs, vocab=vocab)[1] and s.expected.tolist() == s.labels
     a, b = sample(seq_len, 3, 7, pairs=pairs, vocab=vocab), sample(seq_len, 3, 7, pairs=pairs, vocab=vocab)
-    assert np.array_equal(a[0], b[0]) and a[1] == b[1]  # an example regenerates alone
+    assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]  # an example regenerates alone
     assert not np.array_equal(a[0], sample(seq_len, 4, 7, pairs=pairs, vocab=vocab)[0])  # another seed
+
+
+def test_scored_shards_hold_the_labels_at_the_queries_only(tmp_path):
+    """``write_task_shards(..., scored=True)``: each written example's targets are -1 but after
+    each query, where they hold its label; the loader gives them as targets and loss_mask."""
+    from sessa_train.data import PackedTokenLoader
+    from sessa_train.evaluation.tasks import write_task_shards
+
+    write_task_shards("mqar", tmp_path, seq_len=32, train=6, val=2, seed=2, pairs=4, vocab=64, scored=True)
+    batch = next(iter(PackedTokenLoader(tmp_path, micro_batch_size=6, shuffle=False, max_epochs=1)))
+    for i in range(6):
+        s = make("mqar", 32, 2, i, pairs=4, vocab=64)
+        assert batch["tokens"][i].tolist() == s.tokens.tolist()
+        assert batch["loss_mask"][i].nonzero().flatten().tolist() == s.answers
+        assert batch["targets"][i, s.answers].tolist() == s.labels
 
 
 def _inclusion(draw, space: int, pairs: int, n: int) -> np.ndarray:
@@ -55,7 +76,7 @@ def test_query_gaps_follow_zoologys_power_law(power_a):
     assert np.allclose(power_law(space, power_a), np.array(weights) / sum(weights))
 
     def ours(i):
-        _, answers = sample(seq_len, 0, i, pairs=pairs, vocab=256, power_a=power_a)
+        _, answers, _ = sample(seq_len, 0, i, pairs=pairs, vocab=256, power_a=power_a)
         return [(j - 2 * pairs) // 2 for j in answers]
 
     rng = random.Random(1)
@@ -86,7 +107,7 @@ def test_bad_sizes_are_refused_naming_the_bound():
 
 class _Oracle(torch.nn.Module):
     """Logits that predict, at every position, the true next token of the examples it was built
-    from, except where ``wrong`` says (those positions predict another id)."""
+    from (at the queries their labels), except where ``wrong`` says (those predict another id)."""
 
     def __init__(self, samples, vocab: int, wrong) -> None:
         super().__init__()
@@ -98,6 +119,7 @@ class _Oracle(torch.nn.Module):
         for row in range(tokens.shape[0]):
             s = self.samples[self.served + row]
             target = torch.as_tensor(s.tokens[1:]).clone()
+            target[s.answers] = torch.as_tensor(s.expected)
             for j in self.wrong(s):
                 target[j] = (target[j] + 1) % self.vocab
             out[row, torch.arange(tokens.shape[1]), target] = 1.0
@@ -146,7 +168,7 @@ def test_a_row_keeps_the_best_rate_per_cell_and_its_accuracy_recounts(tmp_path, 
             s = make("mqar", 16, TEST_SEED, i, pairs=2, vocab=64)
             tokens = torch.as_tensor(s.tokens)
             predicted = model(tokens[None, :-1])[0].argmax(-1)
-            right += sum(int(predicted[j] == tokens[j + 1]) for j in s.answers)
+            right += sum(int(predicted[j] == v) for j, v in zip(s.answers, s.labels, strict=True))
             total += len(s.answers)
     assert cell["accuracy"] == pytest.approx(right / total, abs=1.01 / total)  # a near tie may flip one
     table = (tmp_path / "out" / "results.md").read_text().splitlines()

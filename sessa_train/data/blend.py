@@ -36,7 +36,8 @@ def apportion(weights: list[float], total: int) -> list[int]:
 
 
 class BlendedLoader:
-    """Micro-batches ``{"tokens", "sample_ids"}`` of the train split of several shard sets; the
+    """Micro-batches ``{"tokens", "sample_ids"}`` (and ``"targets"``, ``"loss_mask"`` where a source is
+    scored: the others' next tokens, every one counted) of the train split of several shard sets; the
     interface of ``PackedTokenLoader`` (iterate, ``advance``, ``rewind``, state) for the trainer."""
 
     def __init__(
@@ -103,6 +104,10 @@ class BlendedLoader:
         streams = [iter(ld) for ld in self.loaders]
         while True:
             parts = [next(s) for s in streams]  # each source's share of this rank's step
+            if any("targets" in p for p in parts):  # an unscored source: the next tokens, every one scored
+                for p in parts:
+                    p.setdefault("targets", p["tokens"][:, 1:])
+                    p.setdefault("loss_mask", torch.ones(p["targets"].shape))
             joined = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
             joined["sample_ids"] = torch.cat(
                 [p["sample_ids"] + base for p, base in zip(parts, self.base, strict=False)]

@@ -122,7 +122,8 @@ def _shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 class PackedTokenLoader:
-    """Micro-batches ``{"tokens": (B, seq_len + 1) int64, "sample_ids": (B,)}`` of one split.
+    """Micro-batches ``{"tokens": (B, seq_len + 1) int64, "sample_ids": (B,)}`` of one split
+    (and ``"targets"``, ``"loss_mask"``: (B, seq_len) where index.json has ``"scored": true``).
 
     ``global_batch_size`` (default: one micro-batch per rank) samples per step over all ranks;
     ``slots``: reader slots (default: ``default_slots``). ``max_epochs=None`` streams forever
@@ -215,7 +216,8 @@ class PackedTokenLoader:
         unreadable shard when skip_corrupt; DataError once the skipped ones are too many."""
         entry = self.shards[shard]
         try:
-            return read_shard(self.storage, entry, self.index["sample_tokens"], self.index["dtype"], self.vocab_size)
+            return read_shard(self.storage, entry, self.index["sample_tokens"], self.index["dtype"], self.vocab_size,
+                              scored=self.index.get("scored", False))  # fmt: skip
         except ShardError as e:
             if not self.skip_corrupt:
                 raise
@@ -298,9 +300,15 @@ class PackedTokenLoader:
 
 
 def _batch(part: list[tuple[int, np.ndarray]], eos_id: int | None) -> dict:
-    """A micro-batch; with ``eos_id`` (document masking) also the inputs' ``position_ids``."""
-    ids, tokens = zip(*part, strict=True)
-    batch = {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)), "sample_ids": torch.tensor(ids)}
+    """A micro-batch; with ``eos_id`` (document masking) also the inputs' ``position_ids``; of
+    scored samples also their ``targets`` (B, seq_len) int64 (0 where not scored) and
+    ``loss_mask`` (B, seq_len) float32."""
+    ids, samples = zip(*part, strict=True)
+    rows = torch.from_numpy(np.stack(samples).astype(np.int64))
+    batch = {"tokens": rows, "sample_ids": torch.tensor(ids)}
+    if rows.dim() == 3:  # (B, 2, seq_len + 1): ids, targets (-1: not scored)
+        targets = rows[:, 1, 1:]
+        batch |= {"tokens": rows[:, 0], "targets": targets.clamp(min=0), "loss_mask": (targets >= 0).float()}
     if eos_id is not None:
         batch["position_ids"] = document_positions(batch["tokens"][:, :-1], eos_id)
     return batch

@@ -12,7 +12,14 @@ Layout of ``out_dir``::
     <tokenizer file>           the tokenizer the shards were written with (index.json names it):
                                copied with the shards, a run finds it there without data.tokenizer
     train-000000.tar ...       members <key>.tokens.npy, key = 10-digit sample number
-    val-000000.tar ...
+    val-000000.tar ...         (and <key>.targets.npy where index.json has "scored": true)
+
+Scored samples (synthetic tasks, ``write_sample_shards(..., scored=True)``): each sample also
+holds its own targets, int32 aligned with the tokens: targets[j + 1] is what the prediction made at
+position j is scored against, -1 where it is not scored (targets[0] is always -1). A task whose
+answers must not appear in the input (Zoology's MQAR: the recalled value is a label only) and a
+loss over some tokens only (Megatron-LM's ``loss_mask``) both take this form. The loader hands
+them to the trainer as ``targets`` and ``loss_mask`` (B, seq_len).
 
 The folder is written as ``<out_dir>.partial`` and renamed into place when index.json is in it:
 a failed run leaves no half-written output. Several jobs over parts of one corpus (one per node:
@@ -94,6 +101,12 @@ def _encode_batch(task: tuple[list[str], float]) -> list[tuple[bool, np.ndarray]
     ]
 
 
+def _npy(array: np.ndarray) -> bytes:
+    payload = io.BytesIO()
+    np.save(payload, array, allow_pickle=False)
+    return payload.getvalue()
+
+
 @dataclass
 class _SplitWriter:
     """Packs token streams of one split into samples and rotates shard files."""
@@ -114,6 +127,7 @@ class _SplitWriter:
     _shard_size: int = 0
 
     def add(self, tokens: np.ndarray) -> None:
+        """Tokens of a document (packed across samples)."""
         self._buffer.append(tokens)
         self._buffered += len(tokens)
         if self._buffered < self.sample_tokens:
@@ -125,11 +139,12 @@ class _SplitWriter:
         rest = flat[n * self.sample_tokens :]
         self._buffer, self._buffered = [rest], len(rest)
 
-    def _write_sample(self, row: np.ndarray) -> None:
-        payload = io.BytesIO()
-        np.save(payload, row.astype(self.dtype), allow_pickle=False)
-        data = payload.getvalue()
-        member = TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK  # header + data padded to blocks
+    def _write_sample(self, row: np.ndarray, targets: np.ndarray | None = None) -> None:
+        """One sample of ``sample_tokens`` ids (and of a scored set its targets)."""
+        members = {"tokens.npy": _npy(row.astype(self.dtype))}
+        if targets is not None:
+            members["targets.npy"] = _npy(targets.astype(np.int32))
+        member = sum(TAR_BLOCK + -(-len(d) // TAR_BLOCK) * TAR_BLOCK for d in members.values())  # header + data
         full = (self.samples_per_shard and self._shard_samples >= self.samples_per_shard) or (
             self.shard_bytes and self._shard_samples and tar_file_size(self._shard_size + member) > self.shard_bytes
         )
@@ -137,7 +152,7 @@ class _SplitWriter:
             self._close_shard()
             self._open_shard()
         assert self._writer is not None
-        self._writer.write({"__key__": f"{self._samples:010d}", "tokens.npy": data})
+        self._writer.write({"__key__": f"{self._samples:010d}", **members})
         self._samples += 1
         self._shard_samples += 1
         self._shard_size += member
@@ -335,10 +350,10 @@ def _tokenizer_record(tokenizer: Tokenizer) -> dict:
     }
 
 
-def _write_index(out: Path, seq_len: int, dtype: np.dtype, tokenizer: dict, splits: dict) -> dict:
+def _write_index(out: Path, seq_len: int, dtype: np.dtype, tokenizer: dict, splits: dict, scored: bool = False) -> dict:
     """Write ``index.json`` last, atomically: the folder is complete once it exists."""
     index = {"format": FORMAT, "seq_len": seq_len, "sample_tokens": seq_len + 1, "dtype": dtype.name}
-    index |= {**tokenizer, "splits": splits}
+    index |= {**tokenizer, **({"scored": True} if scored else {}), "splits": splits}
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     replace_durably(tmp, out / INDEX_NAME)
@@ -486,16 +501,19 @@ def merge_parts(out_dir: str | Path, progress: bool = False) -> dict:
 
 
 def write_sample_shards(
-    splits: dict[str, Iterable[np.ndarray]],
+    splits: dict[str, Iterable[np.ndarray] | Iterable[tuple[np.ndarray, np.ndarray]]],
     out_dir: str | Path,
     *,
     seq_len: int,
     vocab_size: int,
     eos_id: int,
     samples_per_shard: int,
+    scored: bool = False,
 ) -> dict:
     """Write ready-made samples of exactly seq_len + 1 token ids (synthetic data, no tokenizer)
-    as train/val shards plus ``index.json``, in the format ``write_shards`` produces."""
+    as train/val shards plus ``index.json``, in the format ``write_shards`` produces. With
+    ``scored`` every sample is a pair (tokens, targets): seq_len + 1 ids or -1 (not scored), the
+    first -1, and the index says ``"scored": true``."""
     output = _Output(out_dir)
     with output as out:
         dtype = token_dtype(vocab_size)
@@ -503,14 +521,20 @@ def write_sample_shards(
         for split in SPLITS:
             writer = _SplitWriter(out, split, seq_len + 1, dtype, samples_per_shard, None)
             n = 0
-            for row in splits.get(split, ()):
+            for item in splits.get(split, ()):
+                row, targets = item if scored else (item, None)
                 if row.shape != (seq_len + 1,) or row.min() < 0 or row.max() >= vocab_size:
                     raise DataError(f"{split} sample {n}: need {seq_len + 1} ids in [0, {vocab_size}), got {row}")
-                writer.add(row)
+                if targets is not None and (
+                    targets.shape != row.shape or targets[0] != -1 or targets.min() < -1 or targets.max() >= vocab_size
+                ):
+                    raise DataError(f"{split} sample {n}: need {seq_len + 1} targets in [0, {vocab_size}) or -1 "
+                                    f"(not scored), the first -1, got {targets}")  # fmt: skip
+                writer._write_sample(row, targets)
                 n += 1
             written[split] = {"documents": n, **writer.finish()}
         tok = {"eos_id": eos_id, "vocab_size": vocab_size, "tokenizer_sha256": None, "tokenizer_file": None}
-        index = _write_index(out, seq_len, dtype, tok, written)
+        index = _write_index(out, seq_len, dtype, tok, written, scored)
         output.publish()
     return index
 
@@ -595,6 +619,8 @@ def _check_index_types(index: dict, where: str) -> None:
     eos = index["eos_id"]
     if eos is not None and not (_count(eos) and eos < index["vocab_size"]):
         raise ShardError(f"{where}: eos_id must be null or an id below vocab_size {index['vocab_size']}, got {eos!r}")
+    if not isinstance(index.get("scored", False), bool):
+        raise ShardError(f"{where}: scored must be true or false, got {index['scored']!r}")
     if not isinstance(index["splits"], dict):
         raise ShardError(f"{where}: splits must map split names to their shards, got {type(index['splits']).__name__}")
     for name, split in index["splits"].items():
@@ -656,11 +682,18 @@ def find_tokenizer(data_dir: str | Path, index: dict, given: str | Path | None) 
 
 
 def read_shard(
-    storage: Storage, entry: dict, sample_tokens: int, dtype: str, vocab_size: int, read: Callable | None = None
+    storage: Storage,
+    entry: dict,
+    sample_tokens: int,
+    dtype: str,
+    vocab_size: int,
+    read: Callable | None = None,
+    scored: bool = False,
 ) -> list[np.ndarray]:
     """All samples of one shard, in file order, checked against its index ``entry`` (sha256 of the
     bytes received, sample count) and every token against the vocabulary. ShardError names a
-    damaged file; DataError an intact file (its checksum matches) that index.json miscounts."""
+    damaged file; DataError an intact file (its checksum matches) that index.json miscounts.
+    A sample is its (sample_tokens,) ids; with ``scored`` (2, sample_tokens) int64: ids, targets."""
     where = storage.url(entry["name"])
     data = (read or storage.read)(entry["name"])
     if entry.get("sha256") and (found := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
@@ -679,6 +712,13 @@ def read_shard(
                 raise ShardError(
                     f"{where}: sample {sample['__key__']} holds token {tokens.max()} >= vocab_size {vocab_size}"
                 )
+            if scored:
+                targets = np.load(io.BytesIO(sample["targets.npy"]), allow_pickle=False)
+                if targets.shape != tokens.shape or not -1 <= targets.min() <= targets.max() < vocab_size:
+                    raise ShardError(f"{where}: sample {sample['__key__']} has targets {targets.dtype} "
+                                     f"{targets.shape}, index says ({sample_tokens},) of -1 .. "
+                                     f"{vocab_size - 1}")  # fmt: skip
+                tokens = np.stack([tokens.astype(np.int64), targets.astype(np.int64)])
             samples.append(tokens)
     except ShardError:
         raise

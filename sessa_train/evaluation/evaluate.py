@@ -6,17 +6,17 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sessa_train.evaluation.tasks import make
 from sessa_train.models import SessaLM
+from sessa_train.models.plan import scored_sum
 
 
 @torch.no_grad()
 def task_accuracy(
     model: SessaLM, task: str, seq_len: int, *, samples: int, seed: int, batch_size: int = 16, **kwargs
 ) -> float:
-    """Fraction of answer tokens predicted exactly (argmax) over ``samples`` generated samples."""
+    """Fraction of answers predicted exactly (argmax) over ``samples`` generated samples."""
     model.eval()
     correct = total = 0
     for first in range(0, samples, batch_size):
@@ -25,14 +25,15 @@ def task_accuracy(
         predicted = model(tokens[:, :-1]).argmax(dim=-1)
         for row, sample in enumerate(batch):
             answers = torch.tensor(sample.answers)
-            correct += int((predicted[row, answers] == tokens[row, answers + 1]).sum())
+            correct += int((predicted[row, answers] == torch.as_tensor(sample.expected)).sum())
             total += len(sample.answers)
     return correct / total
 
 
 @torch.no_grad()
 def perplexity(model: SessaLM, shards: str | Path, *, batches: int, batch_size: int = 8) -> tuple[float, float]:
-    """(mean loss, perplexity) over the first ``batches`` validation batches of a shard directory."""
+    """(mean loss, perplexity) over the first ``batches`` validation batches of a shard directory
+    (of scored shards: over their scored targets)."""
     from sessa_train.data import PackedTokenLoader
 
     loader = PackedTokenLoader(
@@ -44,9 +45,10 @@ def perplexity(model: SessaLM, shards: str | Path, *, batches: int, batch_size: 
         if i == batches:
             break
         tokens = batch["tokens"]
-        logits = model(tokens[:, :-1]).float()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item()
-        count += tokens[:, 1:].numel()
+        targets = batch.get("targets", tokens[:, 1:])  # scored shards: their own, where loss_mask says
+        per_token = model(tokens[:, :-1], targets=targets)
+        total, scored = scored_sum(per_token, batch.get("loss_mask"))
+        loss_sum, count = loss_sum + total.item(), count + scored
     if count == 0:
         raise ValueError(f"{shards} has no validation samples")
     mean = loss_sum / count

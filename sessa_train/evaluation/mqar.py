@@ -4,22 +4,25 @@ from that specification.
 
 An example of length L with N key-value pairs over a vocabulary of V ids:
 
-    k1 v1 k2 v2 ... kN vN | the rest: each key once, as a query, at an even offset 2g after the
-                            pairs; the value it recalls is the next token; every other position
-                            a random id of [0, V)
+    inputs   k1 v1 k2 v2 ... kN vN | the rest: each key once, as a query, at an even offset 2g after
+                                     the pairs; every other position a random id of [0, V)
+    labels   only at the queries: the value the key was paired with
 
 - keys are N distinct ids of [1, V/2), values N distinct ids of [V/2, V): disjoint halves;
 - the query gaps g are N distinct draws of [0, (L - 2N) / 2) with probability proportional to
   ``power_a * (g + 1) ** (power_a - 1)`` (Zoology's power law: most queries come soon after the
   pairs, a long tail far from them; ``power_a`` 1 is uniform);
-- only the values after the queries are scored ("answers").
+- only the values recalled at the queries are scored ("answers"), and, as in Zoology, a recalled
+  value is a label only: the input after a query is a random id like any other. Were the value
+  there (the next token, as a language model reads text), each answered query would show its value
+  to the later ones, and a model could answer the last query by elimination, the values not yet
+  answered: a Transformer learnt exactly that here (accuracy 1.0 / 0.49 / 0.35 / 0.26 on the
+  fourth / third / second / first query) and stayed there instead of learning to recall.
 
-As sessa-train samples (``tasks.Sample``: ``seq_len + 1`` ids, the model reads tokens[:-1] and
-predicts tokens[1:]), the recalled value stands in the sequence right after its query, where
-Zoology keeps it as a label only: the prediction made at the query's position is scored. Because
-queries sit at even offsets only, a recalled value never takes another query's place, and each
-key is queried once, so no value seen after a query helps another. Example i of a seed comes
-from its own RNG, so any example can be regenerated alone.
+As sessa-train samples (``tasks.Sample``: ``seq_len + 1`` ids, the model reads tokens[:-1]), an
+example is written with its own targets (``scored`` shards: the trainer scores the answers
+only, against the labels). Example i of a seed comes from its own RNG, so any example can be
+regenerated alone.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ def check(seq_len: int, pairs: int, vocab: int) -> None:
 
 def sample(
     seq_len: int, seed: int, index: int, *, pairs: int, power_a: float = 0.01, vocab: int = VOCAB
-) -> tuple[np.ndarray, list[int]]:
-    """(``seq_len + 1`` token ids, answer indices j: tokens[j + 1] is a recalled value)."""
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """(``seq_len + 1`` input ids, the queries' positions j in order, the value each recalls: the
+    label of the prediction made at j)."""
     check(seq_len, pairs, vocab)
     rng = np.random.default_rng([0x4D514152, seed, index])  # "MQAR"
     half = vocab // 2
@@ -63,5 +67,6 @@ def sample(
     space = (seq_len - context) // 2
     gaps = rng.choice(space, pairs, replace=False, p=power_law(space, power_a))
     queries = context + 2 * gaps
-    tokens[queries], tokens[queries + 1] = keys, values
-    return tokens.astype(np.int64), sorted(int(q) for q in queries)
+    tokens[queries] = keys
+    order = np.argsort(queries)
+    return tokens.astype(np.int64), queries[order].tolist(), values[order].tolist()

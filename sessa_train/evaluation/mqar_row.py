@@ -20,11 +20,9 @@ each cell (sequence length, key-value pairs) the command
    ``<results>/results.json``, then rewrites ``results.md`` and ``accuracy.png`` (accuracy
    against d_model, one panel per cell, one line per architecture) from all rows there.
 
-The loss is the trainer's language-model loss over every position; accuracy is read at the
-recalled values only. Zoology masks the loss to the recalled values; the trainer has no loss
-mask yet. The positions it adds (random ids, the pairs' keys and values) do not affect every
-architecture alike: outside the trainer, masking them took Sessa from chance to 0.297 and the
-Transformer from 0.234 to 0.414 (docs/results.md), so the mask is this tool's next change.
+The shards are scored (``data/shards.py``): the trainer's loss counts the recalled values only,
+against their labels, as Zoology's does, and the input after a query is a random id, not the value
+(``mqar.py`` says why: with the value there a Transformer learnt to answer by elimination).
 """
 
 from __future__ import annotations
@@ -75,7 +73,7 @@ def write_data(path: Path, length: int, pairs: int, train: int, val: int, vocab:
         return
     start = time.perf_counter()
     write_task_shards("mqar", path, seq_len=length, train=train, val=val, seed=0, pairs=pairs, vocab=vocab,
-                      samples_per_shard=4096)  # fmt: skip
+                      samples_per_shard=4096, scored=True)  # fmt: skip
     print(f"wrote MQAR {cell_name(length, pairs)} ({train} train, {val} val) to {path} in "
           f"{time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
 
@@ -168,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", nargs="+", default=[f"{n}:{k}" for n, k in CELLS], help="LENGTH:PAIRS cells")
     p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="the learning-rate sweep")
     p.add_argument("--test", type=int, default=1000, help="held-out examples per cell")
-    p.add_argument("--data", type=Path, default=Path("data/mqar"), help="each cell's shards in DATA/<cell>-v<V>-n<N>")
+    p.add_argument("--data", type=Path, default=Path("data/mqar"),
+                   help="each cell's shards in DATA/<cell>-v<V>-n<N>-labels")  # fmt: skip
     p.add_argument("--runs", type=Path, default=Path("runs/mqar"), help="each run in RUNS/<arch>-d<d>-<cell>-lr<lr>")
     p.add_argument("--results", type=Path, default=Path("runs/mqar/results"))
     p.add_argument(
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             name, v = cell_name(length, pairs), cell_vocab(vocab, length)
             if v != vocab:
                 print(f"cell {name}: vocabulary {v} (Zoology's bound: more ids than the length)", flush=True)
-            data = args.data / f"{name}-v{v}-n{examples}"  # another vocabulary or size: other shards
+            data = args.data / f"{name}-v{v}-n{examples}-labels"  # another vocabulary or size: other shards
             write_data(data, length, pairs, examples, 256, v)
             runs = {}
             for lr in args.lrs:

@@ -2,7 +2,8 @@
 
 Every sample is ``seq_len + 1`` tokens over a 64-token vocabulary (the model reads tokens[:-1]
 and predicts tokens[1:]); ``answers`` are the target indices j whose token tokens[j + 1] is
-the task's answer (predictable), everything else is context or unpredictable filler.
+the task's answer (predictable; MQAR's are labels instead), everything else is context or
+unpredictable filler.
 
     ids 0-3: SEP, NEEDLE, QUERY, CLS     4-19: keys     20-35: values     36-63: filler
 
@@ -14,7 +15,8 @@ the task's answer (predictable), everything else is context or unpredictable fil
              the paper's 20-class SymbolSoup as the reference repository specifies it, with its
              own token ids (``symbol_soup.py``; one answer: the class after ``<label>``)
 ``mqar``     Zoology's multi-query associative recall over its own vocabulary (``mqar.py``,
-             ``vocab`` ids, 8192 by default; answers: the value recalled after each query)
+             ``vocab`` ids, 8192 by default; answers: the value recalled at each query, a label
+             only, not the next token: ``Sample.labels``)
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ EOS_ID = {"recall": SEP, "needle": SEP, "symbol_soup": SOUP_EOS, "mqar": 0}
 @dataclass(frozen=True)
 class Sample:
     tokens: np.ndarray  # (seq_len + 1,) int64
-    answers: list[int]  # target indices j: tokens[j + 1] is an answer
+    answers: list[int]  # target indices j: the prediction made at j is scored
+    labels: list[int] | None = None  # each answer's label where it is not in the input (MQAR)
+
+    @property
+    def expected(self) -> np.ndarray:
+        """The answers' values, in the order of ``answers``: ``labels``, else the next tokens."""
+        return np.asarray(self.labels if self.labels is not None else self.tokens[np.asarray(self.answers) + 1])
 
 
 def _rng(task: str, seed: int, index: int) -> np.random.Generator:
@@ -89,7 +97,8 @@ def symbol_soup(seq_len: int, seed: int, index: int) -> Sample:
 
 def mqar(seq_len: int, seed: int, index: int, **kwargs) -> Sample:
     """Zoology's MQAR (``mqar.py``; ``pairs``, ``power_a``, ``vocab``)."""
-    return Sample(*mqar_task.sample(seq_len, seed, index, **kwargs))
+    tokens, queries, values = mqar_task.sample(seq_len, seed, index, **kwargs)
+    return Sample(tokens, queries, values)
 
 
 def vocab_size(task: str, **kwargs) -> int:
@@ -112,13 +121,22 @@ def write_task_shards(
     val: int,
     seed: int,
     samples_per_shard: int = 1000,
+    scored: bool = False,
     **kwargs,
 ) -> dict:
-    """Train and val samples (val uses seed + 1) as sessa-train shards; returns the index."""
+    """Train and val samples (val uses seed + 1) as sessa-train shards; returns the index. With
+    ``scored`` each sample carries its answers as targets, the only ones the loss counts."""
     from sessa_train.data.shards import write_sample_shards
 
+    def written(sample: Sample):
+        if not scored:
+            return sample.tokens
+        targets = np.full(len(sample.tokens), -1)
+        targets[np.asarray(sample.answers) + 1] = sample.expected  # answer j scores the prediction made at j
+        return sample.tokens, targets
+
     def split(n: int, s: int):
-        return (make(task, seq_len, s, i, **kwargs).tokens for i in range(n))
+        return (written(make(task, seq_len, s, i, **kwargs)) for i in range(n))
 
     return write_sample_shards(
         {"train": split(train, seed), "val": split(val, seed + 1)},
@@ -127,4 +145,5 @@ def write_task_shards(
         vocab_size=vocab_size(task, **kwargs),
         eos_id=EOS_ID[task],
         samples_per_shard=samples_per_shard,
+        scored=scored,
     )

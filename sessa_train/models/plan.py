@@ -181,6 +181,15 @@ class ModelPlan:
         return loss.view(targets.shape)
 
 
+def scored_sum(per_token: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(sum of the per-token losses (B, T) that ``loss_mask`` (B, T, 0/1) scores, how many it
+    scores); without a mask every token. The count is read from the mask on the host: pass the
+    loader's CPU mask and no device sync happens."""
+    if loss_mask is None:
+        return per_token.sum(), per_token.numel()
+    return (per_token * loss_mask.to(per_token.device, per_token.dtype)).sum(), int(loss_mask.sum())
+
+
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 when it is in a narrower float type, else as it is (float64 stays)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))

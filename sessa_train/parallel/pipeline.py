@@ -3,9 +3,9 @@ tensor/pipeline/context-parallel layout (``trainer/runner.py`` has the interface
 
 ``get_forward_backward_func()`` runs 1F1B when PP > 1, the plain loop when PP = 1. The ranks of
 a TP x PP x CP group read the same micro-batches (the loader is split by data-parallel rank);
-a CP rank keeps its block of each sequence. Each micro-batch's loss is the mean over the rank's
-tokens divided by the number of micro-batches, so averaging gradients over DP x CP gives the
-1-process gradient; DeepSpeed reduces them and steps. Activations travel between stages as
+a CP rank keeps its block of each sequence. Each micro-batch's loss is weighted so that averaging
+gradients over DP x CP gives the 1-process gradient of the step's mean over its (scored) tokens
+(``_loss``); DeepSpeed reduces them and steps. Activations travel between stages as
 (T, B, D) (with sequence parallelism this rank's T / TP rows, whose LayerNorm gradients megatron-core
 then sums over the TP group). With tied embeddings and PP > 1 the first stage lends its embedding to the last
 stage's head every step: a broadcast before the micro-batches, the gradient summed back after.
@@ -15,6 +15,7 @@ With interleaved stages (``parallel.virtual_stages`` = v) each rank holds v mode
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -28,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sessa_train import distributed as comm
 from sessa_train.models import SessaLM
+from sessa_train.models.plan import scored_sum
 
 
 class _ScheduleModel(torch.nn.Module):
@@ -65,6 +67,9 @@ class PipelineRunner:
         """Forward (and backward, and the data-parallel gradient reduction) of ``n`` micro-batches.
         Returns this rank's (loss sum, token count) as float64 (2,): zeros except on TP rank 0 of
         the last stage, so that a sum over all ranks counts every token once."""
+        micro = [next(batches) for _ in range(n)]
+        self.weight, self.n = 1.0 if forward_only else self.state.step_weight(micro), n
+        batches = iter(micro)
         self._share_embedding()
         interleaved = len(self.adapters) > 1  # every chunk reads each micro-batch (tokens, targets, positions)
         stats = self.schedule(
@@ -89,32 +94,37 @@ class PipelineRunner:
         return total
 
     # -- micro-batches -----------------------------------------------------------------------
-    @staticmethod
-    def _loss(per_token: torch.Tensor):
-        """(sum, count, stats): megatron-core divides the sum by the count and the number of
-        micro-batches, so each rank's loss is the mean over its own tokens."""
-        total = per_token.sum()
-        stats = {"sum": total.detach().clone(), "count": per_token.numel()}
-        return total, torch.tensor(per_token.numel(), dtype=torch.int), stats
+    def _loss(self, mask: torch.Tensor | None, weight: float, n: int, per_token: torch.Tensor):
+        """(loss, count, stats) for megatron-core, which divides the loss by the count and by the
+        ``n`` micro-batches: the loss is this rank's (CP block's) sum of scored token losses times
+        the step's ``weight`` (``ParallelState.step_weight``) and n, the count 1, so that averaging
+        gradients over DP x CP gives the step's mean over its scored tokens. ``stats`` keep this
+        rank's own sum and count."""
+        total, count = scored_sum(per_token, mask)
+        stats = {"sum": total.detach().clone(), "count": count}
+        return total * (weight * n), torch.tensor(1, dtype=torch.int), stats
 
     def _forward_step(self, batches: Iterator[dict], adapter: _ScheduleModel):
         batch = next(batches)
         tokens = batch["tokens"].to(self.device)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        inputs = tokens[:, :-1]
+        targets = batch["targets"].to(self.device) if "targets" in batch else tokens[:, 1:]  # scored shards: their own
         positions = batch.get("position_ids")  # packed documents (data.document_masking)
         positions = None if positions is None else positions.to(self.device)
+        mask = batch.get("loss_mask")  # scored shards; on the host
         st = self.state
         if st.cp > 1:  # this rank's block of every sequence
             block = inputs.shape[1] // st.cp
             rows = slice(st.cp_rank * block, (st.cp_rank + 1) * block)
             inputs, targets = inputs[:, rows], targets[:, rows]
             positions = None if positions is None else positions[:, rows]
+            mask = None if mask is None else mask[:, rows]
         x = inputs if adapter.takes_tokens else adapter.input_tensor.transpose(0, 1)
         # the model's last chunk: per-token loss (B, T); others: (B, T, D)
         out = adapter.module(x, targets=targets, position_ids=positions, chunk=adapter.chunk)
         if not adapter.gives_loss:
             return out.transpose(0, 1).contiguous(), None
-        return out, self._loss
+        return out, functools.partial(self._loss, mask, self.weight, self.n)
 
     # -- tied embedding between first and last stage ---------------------------------------
     def _share_embedding(self) -> None:

@@ -67,6 +67,25 @@ class ParallelState:
 
         return ps.get_data_parallel_group(with_context_parallel=True)
 
+    def step_weight(self, micro_batches: list[dict]) -> float:
+        """What this rank multiplies its micro-batches' loss sums by so that averaging gradients
+        over the replicas (DP x CP) gives the gradient of the step's mean loss over every scored
+        token of the global batch, whatever the layout: DP x CP / G, G the step's scored tokens
+        over the job. Without a loss mask every rank holds the same count and G needs no
+        collective; with one, a sum over the replica group (each sequence counted by its CP ranks)."""
+        from sessa_train import distributed as comm
+
+        masks = [b.get("loss_mask") for b in micro_batches]
+        local = sum(
+            b["tokens"][:, 1:].numel() if m is None else int(m.sum()) for b, m in zip(micro_batches, masks, strict=True)
+        )
+        replicas = self.dp * self.cp
+        if all(m is None for m in masks) or replicas == 1:
+            total = local * replicas / self.cp
+        else:
+            total = comm.sum_values([local], self.replica_group()).item() / self.cp
+        return replicas / max(total, 1.0)
+
     def model_parallel_group(self):
         """The ranks that hold the parts of one model (None for a plain run: this rank alone)."""
         if self.model_parallel == 1:

@@ -171,7 +171,7 @@ def build_engine(
     )
     init_optimizer_state(ds)  # so that a checkpoint's moments can be set before the first step
     if state.model_parallel == 1:  # DeepSpeed's engine steps the whole model (ZeRO 0-3)
-        runner = EngineRunner(ds, info.device)
+        runner = EngineRunner(ds, info.device, state)
     else:  # megatron-core's schedule drives the stages
         from sessa_train.parallel.pipeline import PipelineRunner
 
