@@ -199,3 +199,26 @@ def test_a_cell_as_long_as_the_vocabulary_takes_the_next_power_of_two():
 
     assert [cell_vocab(256, n) for n in (64, 128, 255, 256, 300, 512)] == [256, 256, 256, 512, 512, 1024]
     assert cell_vocab(8192, 256) == 8192
+
+
+def test_perplexity_of_scored_shards_counts_their_labels_only(tmp_path):
+    """``evaluate.perplexity`` over scored MQAR shards: the mean cross-entropy of the predictions
+    at the queries against their labels, recomputed here example by example."""
+    import torch.nn.functional as F
+
+    from sessa_train.config import ModelConfig
+    from sessa_train.evaluation.evaluate import perplexity
+    from sessa_train.evaluation.tasks import write_task_shards
+    from sessa_train.models import SessaLM
+
+    write_task_shards("mqar", tmp_path, seq_len=32, train=2, val=6, seed=2, pairs=4, vocab=64, scored=True)
+    torch.manual_seed(0)
+    model = SessaLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2))
+    loss, _ = perplexity(model, tmp_path, batches=3, batch_size=2)
+    want = []
+    with torch.no_grad():
+        for i in range(6):  # the validation split: seed + 1
+            s = make("mqar", 32, 3, i, pairs=4, vocab=64)
+            logits = model(torch.as_tensor(s.tokens)[None, :-1])[0]
+            want += F.cross_entropy(logits[s.answers], torch.as_tensor(s.labels), reduction="none").tolist()
+    assert loss == pytest.approx(sum(want) / len(want), rel=1e-5)
