@@ -192,6 +192,10 @@ def test_a_bad_cell_or_sweep_is_one_line(capsys):
     assert len(err) == 1 and "cell '30:8': MQAR needs an even length >= 4 x pairs" in err[0], err
     assert main(["transformer", "16", "--lrs", "0"]) == 2
     assert "--lrs must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an override right after the rates: argparse's one-line usage error
+        main(["transformer", "16", "--lrs", "1e-3", "schedule.train_steps=10"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'schedule.train_steps=10' is not a learning rate; put key=value overrides before --lrs or after --" in err
 
 
 def test_a_cell_as_long_as_the_vocabulary_takes_the_next_power_of_two():

@@ -5,7 +5,7 @@ data to the results table.
     sessa-mqar-row sessa 128 --cells 256:16 --lrs 3e-3
 
 A row is an architecture at a width (``model.arch``, ``model.d_model`` over
-``configs/mqar/base.yaml``: 2 layers, vocabulary 256 on CPU, 3000 steps of 64 examples; a cell
+``configs/mqar/base.yaml``: 2 layers, vocabulary 256 on CPU, 24000 steps of 64 examples; a cell
 at least as long as the vocabulary takes the next power of two, as Zoology requires vocab >
 length). For
 each cell (sequence length, key-value pairs) the command
@@ -27,6 +27,7 @@ against their labels, as Zoology's does, and the input after a query is a random
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from sessa_train.evaluation.paper import REPO, TEST_SEED, replace_row  # TEST_SE
 
 CONFIG = REPO / "configs" / "mqar" / "base.yaml"
 CELLS = ((64, 4), (128, 8), (256, 16))
-LRS = (1e-3, 3e-3, 1e-2)
+LRS = (3e-4, 1e-3, 3e-3)  # Zoology sweeps 1e-4 .. 1e-2
 RECIPE = ("model", "data", "optimizer", "schedule")  # what a kept run must have been trained with
 
 
@@ -53,6 +54,15 @@ def parse_cell(text: str) -> tuple[int, int]:
     if not mqar.fits(length, pairs):
         raise ConfigError(f"cell {text!r}: MQAR needs an even length >= 4 x pairs (Zoology's bound)")
     return length, pairs
+
+
+def _rate(text: str) -> float:
+    """A learning rate of ``--lrs``; a key=value there is an override that the list swallowed."""
+    try:
+        return float(text)
+    except ValueError:
+        hint = "; put key=value overrides before --lrs or after --" if "=" in text else ""
+        raise argparse.ArgumentTypeError(f"{text!r} is not a learning rate{hint}") from None
 
 
 def cell_name(length: int, pairs: int) -> str:
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("arch", choices=ARCHITECTURES)
     p.add_argument("d_model", type=int)
     p.add_argument("--cells", nargs="+", default=[f"{n}:{k}" for n, k in CELLS], help="LENGTH:PAIRS cells")
-    p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="the learning-rate sweep")
+    p.add_argument("--lrs", nargs="+", type=_rate, default=list(LRS), help="the learning-rate sweep")
     p.add_argument("--test", type=int, default=1000, help="held-out examples per cell")
     p.add_argument("--data", type=Path, default=Path("data/mqar"),
                    help="each cell's shards in DATA/<cell>-v<V>-n<N>-labels")  # fmt: skip
