@@ -135,11 +135,11 @@ class _SplitWriter:
         flat = np.concatenate(self._buffer)
         n = len(flat) // self.sample_tokens
         for row in flat[: n * self.sample_tokens].reshape(n, self.sample_tokens):
-            self._write_sample(row)
+            self.write_sample(row)
         rest = flat[n * self.sample_tokens :]
         self._buffer, self._buffered = [rest], len(rest)
 
-    def _write_sample(self, row: np.ndarray, targets: np.ndarray | None = None) -> None:
+    def write_sample(self, row: np.ndarray, targets: np.ndarray | None = None) -> None:
         """One sample of ``sample_tokens`` ids (and of a scored set its targets)."""
         members = {"tokens.npy": _npy(row.astype(self.dtype))}
         if targets is not None:
@@ -530,7 +530,7 @@ def write_sample_shards(
                 ):
                     raise DataError(f"{split} sample {n}: need {seq_len + 1} targets in [0, {vocab_size}) or -1 "
                                     f"(not scored), the first -1, got {targets}")  # fmt: skip
-                writer._write_sample(row, targets)
+                writer.write_sample(row, targets)
                 n += 1
             written[split] = {"documents": n, **writer.finish()}
         tok = {"eos_id": eos_id, "vocab_size": vocab_size, "tokenizer_sha256": None, "tokenizer_file": None}
