@@ -46,6 +46,7 @@ def _reference(dtype, docs: bool = False):
 
 
 def _worker(rank: int, world: int, port: int, out, rules: str | None, docs: bool) -> None:
+    torch.set_num_threads(1)  # a rank per core or less: more intra-op threads only contend (tests/trainer.py)
     import torch.distributed as dist
 
     if rules:

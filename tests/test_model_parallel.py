@@ -190,6 +190,7 @@ def _reference(layout: Layout) -> tuple[list[float], list[dict], list[float]]:
 
 
 def _worker(rank: int, port: int, out) -> None:
+    torch.set_num_threads(1)  # a rank per core or less: more intra-op threads only contend (tests/trainer.py)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -467,6 +468,7 @@ class _OneReplica:
 
 
 def _fp64_worker(rank: int, port: int, out) -> None:
+    torch.set_num_threads(1)  # a rank per core or less: more intra-op threads only contend (tests/trainer.py)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

@@ -25,6 +25,7 @@ PIECES, WIDTH = 3, 8
 
 def _old_ring_backward(rank: int, port: int, rules: str | None, out) -> None:
     """The point-to-point calls of the old ring's backward at CP=2, in their order."""
+    torch.set_num_threads(1)  # a rank per core or less: more intra-op threads only contend (tests/trainer.py)
     import torch.distributed as dist
 
     if rules:
