@@ -9,7 +9,7 @@ gradient merged back to the plain layout (within 1e-5 of the step's largest grad
 the gradient norm before clipping that the trainer logs (DeepSpeed's under ZeRO 1-3,
 ``Engine.grad_norm`` without; relative 1e-6) must equal the 1-process model's (which steps the
 trainer's AdamW and learning-rate schedule). Sequence parallelism is on wherever TP > 1 (the
-default); TP2, TP2 x PP2 and TP2 x CP2 run 12 steps with it (ZeRO-0: every gradient compared at
+default); TP2, TP2 x PP2 and TP2 x CP2 run 6 steps with it (ZeRO-0: every gradient compared at
 every step), and two layouts switch it off. DeepSpeed's reduction overlaps the backward under
 data parallelism alone with ZeRO 1-3 (the default; ZeRO-2 in buckets of 300 elements) and not
 (one ZeRO-1 layout). AdamW's eps is
@@ -67,21 +67,21 @@ LAYOUTS = [
     Layout(1, 1, 1, 3, True, 1),
     Layout(1, 1, 1, 0, True, 1, documents=True, scored=True),  # packed documents, DP = 4
     Layout(1, 1, 1, 1, False, 1, parallel=(("overlap_comm", False),)),
-    # sequence parallelism is on wherever tensor > 1 (the default); 12 steps of TP2, TP2 x PP2, TP2 x CP2
+    # sequence parallelism is on wherever tensor > 1 (the default); 6 steps of TP2, TP2 x PP2, TP2 x CP2
     Layout(2, 2, 1, 0, True, 1),
-    Layout(2, 1, 1, 0, False, 2, steps=12),
+    Layout(2, 1, 1, 0, False, 2, steps=6),
     Layout(1, 2, 1, 0, False, 1),
     Layout(2, 2, 1, 1, True, 2),
     Layout(2, 2, 1, 0, False, 2),
     Layout(2, 1, 2, 0, True, 1),
     Layout(1, 2, 2, 1, False, 2),
-    Layout(2, 2, 1, 0, False, 2, (("ffn_hidden_size", 48),), steps=12),
+    Layout(2, 2, 1, 0, False, 2, (("ffn_hidden_size", 48),), steps=6),
     Layout(2, 1, 1, 0, True, 1, (("arch", "transformer"),)),
     Layout(2, 1, 2, 0, False, 1, (("arch", "transformer"),)),
     Layout(2, 1, 2, 0, True, 1, (), "triton"),
     Layout(2, 2, 1, 0, False, 2, compute=(("recompute", "full"),)),
     Layout(2, 1, 2, 1, True, 1, compute=(("recompute", "selective"),)),
-    Layout(2, 1, 2, 0, True, 1, documents=True, steps=12, scored=True),  # a document spans the two CP ranks
+    Layout(2, 1, 2, 0, True, 1, documents=True, steps=6, scored=True),  # a document spans the two CP ranks
     Layout(1, 2, 1, 0, False, 2, documents=True),
     # sequence parallelism switched off
     Layout(2, 2, 1, 0, True, 1, sequence_parallel=False),
@@ -312,7 +312,7 @@ def _plain_loss(model, tokens: torch.Tensor) -> float:
 
 
 def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, tmp_path):
-    """configs/tiny.yaml at TP=2 x PP=2 (4 ranks, ZeRO-1): its first 20 losses are those of the
+    """configs/tiny.yaml at TP=2 x PP=2 (4 ranks, ZeRO-1): its first 10 losses are those of the
     1-process run (which starts from the same plain weights, sharded); its checkpoint exported
     to the plain layout holds each rank's trained weights and gives its validation loss; and the
     1-process run's export loaded at CP=2 x TP=2 gives the plain model's loss on the first batch.
@@ -326,19 +326,19 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     data, one = tiny_run["data"], tiny_run["run"]
     tiny, tp_pp = REPO / "configs" / "tiny.yaml", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"]
     run = tmp_path / "tp2pp2"
-    steps = ["schedule.stop_after_steps=20", "logging.eval_every_steps=20", "logging.eval_batches=2"]
+    steps = ["schedule.stop_after_steps=10", "logging.eval_every_steps=10", "logging.eval_batches=2"]
     train(tiny, *tiny_overrides(data, run), *tp_pp, *steps, nproc=4)
-    got, want = losses(run), losses(one)[:20]
+    got, want = losses(run), losses(one)[:10]
     assert [s for s, _ in got] == [s for s, _ in want]
     drift = max(abs(a - b) / b for (_, a), (_, b) in zip(got, want, strict=True))
     assert drift < 1e-4, f"TP2 x PP2 loss trajectory drifts from 1 process by {drift:.2e} (relative)"
 
     # TP=2 x PP=2 -> plain: the export's validation loss is the one the parallel run logged
-    export_checkpoint(run / "ckpt" / "step_00000020", tmp_path / "from_tp_pp")
+    export_checkpoint(run / "ckpt" / "step_00000010", tmp_path / "from_tp_pp")
     plain = load_pretrained(tmp_path / "from_tp_pp")
 
     for m in range(4):  # the export holds exactly the weights each rank trained (rank m = pp * 2 + tp)
-        weights = rank_weights(run / "ckpt" / "step_00000020", m % 2, m // 2)
+        weights = rank_weights(run / "ckpt" / "step_00000010", m % 2, m // 2)
         back = shard_state(plain.state_dict(), plain.cfg, m % 2, 2, m // 2, 2)
         assert weights and weights.keys() <= back.keys()  # tensor rank 1 leaves replicated weights to rank 0
         assert all(torch.equal(back[k], weights[k]) for k in weights), f"model-parallel rank {m}"
@@ -351,23 +351,23 @@ def test_tp2_pp2_tiny_run_follows_one_process_and_converts_both_ways(tiny_run, t
     assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
 
     # TP=2 x PP=2 -> TP=2 x PP=2 x 2 interleaved stages (each stage: layers {0, 2} or {1, 3}, 2
-    # micro-batches of 4 per step): the resumed steps 21-22 are the 1-process run's
+    # micro-batches of 4 per step): the resumed steps 11-12 are the 1-process run's
     resumed = tmp_path / "interleaved"
     (resumed / "ckpt").mkdir(parents=True)
-    shutil.copytree(run / "ckpt" / "step_00000020", resumed / "ckpt" / "step_00000020")
+    shutil.copytree(run / "ckpt" / "step_00000010", resumed / "ckpt" / "step_00000010")
     v2 = ["parallel.virtual_stages=2", "data.micro_batch_size=4", "schedule.stop_after_steps=2"]
     evaluate = ["logging.eval_every_steps=2", "logging.eval_batches=2"]  # forward-only through the schedule too
     train(tiny, *tiny_overrides(data, resumed), *tp_pp, *v2, *evaluate, "--resume", "auto", nproc=4)
-    got, want = losses(resumed), losses(one)[20:22]
-    assert [s for s, _ in got] == [21, 22] == [s for s, _ in want]
+    got, want = losses(resumed), losses(one)[10:12]
+    assert [s for s, _ in got] == [11, 12] == [s for s, _ in want]
     drift = max(abs(a - b) / b for (_, a), (_, b) in zip(got, want, strict=True))
     assert drift < 1e-4, f"resumed under interleaved stages, the losses drift from 1 process by {drift:.2e}"
-    export_checkpoint(resumed / "ckpt" / "step_00000022", tmp_path / "from_interleaved")  # and its validation:
-    at_22 = load_pretrained(tmp_path / "from_interleaved")  # 2 micro-batches of 4 through the interleaved schedule
+    export_checkpoint(resumed / "ckpt" / "step_00000012", tmp_path / "from_interleaved")  # and its validation:
+    at_12 = load_pretrained(tmp_path / "from_interleaved")  # 2 micro-batches of 4 through the interleaved schedule
     val = PackedTokenLoader(data / "shards", "val", micro_batch_size=4, rank=0, world_size=1, shuffle=False,
                             max_epochs=1)  # fmt: skip
     batches = [b["tokens"] for b in itertools.islice(val, 2)]
-    ours = sum(_plain_loss(at_22, t) * t[:, 1:].numel() for t in batches) / sum(t[:, 1:].numel() for t in batches)
+    ours = sum(_plain_loss(at_12, t) * t[:, 1:].numel() for t in batches) / sum(t[:, 1:].numel() for t in batches)
     logged = json.loads((resumed / "tb" / "metrics.jsonl").read_text().splitlines()[-1])["val/loss"]
     assert abs(ours - logged) <= 1e-5 * logged, (ours, logged)
 
