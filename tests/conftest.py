@@ -1,8 +1,9 @@
 """Test-session set-up: Triton kernels run in its CPU interpreter when no GPU is present
 (TRITON_INTERPRET must be set before triton is first imported, so it is set here, before any
-test module is collected); the small tokenized corpus the trainer and export tests train on;
-the one full run of configs/tiny.yaml that the learning and the parallel-trajectory tests share;
-the small 2-process ZeRO-2 run and its export that the export and transformers tests share.
+test module is collected), and the trainer's environment defaults (sessa_train/process_env.py);
+the small tokenized corpus the trainer and export tests train on; the one full run of
+configs/tiny.yaml that the learning and the parallel-trajectory tests share; the small 2-process
+ZeRO-2 run and its export that the export and transformers tests share.
 """
 
 import os
@@ -12,9 +13,14 @@ import pytest
 import torch
 
 from sessa_train.data import train_tokenizer, write_shards
+from sessa_train.process_env import apply_runtime_defaults
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# as in every trainer process: the ranks the tests spawn themselves load DeepSpeed's CPU
+# communication op from <venv>/torch_extensions, where tools/bootstrap.sh built it, instead of
+# building a second copy under ~/.cache (about 35 s on a fresh machine)
+apply_runtime_defaults()
 
 
 @pytest.fixture(scope="session")
