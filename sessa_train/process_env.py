@@ -9,9 +9,9 @@ development machines are the usual CPU case, and the loss of spinning there is u
 passive waiting's is not, so it is the default; ``OMP_WAIT_POLICY=ACTIVE`` gets spinning back.
 
 ``TORCH_EXTENSIONS_DIR=<venv>/torch_extensions``: DeepSpeed builds its CPU communication op with
-torch's extension builder on first use (about a minute, 1.5 GiB). Under the default
-``~/.cache/torch_extensions`` two environments with different torch builds (a second clone, CI)
-rebuild it in turn; one folder per environment builds it once.
+torch's extension builder on first use (about a minute, 1.5 GiB; tools/bootstrap.sh builds it at
+set-up). Under the default ``~/.cache/torch_extensions`` two environments with different torch
+builds (a second clone, CI) rebuild it in turn; one folder per environment builds it once.
 
 The environment's ``bin`` folder first on ``PATH`` (as activating it would): torch's extension
 builder runs the first ``ninja`` on ``PATH``, and two ninja releases read each other's build log
