@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 # as in every trainer process: the ranks the tests spawn themselves load DeepSpeed's CPU
 # communication op from <venv>/torch_extensions, where tools/bootstrap.sh built it, instead of
-# building a second copy under ~/.cache (about 35 s on a fresh machine)
+# building a second copy under ~/.cache (about 32 s on this 2-core machine)
 apply_runtime_defaults()
 
 

@@ -201,7 +201,7 @@ def test_mamba2_refuses_what_it_cannot_do_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_mamba2_trains_resumes_and_exports_like_the_others(default_data, tmp_path):
-    """The tiny preset as mamba2 (at half its width and depth): the loss falls; a resume continues
+    """The tiny preset as mamba2 (at half its depth): the loss falls; a resume continues
     the uninterrupted run exactly; the export gives the checkpoint's logits, also loaded by
     transformers (remote code)."""
     from transformers import AutoModelForCausalLM
@@ -213,13 +213,12 @@ def test_mamba2_trains_resumes_and_exports_like_the_others(default_data, tmp_pat
     def run(root: Path, *extra: str) -> None:
         steps = ("schedule.train_steps=24", "schedule.warmup_steps=6", "checkpoint.every_steps=12")
         logs = ("logging.eval_every_steps=0", "logging.every_steps=1")
-        small = ("model.d_model=64", "model.n_layers=2")  # half the preset: its pure-torch scan is slow here
+        small = ("model.n_layers=2",)  # half the preset: its pure-torch scan is slow here
         train(TINY, *tiny_overrides(default_data, root), "model.arch=mamba2", *small, *steps, *logs, *extra, threads=2)
 
     run(tmp_path / "whole")
     whole = losses(tmp_path / "whole")
-    # from chance (ln 4096 = 8.3) the mean of the last 10 steps falls 1.43 nats (measured); noise is ~0.1
-    assert len(whole) == 24 and np.mean([x for _, x in whole[-10:]]) < whole[0][1] - 1.0, whole[::10]
+    assert len(whole) == 24 and np.mean([x for _, x in whole[-10:]]) < whole[0][1] - 1.5, whole[::10]
     (tmp_path / "split" / "ckpt").mkdir(parents=True)  # its step-12 checkpoint, resumed on its own
     shutil.copytree(tmp_path / "whole" / "ckpt" / "step_00000012", tmp_path / "split" / "ckpt" / "step_00000012")
     run(tmp_path / "split", "checkpoint.resume=auto")

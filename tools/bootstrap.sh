@@ -31,7 +31,7 @@ fi
 "${PIP[@]}" setuptools wheel
 "${PIP[@]}" --no-build-isolation "deepspeed>=0.17"
 "${PIP[@]}" -e ".[dev]"
-# DeepSpeed builds its CPU communication op on the first process group it creates (about 35 s on
+# DeepSpeed builds its CPU communication op on the first process group it creates (about 32 s on
 # 2 cores): built here, once per environment, where the trainer's processes look for it
 # (<venv>/torch_extensions, sessa_train/process_env.py), so the first run after set-up does not
 # stall on it. DeepSpeed's own call: nothing where its accelerator has no such op.
