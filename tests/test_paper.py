@@ -136,8 +136,9 @@ def test_mamba2_decode_equals_its_parallel_form(mamba):
 
 def test_mamba2_layer_matches_the_library_module_and_its_own_cache(mamba):
     """The layer's mixer output equals a Mamba2Mixer of transformers built alone with the same
-    weights, in parallel form and step by step through transformers' own DynamicCache as its
-    model builds it; the layer's own cache gives the same steps."""
+    weights (and its chunk of 256, where the layer scans 30 rows in one chunk of 32), in parallel
+    form and step by step through transformers' own DynamicCache as its model builds it; the
+    layer's own cache gives the same steps."""
     from transformers import DynamicCache
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
@@ -151,6 +152,7 @@ def test_mamba2_layer_matches_the_library_module_and_its_own_cache(mamba):
         h = layer.norm(x)
         expected = x + theirs(h)
         assert torch.allclose(layer(x) - layer.mlp(layer.mlp_norm(expected)), expected, atol=1e-6)
+        assert (theirs.chunk_size, layer.mixer.chunk_size) == (256, 32)  # the same sums, one chunk of 32
         library, ours = DynamicCache(config=_library_config(mamba.cfg)), layer.init_cache(2, 30)
         ref = [theirs(h[:, :9], library)] + [theirs(h[:, t : t + 1], library) for t in range(9, 30)]
         got = [layer.mixer(h[:, :9], ours)] + [layer.mixer(h[:, t : t + 1], ours) for t in range(9, 30)]
