@@ -152,11 +152,12 @@ def write_results(row: dict, out: Path) -> list[dict]:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.0), sharey=True, squeeze=False)
     for ax, cell in zip(axes[0], cells, strict=True):
-        for arch in sorted({r["arch"] for r in rows}):
+        for i, arch in enumerate(sorted({r["arch"] for r in rows})):
             points = sorted((r["d_model"], r["cells"][cell]["accuracy"]) for r in rows
                             if r["arch"] == arch and cell in r["cells"])  # fmt: skip
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arch)
+            if points:  # markers of shrinking size, so that equal accuracies stay visible
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=10 - 3 * (i % 3),
+                        label=arch)  # fmt: skip
         ax.set_title(f"length {cell.split('x')[0]}, {cell.split('x')[1]} pairs", fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
