@@ -9,7 +9,7 @@ development machines are the usual CPU case, and the loss of spinning there is u
 passive waiting's is not, so it is the default; ``OMP_WAIT_POLICY=ACTIVE`` gets spinning back.
 
 ``TORCH_EXTENSIONS_DIR=<venv>/torch_extensions``: DeepSpeed builds its CPU communication op with
-torch's extension builder on first use (about a minute, 1.5 GiB; tools/bootstrap.sh builds it at
+torch's extension builder on first use (32 s on 2 cores, 1.5 GiB; tools/bootstrap.sh builds it at
 set-up). Under the default ``~/.cache/torch_extensions`` two environments with different torch
 builds (a second clone, CI) rebuild it in turn; one folder per environment builds it once.
 
